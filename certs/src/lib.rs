@@ -1,0 +1,1 @@
+//! PKI for the gateway (work in progress).

@@ -1,0 +1,8 @@
+//! Device client for the IoT gateway.
+#![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod proto;

@@ -1,0 +1,1 @@
+//! The IoT device gateway (work in progress).
