@@ -92,10 +92,25 @@ mod tests {
     #[test]
     fn refuses_the_rest() {
         assert_eq!(DeviceId::new(""), Err(InvalidDeviceId::Empty));
-        assert_eq!(DeviceId::new(&"x".repeat(65)), Err(InvalidDeviceId::TooLong { len: 65 }));
-        assert_eq!(DeviceId::new("a b"), Err(InvalidDeviceId::BadCharacter { at: 1 }));
-        assert_eq!(DeviceId::new("a/b"), Err(InvalidDeviceId::BadCharacter { at: 1 }));
-        assert_eq!(DeviceId::new("é"), Err(InvalidDeviceId::BadCharacter { at: 0 }));
-        assert_eq!(DeviceId::new("a\0"), Err(InvalidDeviceId::BadCharacter { at: 1 }));
+        assert_eq!(
+            DeviceId::new(&"x".repeat(65)),
+            Err(InvalidDeviceId::TooLong { len: 65 })
+        );
+        assert_eq!(
+            DeviceId::new("a b"),
+            Err(InvalidDeviceId::BadCharacter { at: 1 })
+        );
+        assert_eq!(
+            DeviceId::new("a/b"),
+            Err(InvalidDeviceId::BadCharacter { at: 1 })
+        );
+        assert_eq!(
+            DeviceId::new("é"),
+            Err(InvalidDeviceId::BadCharacter { at: 0 })
+        );
+        assert_eq!(
+            DeviceId::new("a\0"),
+            Err(InvalidDeviceId::BadCharacter { at: 1 })
+        );
     }
 }

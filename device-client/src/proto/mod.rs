@@ -1,7 +1,45 @@
-//! The device protocol (docs/PROTOCOL.md): messages, framing, limits, version.
+//! The device protocol, version 1: messages, framing, limits (docs/PROTOCOL.md).
 //!
-//! This is the only codec for these messages; the gateway uses it too.
+//! This is the only codec for these messages; the gateway uses it too. Everything here
+//! is `no_std`, allocation-free and panic-free on any input: encoding writes into a
+//! caller's buffer, decoding borrows strings and bytes from the receive buffer.
+//!
+//! ```text
+//!  device                                   gateway
+//!    | Hello{version, boot_id, fw, max_frame} |
+//!    |--------------------------------------->|
+//!    |  Welcome{version, heartbeat, last_acked, time, max_frame}
+//!    |<---------------------------------------|
+//!    | Telemetry{seq, time, readings} ...     |
+//!    |--------------------------------------->|  store, commit
+//!    |                       Ack{seq} (cumulative)
+//!    |<---------------------------------------|
+//!    |                Command{id, name, args, ttl}
+//!    |<---------------------------------------|
+//!    | CommandResult{id, status, values}      |
+//!    |--------------------------------------->|
+//!    | Ping{nonce} / Pong{nonce}              |
+//!    |<-------------------------------------->|
+//!    |                Goodbye{reason, retry_after}
+//!    |<---------------------------------------|
+//! ```
 
+pub mod frame;
 pub mod identity;
+pub mod limits;
+pub mod message;
+pub mod text;
+pub mod value;
 
+pub use frame::{
+    DecodeError, EncodeError, Frame, FrameError, MAX_DOWNLINK_FRAME, MAX_UPLINK_FRAME, decode,
+    decode_downlink, decode_uplink, encode, peek_version, split_frame,
+};
 pub use identity::{DeviceId, InvalidDeviceId, MAX_DEVICE_ID_LEN};
+pub use limits::*;
+pub use message::{
+    Ack, Command, CommandId, CommandResult, CommandStatus, Downlink, Goodbye, GoodbyeReason, Hello,
+    Message, Ping, Pong, Seq, Telemetry, Uplink, Welcome,
+};
+pub use text::{Blob, Name, Text, TextError};
+pub use value::{Reading, Readings, Value, find};

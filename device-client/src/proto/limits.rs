@@ -1,0 +1,31 @@
+//! Protocol version 1 limits (PROTOCOL.md §6). Changing any of them is a new version.
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Frame header length: the body length as a big-endian `u16`.
+pub const HEADER_LEN: usize = 2;
+
+/// Longest name of a reading, command or argument, in bytes.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Longest string value, in bytes of UTF-8.
+pub const MAX_TEXT_LEN: usize = 128;
+
+/// Longest bytes value.
+pub const MAX_BYTES_LEN: usize = 128;
+
+/// Most readings in one telemetry record, arguments in one command, or values in one
+/// command result.
+pub const MAX_READINGS: usize = 16;
+
+/// Longest firmware version string in `Hello`, in bytes.
+pub const MAX_FIRMWARE_LEN: usize = 32;
+
+/// The smallest `max_frame` a peer may announce. Every control message (`Hello`,
+/// `Welcome`, `Ack`, `Ping`, `Pong`, `Goodbye`) fits in it, so a session can always be
+/// set up and torn down, whatever the peer's buffers.
+pub const MIN_MAX_FRAME: u16 = 128;
+
+/// The largest frame the header can describe: a 2-byte header plus a 65,535-byte body.
+pub const MAX_FRAME_ON_WIRE: usize = HEADER_LEN + u16::MAX as usize;

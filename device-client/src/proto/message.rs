@@ -1,0 +1,244 @@
+//! Every message of both directions (PROTOCOL.md §5).
+//!
+//! Each direction is one enum; the variant index is the first byte of a frame body.
+//! Variant order and field order *are* the wire format: never reorder, only append in a
+//! new protocol version.
+
+use postcard::experimental::max_size::MaxSize;
+use serde::{Deserialize, Serialize};
+
+use super::limits::MAX_FIRMWARE_LEN;
+use super::text::{Name, Text};
+use super::value::Readings;
+
+/// A device's telemetry sequence number. Numbers start at 1 for each boot id and grow by
+/// one per record.
+pub type Seq = u32;
+
+/// A command id, chosen by the gateway and unique per device.
+pub type CommandId = u32;
+
+// ----------------------------------------------------------------------------------------
+// Device → gateway
+
+/// Everything a device sends.
+// A decoded message lives on the stack for one frame; boxing would need an allocator.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub enum Uplink<'a> {
+    /// `0`: opens a session. Always variant 0 with the version as its first byte, in
+    /// every protocol version.
+    #[serde(borrow)]
+    Hello(Hello<'a>),
+    /// `1`: one telemetry record.
+    #[serde(borrow)]
+    Telemetry(Telemetry<'a>),
+    /// `2`: the outcome of a command.
+    #[serde(borrow)]
+    CommandResult(CommandResult<'a>),
+    /// `3`: a heartbeat; the gateway answers with [`Pong`].
+    Ping(Ping),
+}
+
+/// The first message of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct Hello<'a> {
+    /// The highest protocol version the device speaks.
+    pub version: u8,
+    /// Random per boot (or a persistent counter): telemetry is keyed by
+    /// (device, boot id, seq), so a new boot id starts a new sequence.
+    pub boot_id: u64,
+    /// The firmware version, for the operator.
+    #[serde(borrow)]
+    pub firmware: Text<'a, MAX_FIRMWARE_LEN>,
+    /// The largest frame (header included) the device can receive.
+    pub max_frame: u16,
+}
+
+/// One telemetry record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct Telemetry<'a> {
+    /// Sequence number within the boot id, starting at 1.
+    pub seq: Seq,
+    /// When the values were taken, in milliseconds since the Unix epoch, if the device
+    /// knows the time; otherwise the gateway stamps the record on arrival.
+    pub time_ms: Option<u64>,
+    /// The values.
+    #[serde(borrow)]
+    pub readings: Readings<'a>,
+}
+
+/// The outcome of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct CommandResult<'a> {
+    /// The command's id.
+    pub id: CommandId,
+    /// How it ended.
+    pub status: CommandStatus,
+    /// Result values (may be empty).
+    #[serde(borrow)]
+    pub values: Readings<'a>,
+}
+
+/// How a command ended on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
+pub enum CommandStatus {
+    /// `0`: it ran and succeeded.
+    Succeeded,
+    /// `1`: it ran and failed.
+    Failed,
+    /// `2`: the device does not know the command's name.
+    UnknownCommand,
+    /// `3`: the arguments were missing or of the wrong type.
+    InvalidArguments,
+    /// `4`: its time to live ran out before the device could run it.
+    Expired,
+}
+
+/// A heartbeat from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct Ping {
+    /// Echoed in the [`Pong`], so the device can measure the round trip.
+    pub nonce: u32,
+}
+
+// ----------------------------------------------------------------------------------------
+// Gateway → device
+
+/// Everything the gateway sends.
+// A decoded message lives on the stack for one frame; boxing would need an allocator.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub enum Downlink<'a> {
+    /// `0`: accepts a `Hello`. Always variant 0 with the version as its first byte.
+    Welcome(Welcome),
+    /// `1`: cumulative acknowledgement of durable telemetry.
+    Ack(Ack),
+    /// `2`: a command for the device to run.
+    #[serde(borrow)]
+    Command(Command<'a>),
+    /// `3`: answers a [`Ping`].
+    Pong(Pong),
+    /// `4`: the gateway is closing the session.
+    Goodbye(Goodbye),
+}
+
+/// The gateway's answer to `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct Welcome {
+    /// The protocol version of this session (at most `Hello::version`).
+    pub version: u8,
+    /// The device sends a `Ping` when it has sent nothing for this many seconds; the
+    /// gateway closes a session that is silent for 3 intervals.
+    pub heartbeat_s: u16,
+    /// The highest seq the gateway holds durably for this boot id, if any: the device
+    /// replays what it still holds after it.
+    pub last_acked: Option<Seq>,
+    /// The gateway's clock, milliseconds since the Unix epoch.
+    pub server_time_ms: u64,
+    /// The largest frame (header included) the gateway accepts.
+    pub max_frame: u16,
+}
+
+/// All telemetry of this boot id up to and including `seq` is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct Ack {
+    /// The highest seq now durable.
+    pub seq: Seq,
+}
+
+/// A command for the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct Command<'a> {
+    /// Unique per device; a device that sees an id again re-sends its result instead of
+    /// running the command twice.
+    pub id: CommandId,
+    /// What to do (`reboot`, `set_interval` ...).
+    #[serde(borrow)]
+    pub name: Name<'a>,
+    /// Arguments (may be empty).
+    #[serde(borrow)]
+    pub args: Readings<'a>,
+    /// Milliseconds the command stays valid from the moment the device receives it; a
+    /// device that cannot run it in time answers `Expired`.
+    pub ttl_ms: u32,
+}
+
+/// Answers a [`Ping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct Pong {
+    /// The ping's nonce.
+    pub nonce: u32,
+}
+
+/// The gateway is closing the session; the device should wait `retry_after_s` seconds
+/// (plus jitter) before it reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct Goodbye {
+    /// Why.
+    pub reason: GoodbyeReason,
+    /// Seconds to wait before reconnecting; 0 means "whenever you like".
+    pub retry_after_s: u16,
+}
+
+/// Why the gateway closes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
+#[non_exhaustive]
+pub enum GoodbyeReason {
+    /// `0`: the gateway is shutting down or restarting.
+    Shutdown,
+    /// `1`: the gateway has too many connections or too much work.
+    Overload,
+    /// `2`: the same device connected again; this older session is replaced.
+    Replaced,
+    /// `3`: nothing arrived for 3 heartbeat intervals.
+    IdleTimeout,
+    /// `4`: the device broke the protocol (bad frame, bad message, wrong order).
+    ProtocolViolation,
+    /// `5`: the gateway does not speak the version in `Hello`.
+    UnsupportedVersion,
+    /// `6`: the device's certificate has been revoked. Do not retry.
+    Revoked,
+    /// `7`: the gateway failed internally (storage). Retry later.
+    ServerError,
+}
+
+impl GoodbyeReason {
+    /// A short lowercase name for logs and metrics.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            GoodbyeReason::Shutdown => "shutdown",
+            GoodbyeReason::Overload => "overload",
+            GoodbyeReason::Replaced => "replaced",
+            GoodbyeReason::IdleTimeout => "idle_timeout",
+            GoodbyeReason::ProtocolViolation => "protocol_violation",
+            GoodbyeReason::UnsupportedVersion => "unsupported_version",
+            GoodbyeReason::Revoked => "revoked",
+            GoodbyeReason::ServerError => "server_error",
+        }
+    }
+}
+
+impl CommandStatus {
+    /// A short lowercase name for logs, the API and the store.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            CommandStatus::Succeeded => "succeeded",
+            CommandStatus::Failed => "failed",
+            CommandStatus::UnknownCommand => "unknown_command",
+            CommandStatus::InvalidArguments => "invalid_arguments",
+            CommandStatus::Expired => "expired",
+        }
+    }
+}
+
+/// Lets frame code reject the wrong direction at compile time.
+pub trait Message<'a>: Serialize + Deserialize<'a> + MaxSize + sealed::Sealed {}
+impl<'a> Message<'a> for Uplink<'a> {}
+impl<'a> Message<'a> for Downlink<'a> {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Uplink<'_> {}
+    impl Sealed for super::Downlink<'_> {}
+}
