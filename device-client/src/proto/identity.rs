@@ -1,6 +1,7 @@
 //! Device identity: the subject CN of the device's client certificate.
 //!
-//! PROTOCOL.md §2.4: a device id is 1 to 64 bytes from `[A-Za-z0-9._-]`. The gateway
+//! PROTOCOL.md §2.4: a device id is 1 to 64 bytes from `[A-Za-z0-9._-]`, and neither
+//! `.` nor `..` (they would name directories when an id is used in a path). The gateway
 //! refuses a certificate whose CN breaks this rule, and the certs tool never mints one.
 //! The rule keeps ids safe to use verbatim in file names, URLs, SQL, log lines and
 //! MQTT topics.
@@ -27,6 +28,9 @@ pub enum InvalidDeviceId {
         /// Length of the rejected id, in bytes.
         len: usize,
     },
+    /// The id is `.` or `..`.
+    #[error("device id must not be . or ..")]
+    DotName,
     /// The id holds a byte outside `[A-Za-z0-9._-]`.
     #[error("device id has a character outside [A-Za-z0-9._-] at byte {at}")]
     BadCharacter {
@@ -44,10 +48,13 @@ impl<'a> DeviceId<'a> {
         if s.len() > MAX_DEVICE_ID_LEN {
             return Err(InvalidDeviceId::TooLong { len: s.len() });
         }
-        match s.bytes().position(|b| !is_id_byte(b)) {
-            Some(at) => Err(InvalidDeviceId::BadCharacter { at }),
-            None => Ok(Self(s)),
+        if let Some(at) = s.bytes().position(|b| !is_id_byte(b)) {
+            return Err(InvalidDeviceId::BadCharacter { at });
         }
+        if s == "." || s == ".." {
+            return Err(InvalidDeviceId::DotName);
+        }
+        Ok(Self(s))
     }
 
     /// The id as a string slice.
@@ -112,5 +119,8 @@ mod tests {
             DeviceId::new("a\0"),
             Err(InvalidDeviceId::BadCharacter { at: 1 })
         );
+        assert_eq!(DeviceId::new("."), Err(InvalidDeviceId::DotName));
+        assert_eq!(DeviceId::new(".."), Err(InvalidDeviceId::DotName));
+        assert!(DeviceId::new("...").is_ok());
     }
 }

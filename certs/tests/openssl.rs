@@ -1,0 +1,660 @@
+//! The real `certs` binary, checked with the real `openssl` CLI.
+//!
+//! Needs `openssl` on PATH (CI installs it). Never asks openssl to print a private key:
+//! `-noout` on every command that reads one.
+
+// Test helpers outside #[test] functions: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+fn certs<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_certs"))
+        .args(args)
+        .env_remove("CERTS_DIR")
+        .output()
+        .expect("run the certs binary")
+}
+
+fn openssl<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    let found = *FOUND.get_or_init(|| Command::new("openssl").arg("version").output().is_ok());
+    assert!(
+        found,
+        "`openssl` is not on PATH. These tests check the certificates with the real OpenSSL \
+         CLI: install it (Debian/Ubuntu: apt-get install openssl) and rerun."
+    );
+    Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts success; returns stdout.
+#[track_caller]
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success, got {}:\n{}",
+        out.status,
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts a non-zero exit; returns stderr.
+#[track_caller]
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{}",
+        text(&out)
+    );
+    assert_ne!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A temporary directory with an initialized PKI in `<tmp>/pki`.
+struct Pki {
+    _tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let mut args = vec!["init", "--dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(certs(&args));
+        Self { _tmp: tmp, dir }
+    }
+
+    fn d(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.dir.join(rel).to_str().unwrap().to_owned()
+    }
+
+    fn device(&self, id: &str) {
+        ok(certs(["device", "--dir", self.d(), id]));
+    }
+
+    fn serial(&self, id: &str) -> String {
+        let out = ok(openssl([
+            "x509",
+            "-noout",
+            "-serial",
+            "-in",
+            &self.p(&format!("devices/{id}/cert.pem")),
+        ]));
+        out.trim().strip_prefix("serial=").unwrap().to_owned()
+    }
+
+    fn crl_text(&self) -> String {
+        ok(openssl([
+            "crl",
+            "-noout",
+            "-text",
+            "-in",
+            &self.p("crl.pem"),
+        ]))
+    }
+
+    fn verify_with_crl(&self, cert: &str) -> Output {
+        openssl([
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            &self.p("ca.pem"),
+            "-CRLfile",
+            &self.p("crl.pem"),
+            &self.p(cert),
+        ])
+    }
+}
+
+/// Every file under `dir` with its contents, to prove a failed command changed nothing.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.insert(path.clone(), Vec::new());
+                walk(&path, out);
+            } else {
+                out.insert(path.clone(), fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, &mut out);
+    out
+}
+
+#[cfg(unix)]
+fn mode(path: &str) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn crl_number(crl_text: &str) -> u64 {
+    let mut lines = crl_text.lines();
+    lines.find(|l| l.contains("CRL Number"));
+    lines.next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
+    let pki = Pki::new(&["--gateway-name", "gw.test", "--gateway-name", "10.1.2.3"]);
+    pki.device("sensor-01");
+    let dev = |f: &str| pki.p(&format!("devices/sensor-01/{f}"));
+
+    // Chains.
+    let out = ok(openssl([
+        "verify",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("gateway.pem"),
+        &dev("cert.pem"),
+    ]));
+    assert_eq!(out.matches(": OK").count(), 2, "{out}");
+    ok(openssl([
+        "verify",
+        "-purpose",
+        "sslserver",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("gateway.pem"),
+    ]));
+    ok(openssl([
+        "verify",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &dev("cert.pem"),
+    ]));
+    // Purposes are not interchangeable.
+    fails(openssl([
+        "verify",
+        "-purpose",
+        "sslserver",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &dev("cert.pem"),
+    ]));
+
+    // The SEC1 DER key is valid and is the same key as the PKCS#8 PEM and the certificate.
+    let check = text(&openssl([
+        "ec",
+        "-inform",
+        "DER",
+        "-in",
+        &dev("key.der"),
+        "-check",
+        "-noout",
+    ]));
+    assert!(check.contains("EC Key valid."), "{check}");
+    let public = ok(openssl([
+        "pkey",
+        "-inform",
+        "DER",
+        "-in",
+        &dev("key.der"),
+        "-text_pub",
+        "-noout",
+    ]));
+    assert!(public.contains("prime256v1"), "{public}");
+    let from_der = ok(openssl([
+        "ec",
+        "-inform",
+        "DER",
+        "-in",
+        &dev("key.der"),
+        "-pubout",
+    ]));
+    let from_pem = ok(openssl(["pkey", "-in", &dev("key.pem"), "-pubout"]));
+    let from_cert = ok(openssl([
+        "x509",
+        "-noout",
+        "-pubkey",
+        "-in",
+        &dev("cert.pem"),
+    ]));
+    assert!(from_der.contains("BEGIN PUBLIC KEY"));
+    assert_eq!(from_der, from_pem);
+    assert_eq!(from_der, from_cert);
+
+    // cert.der is cert.pem.
+    let der_as_pem = ok(openssl(["x509", "-inform", "DER", "-in", &dev("cert.der")]));
+    assert_eq!(der_as_pem, fs::read_to_string(dev("cert.pem")).unwrap());
+
+    // Subject CN = id.
+    let subject = ok(openssl([
+        "x509",
+        "-noout",
+        "-subject",
+        "-nameopt",
+        "RFC2253",
+        "-in",
+        &dev("cert.pem"),
+    ]));
+    assert_eq!(subject.trim(), "subject=CN=sensor-01");
+
+    // Profile details rustls relies on.
+    let ca_ext = ok(openssl([
+        "x509",
+        "-noout",
+        "-ext",
+        "basicConstraints,keyUsage,subjectKeyIdentifier",
+        "-in",
+        &pki.p("ca.pem"),
+    ]));
+    assert!(ca_ext.contains("CA:TRUE"), "{ca_ext}");
+    assert!(ca_ext.contains("Certificate Sign, CRL Sign"), "{ca_ext}");
+    assert!(ca_ext.contains("Subject Key Identifier"), "{ca_ext}");
+    let gw_ext = ok(openssl([
+        "x509",
+        "-noout",
+        "-ext",
+        "subjectAltName,extendedKeyUsage,basicConstraints",
+        "-in",
+        &pki.p("gateway.pem"),
+    ]));
+    for want in [
+        "DNS:localhost",
+        "IP Address:127.0.0.1",
+        "IP Address:0:0:0:0:0:0:0:1",
+        "DNS:gw.test",
+        "IP Address:10.1.2.3",
+        "TLS Web Server Authentication",
+        "CA:FALSE",
+    ] {
+        assert!(gw_ext.contains(want), "{want} missing in {gw_ext}");
+    }
+    let dev_ext = ok(openssl([
+        "x509",
+        "-noout",
+        "-ext",
+        "extendedKeyUsage,authorityKeyIdentifier,basicConstraints",
+        "-in",
+        &dev("cert.pem"),
+    ]));
+    assert!(
+        dev_ext.contains("TLS Web Client Authentication"),
+        "{dev_ext}"
+    );
+    assert!(dev_ext.contains("Authority Key Identifier"), "{dev_ext}");
+    assert!(dev_ext.contains("CA:FALSE"), "{dev_ext}");
+    let version = ok(openssl([
+        "x509",
+        "-noout",
+        "-text",
+        "-in",
+        &dev("cert.pem"),
+    ]));
+    assert!(version.contains("Version: 3 (0x2)"));
+
+    // Private keys are 0600.
+    #[cfg(unix)]
+    for key in [
+        pki.p("ca.key.pem"),
+        pki.p("gateway.key.pem"),
+        dev("key.pem"),
+        dev("key.der"),
+    ] {
+        assert_eq!(mode(&key), 0o600, "{key}");
+    }
+}
+
+#[test]
+fn revocation_is_seen_by_openssl_and_keeps_earlier_entries() {
+    let pki = Pki::new(&[]);
+    pki.device("dev-a");
+    pki.device("dev-b");
+    pki.device("dev-c");
+    let (a, b) = (pki.serial("dev-a"), pki.serial("dev-b"));
+
+    // The empty CRL from init is valid and signed by the CA.
+    let crl = pki.crl_text();
+    assert!(crl.contains("No Revoked Certificates"), "{crl}");
+    assert_eq!(crl_number(&crl), 1);
+    ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
+
+    let out = ok(certs(["revoke", "--dir", pki.d(), "dev-a"]));
+    assert!(out.contains(&a), "{out}");
+    let crl = pki.crl_text();
+    assert!(crl.contains(&format!("Serial Number: {a}")), "{crl}");
+    assert_eq!(crl_number(&crl), 2);
+    let verify_crl = text(&openssl([
+        "crl",
+        "-noout",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        "-in",
+        &pki.p("crl.pem"),
+    ]));
+    assert!(verify_crl.contains("verify OK"), "{verify_crl}");
+
+    let rejected = pki.verify_with_crl("devices/dev-a/cert.pem");
+    assert!(
+        text(&rejected).contains("certificate revoked"),
+        "{}",
+        text(&rejected)
+    );
+    fails(rejected);
+    ok(pki.verify_with_crl("devices/dev-b/cert.pem"));
+
+    // A second revocation keeps the first.
+    ok(certs(["revoke", "--dir", pki.d(), "dev-b"]));
+    let crl = pki.crl_text();
+    assert!(crl.contains(&format!("Serial Number: {a}")), "{crl}");
+    assert!(crl.contains(&format!("Serial Number: {b}")), "{crl}");
+    assert_eq!(crl_number(&crl), 3);
+    fails(pki.verify_with_crl("devices/dev-a/cert.pem"));
+    fails(pki.verify_with_crl("devices/dev-b/cert.pem"));
+    ok(pki.verify_with_crl("devices/dev-c/cert.pem"));
+
+    // Revoking again changes nothing.
+    let before = fs::read(pki.p("crl.pem")).unwrap();
+    let out = ok(certs(["revoke", "--dir", pki.d(), "dev-a"]));
+    assert!(out.contains("already revoked"), "{out}");
+    assert_eq!(fs::read(pki.p("crl.pem")).unwrap(), before);
+
+    // Revoking by serial, e.g. a certificate replaced with --force.
+    let c = pki.serial("dev-c");
+    ok(certs(["device", "--dir", pki.d(), "dev-c", "--force"]));
+    ok(pki.verify_with_crl("devices/dev-c/cert.pem"));
+    ok(certs([
+        "revoke",
+        "--dir",
+        pki.d(),
+        "--serial",
+        &c.to_lowercase(),
+    ]));
+    let crl = pki.crl_text();
+    assert!(crl.contains(&format!("Serial Number: {c}")), "{crl}");
+    ok(pki.verify_with_crl("devices/dev-c/cert.pem"));
+
+    // Re-signing keeps the entries and bumps the number.
+    ok(certs(["crl", "--dir", pki.d()]));
+    let crl = pki.crl_text();
+    assert_eq!(crl_number(&crl), 5);
+    assert_eq!(crl.matches("Serial Number:").count(), 3);
+
+    // `list` agrees.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let status: Vec<(&str, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["revoked"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(status, [("dev-a", true), ("dev-b", true), ("dev-c", false)]);
+}
+
+#[test]
+fn a_thousand_devices_at_once() {
+    let pki = Pki::new(&[]);
+    ok(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "sim-",
+        "--count",
+        "1000",
+    ]));
+    let mut names: Vec<String> = fs::read_dir(pki.p("devices"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 1000, "no temporary entries left");
+    assert_eq!(names.first().unwrap(), "sim-0000");
+    assert_eq!(names.last().unwrap(), "sim-0999");
+
+    let out = ok(openssl([
+        "verify",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("devices/sim-0000/cert.pem"),
+        &pki.p("devices/sim-0500/cert.pem"),
+        &pki.p("devices/sim-0999/cert.pem"),
+    ]));
+    assert_eq!(out.matches(": OK").count(), 3, "{out}");
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 1000);
+    let serials: std::collections::HashSet<&str> =
+        rows.iter().map(|r| r["serial"].as_str().unwrap()).collect();
+    assert_eq!(serials.len(), 1000, "serials are unique");
+    assert!(rows.iter().all(|r| r["status"] == "valid"));
+
+    // Asking again refuses and writes nothing; --skip-existing fills the gaps.
+    let before = snapshot(&pki.dir);
+    let err = fails(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "sim-",
+        "--count",
+        "1002",
+    ]));
+    assert!(err.contains("--skip-existing"), "{err}");
+    assert_eq!(snapshot(&pki.dir), before);
+    let out = ok(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "sim-",
+        "--count",
+        "1002",
+        "--skip-existing",
+    ]));
+    assert!(out.contains("skipped 1000"), "{out}");
+    assert!(pki.dir.join("devices/sim-1001/cert.pem").exists());
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message_and_writes_nothing() {
+    let pki = Pki::new(&[]);
+    pki.device("taken");
+    let before = snapshot(&pki.dir);
+
+    // Bad ids.
+    let long = "x".repeat(65);
+    for bad in ["bad id", "..", ".", "a/b", "../escape", &long, "é", ""] {
+        let err = fails(certs(["device", "--dir", pki.d(), bad]));
+        assert!(err.contains("device id"), "{bad:?}: {err}");
+        assert!(
+            err.contains("hint: a device id is 1 to 64 characters"),
+            "{bad:?}: {err}"
+        );
+        assert_eq!(snapshot(&pki.dir), before, "{bad:?} left something behind");
+    }
+    let err = fails(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "bad prefix ",
+        "--count",
+        "3",
+    ]));
+    assert!(err.contains("device id"), "{err}");
+
+    // An existing device.
+    let err = fails(certs(["device", "--dir", pki.d(), "taken"]));
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+
+    // An existing CA.
+    let err = fails(certs(["init", "--dir", pki.d()]));
+    assert!(
+        err.contains("already holds a CA") && err.contains("--force"),
+        "{err}"
+    );
+
+    // A bad gateway name.
+    let err = fails(certs([
+        "gateway",
+        "--dir",
+        pki.d(),
+        "--gateway-name",
+        "no_underscores",
+        "--force",
+    ]));
+    assert!(err.contains("invalid gateway name"), "{err}");
+    assert_eq!(snapshot(&pki.dir), before);
+
+    // A missing or uninitialized directory.
+    let parent = pki.dir.parent().unwrap();
+    let missing = parent.join("missing");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["device", "--dir", missing, "x"],
+        vec!["devices", "--dir", missing, "--prefix", "s", "--count", "2"],
+        vec!["revoke", "--dir", missing, "x"],
+        vec!["list", "--dir", missing],
+        vec!["crl", "--dir", missing],
+        vec!["gateway", "--dir", missing],
+    ] {
+        let err = fails(certs(&args));
+        assert!(err.contains("does not exist"), "{args:?}: {err}");
+        assert!(err.contains("certs init --dir"), "{args:?}: {err}");
+        assert!(
+            !Path::new(missing).exists(),
+            "{args:?} created the directory"
+        );
+    }
+    let empty = parent.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let err = fails(certs(["device", "--dir", empty.to_str().unwrap(), "x"]));
+    assert!(
+        err.contains("holds no CA") && err.contains("certs init"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
+
+    // init with a bad gateway name creates nothing.
+    let fresh = parent.join("fresh");
+    let err = fails(certs([
+        "init",
+        "--dir",
+        fresh.to_str().unwrap(),
+        "--gateway-name",
+        "a..b",
+    ]));
+    assert!(err.contains("invalid gateway name"), "{err}");
+    assert!(!fresh.exists());
+
+    // Revoking an unknown device.
+    let err = fails(certs(["revoke", "--dir", pki.d(), "nobody"]));
+    assert!(
+        err.contains("no device") && err.contains("certs list"),
+        "{err}"
+    );
+
+    // Usage errors.
+    fails(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "s",
+        "--count",
+        "0",
+    ]));
+    fails(certs(["device", "--dir", pki.d(), "x", "--days", "0"]));
+    fails(certs(["revoke", "--dir", pki.d()]));
+
+    assert_eq!(snapshot(&pki.dir), before);
+}
+
+#[test]
+fn init_force_replaces_the_ca() {
+    let pki = Pki::new(&[]);
+    pki.device("old");
+    let old_ca = fs::read(pki.p("ca.pem")).unwrap();
+    let out = certs(["init", "--dir", pki.d(), "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(err.contains("no longer trusted"), "{err}");
+    assert_ne!(fs::read(pki.p("ca.pem")).unwrap(), old_ca);
+    fails(openssl([
+        "verify",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("devices/old/cert.pem"),
+    ]));
+    ok(openssl([
+        "verify",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("gateway.pem"),
+    ]));
+    let list = ok(certs(["list", "--dir", pki.d()]));
+    assert!(list.contains("other-ca"), "{list}");
+    ok(certs(["device", "--dir", pki.d(), "old", "--force"]));
+    ok(openssl([
+        "verify",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("devices/old/cert.pem"),
+    ]));
+}
+
+#[test]
+fn help_has_examples() {
+    let help = ok(certs(["--help"]));
+    assert!(
+        help.contains("Examples:") && help.contains("certs devices"),
+        "{help}"
+    );
+    for sub in [
+        "init", "gateway", "device", "devices", "revoke", "crl", "list",
+    ] {
+        let help = ok(certs([sub, "--help"]));
+        assert!(help.contains("--dir"), "{sub}: {help}");
+        assert!(help.contains("Example"), "{sub}: {help}");
+    }
+}
