@@ -1,1 +1,400 @@
-//! The IoT device gateway (work in progress).
+//! The IoT device gateway: mutual-TLS device sessions, durable telemetry with acks,
+//! and a command relay, behind one library handle, [`Gateway`].
+//!
+//! ```text
+//!  devices ══TLS══► server (accept, cap, handshake, identity = cert CN)
+//!                     │ one task per connection
+//!                     ▼
+//!                   session ── Batch ──► store writer ── group commit ──► SQLite (WAL)
+//!                     ▲  │  ◄── BatchDone (then Ack) ──┘                      ▲
+//!                     │  └── live events ──► Gateway::subscribe()             │
+//!   Gateway::send_command ──► command queue (store) ── notify ──► session     │
+//!   Gateway::devices / telemetry / command ───────── read-only connections ───┘
+//! ```
+//!
+//! Guarantees (PROTOCOL.md §8): a record is acked only after the commit that holds it;
+//! it is stored once however often it is replayed; commands are delivered at least once
+//! and expire by their time to live. Every input from a device is bounded and checked:
+//! a bad device is closed with a typed reason and no other device notices.
+
+pub mod config;
+pub mod events;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tls;
+pub mod values;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use device_client::proto::{self, DeviceId};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use config::{Config, LogFormat};
+pub use events::{Event, Metrics};
+use registry::Registry;
+pub use store::{
+    CommandRecord, CommandState, DeviceRecord, Store, StoreError, TelemetryQuery, TelemetryRecord,
+};
+use tls::{TlsSettings, TlsState};
+
+/// State shared by the listener, the sessions and the handle.
+pub struct Shared {
+    /// Settings.
+    pub config: Config,
+    /// The store.
+    pub store: Store,
+    /// TLS material, reloadable.
+    pub tls: TlsState,
+    /// Live sessions.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Metrics,
+    events: broadcast::Sender<Arc<Event>>,
+    /// Set once to make every task wind down.
+    pub shutting_down: watch::Sender<bool>,
+    waiters: Mutex<Vec<(i64, oneshot::Sender<CommandRecord>)>>,
+}
+
+impl Shared {
+    /// Whether anyone listens to live events (events are only built if so).
+    pub fn has_subscribers(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Publishes an event built by `make`, if anyone listens.
+    pub fn publish(&self, make: impl FnOnce() -> Event) {
+        if self.has_subscribers() {
+            let _ = self.events.send(Arc::new(make()));
+        }
+    }
+
+    /// A command changed state: publish it, and wake whoever waits for its end.
+    pub fn command_changed(&self, rec: CommandRecord) {
+        if rec.state.is_final() {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut i = 0;
+            while i < waiters.len() {
+                if waiters.get(i).is_some_and(|(id, _)| *id == rec.id) {
+                    let (_, tx) = waiters.swap_remove(i);
+                    let _ = tx.send(rec.clone());
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.publish(|| Event::Command(rec));
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The TLS files could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsLoadError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The listener could not bind.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Why a command could not be queued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The device id breaks the identity rule.
+    #[error("invalid device id: {0}")]
+    InvalidDevice(#[from] proto::InvalidDeviceId),
+    /// The command name breaks the name rule.
+    #[error("invalid command name: {0}")]
+    InvalidName(proto::TextError),
+    /// The arguments cannot be sent.
+    #[error(transparent)]
+    InvalidArgs(#[from] values::ArgsError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The command did not end within the wait.
+    #[error("no result within the wait")]
+    Timeout,
+}
+
+/// A running gateway. Cheap to clone; every clone is the same gateway.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    tasks: Arc<Mutex<Option<Tasks>>>,
+}
+
+struct Tasks {
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
+    writer: store::WriterThread,
+}
+
+impl Gateway {
+    /// Checks the settings, loads TLS, opens the store, binds the device listener and
+    /// starts serving. Returns once devices can connect.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        config.validate()?;
+        let tls = TlsState::new(TlsSettings {
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            crl: config.crl.clone(),
+            tls13_only: config.tls13_only,
+            max_fragment_size: config.max_fragment_size,
+        })?;
+        let (store, writer) = Store::open(store::StoreOptions {
+            path: config.database_path(),
+            danger_ack_before_fsync: config.danger_ack_before_fsync,
+            max_commit_records: config.max_commit_records,
+            max_queued_commands: config.max_queued_commands,
+        })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (events, _) = broadcast::channel(4096);
+        let (shutting_down, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            tls,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            events,
+            shutting_down,
+            waiters: Mutex::new(Vec::new()),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(server::run(listener, shared.clone(), stop_rx));
+        let housekeeping = tokio::spawn(housekeeping(shared.clone()));
+        info!(%local_addr, "gateway listening for devices");
+        let gw = Gateway {
+            shared,
+            local_addr,
+            tasks: Arc::new(Mutex::new(Some(Tasks {
+                stop: stop_tx,
+                server,
+                housekeeping,
+                writer,
+            }))),
+        };
+        Ok(gw)
+    }
+
+    /// The device listener's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state (settings, store, metrics).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The store, for queries.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Live events from now on. A subscriber that falls more than 4,096 events behind
+    /// misses the oldest (and is told so by `RecvError::Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.shared.events.subscribe()
+    }
+
+    /// Whether a device has a session open now.
+    pub fn is_online(&self, device: &str) -> bool {
+        self.shared.registry.is_online(device)
+    }
+
+    /// Queues a command for a device (online or not) and returns its record. `args` is
+    /// a JSON object of name: value; `ttl` defaults to the configured `command_ttl`.
+    pub async fn send_command(
+        &self,
+        device: &str,
+        name: &str,
+        args: &serde_json::Value,
+        ttl: Option<Duration>,
+    ) -> Result<CommandRecord, CommandError> {
+        DeviceId::new(device)?;
+        proto::Name::new(name).map_err(CommandError::InvalidName)?;
+        let args = values::args_from_json(args)?;
+        let ttl = ttl.unwrap_or(self.shared.config.command_ttl);
+        let rec = self
+            .shared
+            .store
+            .enqueue_command(device, name, args, ttl)
+            .await?;
+        self.shared.publish(|| Event::Command(rec.clone()));
+        self.shared.registry.notify_commands(device);
+        Ok(rec)
+    }
+
+    /// Waits up to `wait` for a command to end (succeeded, failed or expired) and
+    /// returns its record; `Err(Timeout)` if it has not ended by then.
+    pub async fn wait_command(
+        &self,
+        id: i64,
+        wait: Duration,
+    ) -> Result<CommandRecord, CommandError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, tx));
+        // It may have ended before the waiter was registered.
+        match self.shared.store.command(id).await? {
+            Some(rec) if rec.state.is_final() => return Ok(rec),
+            Some(_) => {}
+            None => return Err(StoreError::NoSuchCommand(id).into()),
+        }
+        let out = tokio::time::timeout(wait, rx).await;
+        let mut waiters = self
+            .shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|(_, tx)| !tx.is_closed());
+        match out {
+            Ok(Ok(rec)) => Ok(rec),
+            _ => Err(CommandError::Timeout),
+        }
+    }
+
+    /// Sends a command and waits for its end: [`send_command`](Self::send_command) then
+    /// [`wait_command`](Self::wait_command).
+    pub async fn command(
+        &self,
+        device: &str,
+        name: &str,
+        args: &serde_json::Value,
+        ttl: Option<Duration>,
+        wait: Duration,
+    ) -> Result<CommandRecord, CommandError> {
+        let rec = self.send_command(device, name, args, ttl).await?;
+        self.wait_command(rec.id, wait).await
+    }
+
+    /// Every device the store knows.
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.shared.store.devices().await
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.shared.store.device(id).await
+    }
+
+    /// A device's telemetry, newest first.
+    pub async fn telemetry(
+        &self,
+        device: &str,
+        q: TelemetryQuery,
+    ) -> Result<Vec<TelemetryRecord>, StoreError> {
+        self.shared.store.telemetry(device, q).await
+    }
+
+    /// Reads the CA bundle, CRL and gateway certificate again. New handshakes use them
+    /// at once; live sessions whose certificate is now revoked are closed with
+    /// `Goodbye{Revoked}`. Returns the ids of the devices closed. On error, the old
+    /// material stays in force.
+    pub fn reload_tls(&self) -> Result<Vec<String>, tls::TlsLoadError> {
+        let material = self.shared.tls.reload()?;
+        let closed = self
+            .shared
+            .registry
+            .close_revoked(|serial| material.revoked.contains(serial));
+        if closed.is_empty() {
+            info!(revoked = material.revoked.len(), "TLS material reloaded");
+        } else {
+            warn!(devices = ?closed, "TLS material reloaded: closing revoked devices");
+        }
+        Ok(closed)
+    }
+
+    /// Stops accepting, says `Goodbye{Shutdown}` to every device, commits what they
+    /// sent, and closes the store. Idempotent.
+    pub async fn shutdown(&self) {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(tasks) = tasks else {
+            return;
+        };
+        tasks.stop.send_replace(true);
+        let _ = tasks.server.await;
+        tracing::debug!("listener and sessions done");
+        tasks.housekeeping.abort();
+        tasks.writer.stop(&self.shared.store).await;
+        info!("gateway stopped");
+    }
+}
+
+/// Background chores: expire commands every second, apply retention every minute.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        match shared.store.expire_commands().await {
+            Ok(expired) => {
+                for rec in expired {
+                    info!(command = rec.id, device = %rec.device, "command expired");
+                    shared.command_changed(rec);
+                }
+            }
+            Err(StoreError::Closed) => return,
+            Err(e) => warn!(error = %e, "expiring commands failed"),
+        }
+        if n.is_multiple_of(60) {
+            let cfg = &shared.config;
+            if cfg.retention.is_some() || cfg.retention_max_rows.is_some() {
+                match shared
+                    .store
+                    .apply_retention(cfg.retention, cfg.retention_max_rows)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(deleted) => info!(deleted, "telemetry retention applied"),
+                    Err(e) => warn!(error = %e, "telemetry retention failed"),
+                }
+            }
+        }
+        n = n.wrapping_add(1);
+    }
+}

@@ -1,1 +1,418 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: an in-memory PKI written to a temp dir, a
+//! real gateway on 127.0.0.1 port 0 (in this process or as a child process), and a
+//! device that speaks the protocol frame by frame over tokio-rustls.
+//!
+//! Nothing here mocks a component of ours: the gateway, TLS, the store and the codec
+//! are the real ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed unwrap is a failed test
+
+pub mod logs;
+pub mod process;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::{Ca, Issued, RevokedEntry, Validity};
+use device_client::proto::{
+    self, CommandStatus, Downlink, Goodbye, Hello, MAX_DOWNLINK_FRAME, MAX_UPLINK_FRAME,
+    PROTOCOL_VERSION, Ping, Reading, Readings, Seq, Telemetry, Text, Uplink, Welcome,
+};
+use gateway::{Config, Gateway};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How long a test waits for anything before failing.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A CA with its gateway certificate, written to a temp dir as the gateway reads it.
+pub struct Pki {
+    /// The CA.
+    pub ca: Ca,
+    /// The gateway's certificate.
+    pub gateway: Issued,
+    /// Where the PEM files are.
+    pub dir: tempfile::TempDir,
+    revoked: Vec<RevokedEntry>,
+    crl_number: u64,
+}
+
+impl Pki {
+    /// A fresh CA and gateway certificate; an empty CRL.
+    pub fn new() -> Self {
+        let ca = Ca::generate("e2e test CA", Validity::days(2)).unwrap();
+        let gateway = ca
+            .issue_gateway(&["localhost".to_string()], Validity::days(1))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("gateway.pem"), &gateway.cert_pem).unwrap();
+        std::fs::write(dir.path().join("gateway.key.pem"), &gateway.key_pem).unwrap();
+        let mut pki = Pki {
+            ca,
+            gateway,
+            dir,
+            revoked: Vec::new(),
+            crl_number: 0,
+        };
+        pki.write_crl();
+        pki
+    }
+
+    /// A device certificate valid for a day.
+    pub fn device(&self, id: &str) -> Issued {
+        self.ca.issue_device(id, Validity::days(1)).unwrap()
+    }
+
+    /// Adds a certificate to the CRL file (the gateway sees it after a reload).
+    pub fn revoke(&mut self, cert: &Issued) {
+        self.revoked.push(RevokedEntry::now(cert.serial.clone()));
+        self.write_crl();
+    }
+
+    fn write_crl(&mut self) {
+        self.crl_number += 1;
+        let crl = self
+            .ca
+            .crl(&self.revoked, self.crl_number, Validity::days(1))
+            .unwrap();
+        std::fs::write(self.dir.path().join("crl.pem"), &crl.pem).unwrap();
+    }
+
+    /// Gateway settings for a test: port 0 on loopback, this PKI, a data dir.
+    pub fn config(&self, data_dir: &Path) -> Config {
+        let p = self.dir.path();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ca: p.join("ca.pem"),
+            cert: p.join("gateway.pem"),
+            key: p.join("gateway.key.pem"),
+            crl: Some(p.join("crl.pem")),
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        }
+    }
+
+    /// Paths of the PEM files.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A gateway in this process with its own PKI and temp data dir.
+pub struct TestGateway {
+    /// The gateway.
+    pub gw: Gateway,
+    /// Its PKI.
+    pub pki: Pki,
+    /// Its data dir.
+    pub data: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts a gateway with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a gateway after `tweak` adjusts its settings.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let pki = Pki::new();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = pki.config(data.path());
+        tweak(&mut config);
+        let gw = Gateway::start(config).await.unwrap();
+        Self { gw, pki, data }
+    }
+
+    /// The device listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.gw.local_addr()
+    }
+
+    /// Connects a device with a fresh certificate for `id` and opens a session.
+    pub async fn device(&self, id: &str, boot_id: u64) -> (RawDevice, Welcome) {
+        let cert = self.pki.device(id);
+        let mut dev = RawDevice::connect(self.addr(), &self.pki.ca, Some(&cert))
+            .await
+            .unwrap();
+        let welcome = dev.hello(boot_id).await;
+        (dev, welcome)
+    }
+
+    /// Rows in the store for a device, as (boot id, seq), in seq order.
+    pub fn stored(&self, device: &str) -> Vec<(u64, Seq)> {
+        stored_rows(&self.data.path().join("gateway.sqlite"), device)
+    }
+}
+
+/// Reads (boot id, seq) of a device's telemetry straight from the SQLite file, as an
+/// operator would, in (boot id, seq) order.
+pub fn stored_rows(db: &Path, device: &str) -> Vec<(u64, Seq)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut stmt = c
+        .prepare(
+            "SELECT t.boot_id, t.seq FROM telemetry t JOIN devices d ON d.key = t.device
+              WHERE d.id = ?1 ORDER BY t.boot_id, t.seq",
+        )
+        .unwrap();
+    stmt.query_map([device], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// A downlink message, owned, for assertions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Down {
+    /// `Welcome`.
+    Welcome(Welcome),
+    /// `Ack`.
+    Ack(Seq),
+    /// `Command`.
+    Command {
+        /// Id.
+        id: u32,
+        /// Name.
+        name: String,
+        /// Arguments as JSON.
+        args: serde_json::Value,
+        /// Time to live.
+        ttl_ms: u32,
+    },
+    /// `Pong`.
+    Pong(u32),
+    /// `Goodbye`.
+    Goodbye(Goodbye),
+}
+
+impl Down {
+    fn from(msg: &Downlink<'_>) -> Self {
+        match msg {
+            Downlink::Welcome(w) => Down::Welcome(*w),
+            Downlink::Ack(a) => Down::Ack(a.seq),
+            Downlink::Command(c) => Down::Command {
+                id: c.id,
+                name: c.name.to_string(),
+                args: serde_json::Value::Object(gateway::values::readings_to_json(&c.args)),
+                ttl_ms: c.ttl_ms,
+            },
+            Downlink::Pong(p) => Down::Pong(p.nonce),
+            Downlink::Goodbye(g) => Down::Goodbye(*g),
+        }
+    }
+}
+
+/// A device speaking the protocol frame by frame: the tests decide every byte.
+pub struct RawDevice {
+    stream: TlsStream<TcpStream>,
+    rbuf: Vec<u8>,
+    /// Frames decoded but not yet returned.
+    queue: std::collections::VecDeque<Down>,
+}
+
+/// TLS client settings for a device: trust `ca`, present `cert` if given.
+pub fn client_config(ca: &Ca, cert: Option<&Issued>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.certificate_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some(c) => builder
+            .with_client_auth_cert(vec![c.certificate_der()], c.private_key_der())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+impl RawDevice {
+    /// Opens TCP + TLS to the gateway. A refused certificate may only show on the first
+    /// read (TLS 1.3 sends the client's certificate after the server's Finished).
+    pub async fn connect(addr: SocketAddr, ca: &Ca, cert: Option<&Issued>) -> io::Result<Self> {
+        Self::connect_with(addr, client_config(ca, cert)).await
+    }
+
+    /// Opens TCP + TLS with a given client configuration.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> io::Result<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("localhost").unwrap();
+        let stream = tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        Ok(Self {
+            stream,
+            rbuf: Vec::new(),
+            queue: Default::default(),
+        })
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Uplink<'_>) -> io::Result<()> {
+        let mut buf = [0u8; MAX_UPLINK_FRAME];
+        let n = proto::encode(msg, &mut buf).unwrap();
+        self.send_raw(&buf[..n]).await
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// Sends `Hello` and returns the `Welcome` (panics on anything else).
+    pub async fn hello(&mut self, boot_id: u64) -> Welcome {
+        self.send(&Uplink::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            boot_id,
+            firmware: Text::new("test-1.0").unwrap(),
+            max_frame: MAX_DOWNLINK_FRAME as u16,
+        }))
+        .await
+        .unwrap();
+        match self.recv().await.unwrap() {
+            Some(Down::Welcome(w)) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends one telemetry record with a `temp` reading equal to its seq.
+    pub async fn telemetry(&mut self, seq: Seq) -> io::Result<()> {
+        let mut readings = Readings::new();
+        let name = proto::Name::new("temp").unwrap();
+        readings
+            .push(Reading::new(name, proto::Value::F64(f64::from(seq))))
+            .unwrap();
+        self.send(&Uplink::Telemetry(Telemetry {
+            seq,
+            time_ms: None,
+            readings,
+        }))
+        .await
+    }
+
+    /// Sends a ping.
+    pub async fn ping(&mut self, nonce: u32) -> io::Result<()> {
+        self.send(&Uplink::Ping(Ping { nonce })).await
+    }
+
+    /// Answers a command.
+    pub async fn result(
+        &mut self,
+        id: u32,
+        status: CommandStatus,
+        values: &[Reading<'_>],
+    ) -> io::Result<()> {
+        self.send(&Uplink::CommandResult(proto::CommandResult {
+            id,
+            status,
+            values: Readings::from_slice(values).unwrap(),
+        }))
+        .await
+    }
+
+    /// The next message; `Ok(None)` when the gateway closed the connection. Fails after
+    /// [`WAIT`].
+    pub async fn recv(&mut self) -> io::Result<Option<Down>> {
+        tokio::time::timeout(WAIT, self.recv_inner())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "nothing from the gateway"))?
+    }
+
+    async fn recv_inner(&mut self) -> io::Result<Option<Down>> {
+        loop {
+            if let Some(d) = self.queue.pop_front() {
+                return Ok(Some(d));
+            }
+            while let Some(frame) = proto::split_frame(&self.rbuf, MAX_DOWNLINK_FRAME)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            {
+                let msg = proto::decode_downlink(frame.body)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let down = Down::from(&msg);
+                drop(msg);
+                let len = frame.len;
+                self.queue.push_back(down);
+                self.rbuf.drain(..len);
+            }
+            if !self.queue.is_empty() {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            let n = match self.stream.read(&mut buf).await {
+                Ok(n) => n,
+                // A close without close_notify is still a close.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            self.rbuf.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Waits for an `Ack` covering `seq`, skipping other messages (returned in order).
+    pub async fn wait_ack(&mut self, seq: Seq) -> Vec<Down> {
+        let mut others = Vec::new();
+        loop {
+            match self.recv().await.unwrap() {
+                Some(Down::Ack(a)) if a >= seq => return others,
+                Some(Down::Ack(_)) => {}
+                Some(d) => others.push(d),
+                None => panic!("connection closed while waiting for ack {seq}"),
+            }
+        }
+    }
+
+    /// Reads until the gateway closes; returns the `Goodbye` it sent, if any.
+    pub async fn goodbye(&mut self) -> Option<Goodbye> {
+        let mut bye = None;
+        loop {
+            match self.recv().await {
+                Ok(Some(Down::Goodbye(g))) => bye = Some(g),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return bye,
+            }
+        }
+    }
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,186 @@
+//! Live events (telemetry, presence, commands, refused handshakes) and counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+use crate::store::CommandRecord;
+use crate::tls::Refusal;
+
+/// Something that happened, as subscribers see it. Serialized with a `type` tag.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// A telemetry record was stored (sent once, even if the device replays it).
+    Telemetry {
+        /// Device id.
+        device: Arc<str>,
+        /// Boot id.
+        boot_id: u64,
+        /// Sequence number.
+        seq: u32,
+        /// Device time or arrival time, ms since the epoch.
+        time_ms: i64,
+        /// Readings.
+        values: Map<String, Json>,
+    },
+    /// A device came online or went offline.
+    Presence {
+        /// Device id.
+        device: Arc<str>,
+        /// Online now?
+        online: bool,
+        /// Peer address.
+        peer: String,
+        /// Why it went offline (a `Goodbye` reason or `closed`, `error` ...).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A command changed state.
+    Command(CommandRecord),
+    /// A TLS connection was refused.
+    HandshakeRefused {
+        /// Peer address.
+        peer: String,
+        /// Why.
+        reason: &'static str,
+        /// When, ms since the epoch.
+        time_ms: i64,
+    },
+}
+
+impl Event {
+    /// The device the event is about, if any.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Event::Telemetry { device, .. } | Event::Presence { device, .. } => Some(device),
+            Event::Command(c) => Some(&c.device),
+            Event::HandshakeRefused { .. } => None,
+        }
+    }
+}
+
+/// A histogram with fixed buckets (upper bounds in seconds), Prometheus-style.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with these bucket upper bounds, in seconds, ascending.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b)
+            && let Some(c) = self.counts.get(i)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, sum in seconds, count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let mut acc = 0;
+        let buckets = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| {
+                acc += c.load(Ordering::Relaxed);
+                (*b, acc)
+            })
+            .collect();
+        (
+            buckets,
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// Counters of the gateway; all lock-free.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Device connections open now (TLS done).
+    pub connections: AtomicI64,
+    /// Sessions past `Hello`.
+    pub sessions: AtomicI64,
+    /// Handshakes completed.
+    pub handshakes_ok: AtomicU64,
+    /// Handshakes refused, by [`Refusal::ALL`] index.
+    pub handshakes_refused: Vec<AtomicU64>,
+    /// Telemetry records received.
+    pub telemetry_received: AtomicU64,
+    /// Telemetry records newly stored.
+    pub telemetry_stored: AtomicU64,
+    /// Telemetry records that were duplicates.
+    pub telemetry_duplicates: AtomicU64,
+    /// Sessions closed for a protocol violation.
+    pub protocol_violations: AtomicU64,
+    /// Connections refused for overload.
+    pub overload_refusals: AtomicU64,
+    /// Time from a record's arrival to its ack being queued.
+    pub ack_latency: Histogram,
+    /// Time from a batch's submission to its commit.
+    pub commit_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections: AtomicI64::new(0),
+            sessions: AtomicI64::new(0),
+            handshakes_ok: AtomicU64::new(0),
+            handshakes_refused: Refusal::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            telemetry_received: AtomicU64::new(0),
+            telemetry_stored: AtomicU64::new(0),
+            telemetry_duplicates: AtomicU64::new(0),
+            protocol_violations: AtomicU64::new(0),
+            overload_refusals: AtomicU64::new(0),
+            ack_latency: Histogram::new(LATENCY_BUCKETS),
+            commit_latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a refused handshake.
+    pub fn refused(&self, r: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|x| *x == r)
+            && let Some(c) = self.handshakes_refused.get(i)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refused handshakes of one reason.
+    pub fn refused_count(&self, r: Refusal) -> u64 {
+        Refusal::ALL
+            .iter()
+            .position(|x| *x == r)
+            .and_then(|i| self.handshakes_refused.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}

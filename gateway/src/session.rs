@@ -1,0 +1,830 @@
+//! One device session: from the end of the TLS handshake to the close (PROTOCOL.md §8).
+//!
+//! ```text
+//!            ┌──────────── select! ─────────────┐
+//!  socket ──►│ readable → read all, split frames │──► Batch (double-buffered) ─► store
+//!  store  ──►│ BatchDone → Ack, live events      │
+//!  close  ──►│ Goodbye(reason)                   │
+//!  commands ►│ take queued → Command frames      │
+//!  timer  ──►│ hello / idle timeout              │
+//!            └──────────────────────────────────┘──► write buffer ─► socket
+//! ```
+//!
+//! Memory: an idle session holds no read or write buffer. It waits for the socket to be
+//! readable, then reads everything TLS has into a per-thread scratch buffer and keeps
+//! only a partial frame, if one is left over.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use device_client::proto::{
+    self, Ack, Command, CommandResult, DecodeError, Downlink, FrameError, Goodbye, GoodbyeReason,
+    Hello, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Telemetry, Uplink, Welcome,
+};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::Shared;
+use crate::events::Event;
+use crate::registry::Entry;
+use crate::store::{Batch, BatchDone, SessionInfo, now_ms};
+use crate::tls::PeerIdentity;
+use crate::values;
+
+/// Commands in flight to one device at a time.
+const MAX_COMMANDS_IN_FLIGHT: usize = 16;
+/// Bytes read from TLS per read call (the scratch buffer is per worker thread).
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+}
+
+/// A device broke the protocol (PROTOCOL.md §9).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// Bad frame header.
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Undecodable body.
+    #[error("message: {0}")]
+    Decode(#[from] DecodeError),
+    /// A message other than `Hello` came first.
+    #[error("{0} before Hello")]
+    BeforeHello(&'static str),
+    /// `Hello` came twice.
+    #[error("second Hello")]
+    SecondHello,
+    /// `Hello.max_frame` is below the protocol minimum.
+    #[error("Hello.max_frame {0} is below {MIN_MAX_FRAME}")]
+    MaxFrameTooSmall(u16),
+    /// `Telemetry.seq` is 0.
+    #[error("telemetry seq 0")]
+    SeqZero,
+    /// `Telemetry.seq` did not grow.
+    #[error("telemetry seq {got} after {prev}")]
+    SeqNotIncreasing {
+        /// The previous seq.
+        prev: Seq,
+        /// The offending one.
+        got: Seq,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum End {
+    /// The device closed the connection.
+    #[error("closed by the device")]
+    PeerClosed,
+    /// The gateway sent `Goodbye`.
+    #[error("goodbye: {}", .0.as_str())]
+    Goodbye(GoodbyeReason),
+    /// The device broke the protocol.
+    #[error("protocol violation: {0}")]
+    Violation(#[from] Violation),
+    /// No `Hello` in time.
+    #[error("no Hello within the hello timeout")]
+    HelloTimeout,
+    /// A write did not finish in time.
+    #[error("write timed out")]
+    WriteTimeout,
+    /// The connection failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl End {
+    fn label(&self) -> String {
+        match self {
+            End::PeerClosed => "closed".into(),
+            End::Goodbye(r) => r.as_str().into(),
+            End::Violation(_) => "protocol_violation".into(),
+            End::HelloTimeout => "hello_timeout".into(),
+            End::WriteTimeout => "write_timeout".into(),
+            End::Io(_) => "io_error".into(),
+            End::Store(_) => "server_error".into(),
+        }
+    }
+}
+
+struct Open {
+    device_key: i64,
+    peer_max_frame: usize,
+    /// `Welcome.last_acked`: records at or below it are already stored.
+    welcome_acked: Option<Seq>,
+    /// Last seq accepted on this session.
+    last_seq: Option<Seq>,
+    /// Highest seq acked.
+    acked: Option<Seq>,
+    /// Commands sent and not answered.
+    commands_in_flight: Vec<i64>,
+    /// Records being filled while the other batch commits.
+    filling: Batch,
+    /// A batch at the store, if any.
+    committing: bool,
+    spare: Option<Batch>,
+    /// Arrival of the oldest record not yet acked, for the ack latency metric.
+    oldest_unacked: Option<Instant>,
+}
+
+/// Runs a session to its end. Never panics on device input.
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: TlsStream<TcpStream>,
+    identity: PeerIdentity,
+    peer: SocketAddr,
+) {
+    let (close_tx, close_rx) = watch::channel(None);
+    let (ended_tx, ended_rx) = oneshot::channel();
+    let (done_tx, done_rx) = mpsc::channel(2);
+    let commands = Arc::new(Notify::new());
+    let session_no = shared.registry.next_session();
+    let device: Arc<str> = Arc::from(identity.device.as_str());
+    let mut s = Session {
+        shared: shared.clone(),
+        stream,
+        device: device.clone(),
+        peer,
+        identity,
+        rbuf: Vec::new(),
+        wbuf: Vec::new(),
+        open: None,
+        close_rx,
+        stop: shared.shutting_down.subscribe(),
+        done_tx,
+        done_rx,
+        commands: commands.clone(),
+        entry: Some(Entry {
+            session: session_no,
+            close: close_tx,
+            commands,
+            serial: Vec::new(),
+            ended: ended_rx,
+        }),
+        deadline: Box::pin(sleep_until(Instant::now() + shared.config.hello_timeout)),
+    };
+    let end = s.drive().await;
+    let reason = end.label();
+    match &end {
+        End::Violation(v) => {
+            shared
+                .metrics
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(reason = %v, "session closed: protocol violation");
+        }
+        End::Io(e) => info!(error = %e, "session closed: connection error"),
+        End::Store(e) => warn!(error = %e, "session closed: store failure"),
+        other => info!(reason = %other, "session closed"),
+    }
+    if matches!(end, End::Violation(_)) {
+        s.goodbye(GoodbyeReason::ProtocolViolation);
+    }
+    s.finish().await;
+    if s.open.is_some() {
+        shared.registry.remove(&device, session_no);
+        shared.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+        shared.publish(|| Event::Presence {
+            device: device.clone(),
+            online: false,
+            peer: peer.to_string(),
+            reason: Some(reason),
+        });
+    }
+    // Tells a session that is taking over that everything of this one is committed.
+    drop(ended_tx);
+    debug!("session task done");
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    stream: TlsStream<TcpStream>,
+    device: Arc<str>,
+    peer: SocketAddr,
+    identity: PeerIdentity,
+    /// A partial frame left over from the last read (usually empty).
+    rbuf: Vec<u8>,
+    /// Frames waiting to be written.
+    wbuf: Vec<u8>,
+    open: Option<Open>,
+    close_rx: watch::Receiver<Option<GoodbyeReason>>,
+    /// The gateway is shutting down.
+    stop: watch::Receiver<bool>,
+    done_tx: mpsc::Sender<BatchDone>,
+    done_rx: mpsc::Receiver<BatchDone>,
+    commands: Arc<Notify>,
+    /// Our registry entry, until `Hello` puts it in the registry.
+    entry: Option<Entry>,
+    /// Hello timeout, then idle timeout.
+    deadline: Pin<Box<Sleep>>,
+}
+
+/// What woke a session up.
+enum Wake {
+    Close(bool),
+    Stop,
+    Committed(BatchDone),
+    Commands,
+    Readable(io::Result<()>),
+    Deadline,
+}
+
+/// Reads once without waiting: `None` if TLS has nothing more right now.
+fn try_read(stream: &mut TlsStream<TcpStream>, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(stream).poll_read(&mut cx, &mut rb) {
+        Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
+    }
+}
+
+impl Session {
+    async fn drive(&mut self) -> End {
+        // The handshake may have read the first frames already (a device sends Hello
+        // right behind its Finished): they wait inside TLS, and the socket will not turn
+        // readable for them.
+        let mut end = self.read_available().await.err();
+        loop {
+            if end.is_none() {
+                // A commit may have finished or records arrived: keep one batch at the
+                // store whenever there is something to commit.
+                end = self.submit_if_idle().await.err();
+            }
+            // Whatever happened, send what is queued (acks, pongs, a goodbye).
+            if let Err(e) = self.flush().await {
+                return e;
+            }
+            if let Some(end) = end {
+                return end;
+            }
+            end = self.step().await;
+        }
+    }
+
+    /// Waits for one thing to happen and handles it; `Some` ends the session.
+    async fn step(&mut self) -> Option<End> {
+        let max_pending = self.shared.config.max_pending_records;
+        let can_read = self
+            .open
+            .as_ref()
+            .is_none_or(|o| o.filling.records.len() < max_pending);
+        let hello_done = self.open.is_some();
+        let wake = tokio::select! {
+            biased;
+            changed = self.close_rx.changed() => Wake::Close(changed.is_ok()),
+            _ = self.stop.wait_for(|stop| *stop) => Wake::Stop,
+            Some(done) = self.done_rx.recv() => Wake::Committed(done),
+            () = self.commands.notified(), if hello_done => Wake::Commands,
+            ready = self.stream.get_ref().0.readable(), if can_read => Wake::Readable(ready),
+            () = &mut self.deadline => Wake::Deadline,
+        };
+        match wake {
+            Wake::Close(changed) => {
+                let asked = if changed {
+                    *self.close_rx.borrow_and_update()
+                } else {
+                    None
+                };
+                let reason = asked.unwrap_or(GoodbyeReason::Shutdown);
+                self.goodbye(reason);
+                Some(End::Goodbye(reason))
+            }
+            Wake::Stop => {
+                self.goodbye(GoodbyeReason::Shutdown);
+                Some(End::Goodbye(GoodbyeReason::Shutdown))
+            }
+            Wake::Committed(done) => self.committed(done).err(),
+            Wake::Commands => self.send_commands(false).await.err(),
+            Wake::Readable(Ok(())) => self.read_available().await.err(),
+            Wake::Readable(Err(e)) => Some(End::Io(e)),
+            Wake::Deadline if hello_done => {
+                self.goodbye(GoodbyeReason::IdleTimeout);
+                Some(End::Goodbye(GoodbyeReason::IdleTimeout))
+            }
+            Wake::Deadline => Some(End::HelloTimeout),
+        }
+    }
+
+    /// Reads everything TLS has, handling every complete frame.
+    async fn read_available(&mut self) -> Result<(), End> {
+        let mut got_any = false;
+        loop {
+            // Decode from the scratch buffer without holding it across an await.
+            let outcome =
+                SCRATCH_BUF.with_borrow_mut(|scratch| match try_read(&mut self.stream, scratch) {
+                    None => Ok(None),
+                    Some(Err(e)) => Err(End::Io(e)),
+                    Some(Ok(0)) => Err(End::PeerClosed),
+                    Some(Ok(n)) => {
+                        let fresh = scratch.get(..n).unwrap_or_default();
+                        self.ingest(fresh).map(Some)
+                    }
+                });
+            match outcome? {
+                None => break,
+                Some(hello) => {
+                    got_any = true;
+                    if let Some(h) = hello {
+                        self.open_session(h).await?;
+                    }
+                }
+            }
+        }
+        if got_any {
+            self.touch();
+        }
+        Ok(())
+    }
+
+    /// Handles the frames in `fresh` (after any leftover partial frame). Returns the
+    /// fields of a `Hello` if one arrived: opening the session needs awaits.
+    fn ingest(&mut self, fresh: &[u8]) -> Result<Option<HelloFields>, End> {
+        let max_frame = usize::from(self.shared.config.max_frame);
+        let mut hello = None;
+        // Work from the leftover if there is one, else straight from `fresh`.
+        let mut joined;
+        let data: &[u8] = if self.rbuf.is_empty() {
+            fresh
+        } else {
+            joined = std::mem::take(&mut self.rbuf);
+            joined.extend_from_slice(fresh);
+            &joined
+        };
+        let mut rest = data;
+        while let Some(frame) = proto::split_frame(rest, max_frame).map_err(Violation::from)? {
+            if let Some(h) = self.handle_frame(frame.body)? {
+                if hello.is_some() || self.open.is_some() {
+                    return Err(Violation::SecondHello.into());
+                }
+                hello = Some(h);
+            }
+            rest = rest.get(frame.len..).unwrap_or_default();
+            if hello.is_some() {
+                // Nothing after Hello is handled until the session is open; keep it.
+                break;
+            }
+        }
+        self.rbuf.clear();
+        self.rbuf.extend_from_slice(rest);
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 4096 {
+            // A large frame passed; do not keep its buffer for an idle session.
+            self.rbuf = Vec::new();
+        }
+        Ok(hello)
+    }
+
+    fn handle_frame(&mut self, body: &[u8]) -> Result<Option<HelloFields>, End> {
+        if self.open.is_none()
+            && let Some(v) = proto::peek_version(body)
+            && v < PROTOCOL_VERSION
+        {
+            self.goodbye(GoodbyeReason::UnsupportedVersion);
+            return Err(End::Goodbye(GoodbyeReason::UnsupportedVersion));
+        }
+        let msg = proto::decode_uplink(body).map_err(Violation::from)?;
+        let Some(open) = self.open.as_mut() else {
+            return match msg {
+                Uplink::Hello(h) => Ok(Some(HelloFields::from(&h)?)),
+                Uplink::Telemetry(_) => Err(Violation::BeforeHello("Telemetry").into()),
+                Uplink::CommandResult(_) => Err(Violation::BeforeHello("CommandResult").into()),
+                Uplink::Ping(_) => Err(Violation::BeforeHello("Ping").into()),
+            };
+        };
+        match msg {
+            Uplink::Hello(_) => Err(Violation::SecondHello.into()),
+            Uplink::Telemetry(t) => {
+                accept_telemetry(open, &t, body)?;
+                self.shared
+                    .metrics
+                    .telemetry_received
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Uplink::CommandResult(r) => {
+                self.command_result(&r);
+                Ok(None)
+            }
+            Uplink::Ping(p) => {
+                self.queue(&Downlink::Pong(Pong { nonce: p.nonce }));
+                Ok(None)
+            }
+        }
+    }
+
+    /// `Hello` arrived: take over from an older session, register, answer `Welcome`.
+    async fn open_session(&mut self, h: HelloFields) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let mut entry = match self.entry.take() {
+            Some(e) => e,
+            None => return Err(Violation::SecondHello.into()),
+        };
+        entry.serial = self.identity.serial.clone();
+        let session_no = entry.session;
+        if let Some(old) = shared.registry.insert(&self.device, entry) {
+            info!("device connected again: replacing its older session");
+            old.close.send_replace(Some(GoodbyeReason::Replaced));
+            // The old session commits what it received before it ends, so the
+            // last_acked below counts it. Bounded: a stuck old session cannot block us.
+            let _ = timeout(Duration::from_secs(10), old.ended).await;
+        }
+        let info = SessionInfo {
+            device: self.device.to_string(),
+            cert_serial: self.identity.serial_hex(),
+            cert_not_after: self.identity.not_after,
+            firmware: h.firmware.clone(),
+            peer_addr: self.peer.to_string(),
+            boot_id: h.boot_id,
+        };
+        let opened = match shared.store.open_session(info).await {
+            Ok(o) => o,
+            Err(e) => {
+                shared.registry.remove(&self.device, session_no);
+                self.goodbye(GoodbyeReason::ServerError);
+                return Err(End::Store(e.to_string()));
+            }
+        };
+        shared.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            heartbeat_s: u16::try_from(shared.config.heartbeat.as_secs()).unwrap_or(u16::MAX),
+            last_acked: opened.last_acked,
+            server_time_ms: u64::try_from(now_ms()).unwrap_or(0),
+            max_frame: shared.config.max_frame,
+        };
+        let filling = Batch::new(opened.device_key, h.boot_id, self.done_tx.clone());
+        let spare = Some(Batch::new(
+            opened.device_key,
+            h.boot_id,
+            self.done_tx.clone(),
+        ));
+        self.open = Some(Open {
+            device_key: opened.device_key,
+            peer_max_frame: usize::from(h.max_frame),
+            welcome_acked: opened.last_acked,
+            last_seq: None,
+            acked: opened.last_acked,
+            commands_in_flight: Vec::new(),
+            filling,
+            committing: false,
+            spare,
+            oldest_unacked: None,
+        });
+        self.queue(&Downlink::Welcome(welcome));
+        debug!(boot_id = h.boot_id, firmware = %h.firmware, last_acked = ?opened.last_acked, "session open");
+        shared.publish(|| Event::Presence {
+            device: self.device.clone(),
+            online: true,
+            peer: self.peer.to_string(),
+            reason: None,
+        });
+        self.touch();
+        // Frames that came in the same read as Hello.
+        let leftover = std::mem::take(&mut self.rbuf);
+        if !leftover.is_empty() && self.ingest(&leftover)?.is_some() {
+            return Err(Violation::SecondHello.into());
+        }
+        // Re-deliver commands a previous session may have lost.
+        self.send_commands(true).await
+    }
+
+    /// Sends queued commands, up to the in-flight limit.
+    async fn send_commands(&mut self, include_sent: bool) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let Some(open) = self.open.as_ref() else {
+            return Ok(());
+        };
+        let room = MAX_COMMANDS_IN_FLIGHT.saturating_sub(open.commands_in_flight.len());
+        if room == 0 {
+            return Ok(());
+        }
+        let device_key = open.device_key;
+        let cmds = shared
+            .store
+            .take_commands(device_key, room, include_sent)
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        let now = now_ms();
+        for cmd in cmds {
+            let ttl_ms = u32::try_from((cmd.expires_ms - now).max(1)).unwrap_or(u32::MAX);
+            let encoded = match (Name::new(&cmd.name), values::borrow_readings(&cmd.args)) {
+                (Ok(name), Ok(args)) => {
+                    let msg = Downlink::Command(Command {
+                        id: u32::try_from(cmd.id).unwrap_or(u32::MAX),
+                        name,
+                        args,
+                        ttl_ms,
+                    });
+                    self.queue_checked(&msg)
+                }
+                _ => Err("invalid name or arguments".to_owned()),
+            };
+            match encoded {
+                Ok(()) => {
+                    if let Some(open) = self.open.as_mut() {
+                        open.commands_in_flight.push(cmd.id);
+                    }
+                    if let Ok(Some(rec)) = shared.store.command(cmd.id).await {
+                        shared.command_changed(rec);
+                    }
+                }
+                Err(why) => {
+                    warn!(command = cmd.id, %why, "command cannot be sent to this device");
+                    let rec = shared
+                        .store
+                        .finish_command(
+                            device_key,
+                            cmd.id,
+                            crate::store::CommandState::Failed,
+                            None,
+                            None,
+                            Some(why),
+                        )
+                        .await
+                        .map_err(|e| End::Store(e.to_string()))?;
+                    if let Some(rec) = rec {
+                        shared.command_changed(rec);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn command_result(&mut self, r: &CommandResult<'_>) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let id = i64::from(r.id);
+        open.commands_in_flight.retain(|c| *c != id);
+        let device_key = open.device_key;
+        let state = crate::store::state_for(r.status);
+        let status = r.status.as_str().to_owned();
+        let result = serde_json::Value::Object(values::readings_to_json(&r.values));
+        let shared = self.shared.clone();
+        let commands = self.commands.clone();
+        // Recorded off the session's path: a slow store must not stall reading.
+        tokio::spawn(async move {
+            match shared
+                .store
+                .finish_command(device_key, id, state, Some(status), Some(result), None)
+                .await
+            {
+                Ok(Some(rec)) => shared.command_changed(rec),
+                Ok(None) => debug!(command = id, "result for an unknown or finished command"),
+                Err(e) => warn!(command = id, error = %e, "storing a command result failed"),
+            }
+            // Room for more commands now.
+            commands.notify_one();
+        });
+    }
+
+    /// Submits the filling batch if no other is at the store.
+    async fn submit_if_idle(&mut self) -> Result<(), End> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        if open.committing || open.filling.is_empty() {
+            return Ok(());
+        }
+        let Some(mut next) = open.spare.take() else {
+            return Ok(());
+        };
+        next.clear();
+        let mut batch = std::mem::replace(&mut open.filling, next);
+        batch.received_ms = now_ms();
+        open.committing = true;
+        self.shared
+            .store
+            .submit(batch)
+            .await
+            .map_err(|e| End::Store(e.to_string()))
+    }
+
+    /// A batch committed (or failed): ack, publish, submit the next.
+    fn committed(&mut self, done: BatchDone) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        open.committing = false;
+        let BatchDone { mut batch, result } = done;
+        let inserted = match result {
+            Ok(n) => n,
+            Err(e) => {
+                self.goodbye(GoodbyeReason::ServerError);
+                return Err(End::Store(e.to_string()));
+            }
+        };
+        let m = &shared.metrics;
+        m.telemetry_stored
+            .fetch_add(inserted as u64, Ordering::Relaxed);
+        m.telemetry_duplicates
+            .fetch_add((batch.records.len() - inserted) as u64, Ordering::Relaxed);
+        if let Some(last) = batch.records.last() {
+            let seq = last.seq;
+            if open.acked.is_none_or(|a| seq > a) {
+                open.acked = Some(seq);
+            }
+            if let Some(t) = open.oldest_unacked.take() {
+                m.ack_latency.observe(t.elapsed());
+            }
+            if !open.filling.is_empty() {
+                open.oldest_unacked = Some(Instant::now());
+            }
+            let ack = Downlink::Ack(Ack { seq });
+            if shared.has_subscribers() {
+                for r in batch.records.iter().filter(|r| r.inserted) {
+                    let values = match proto::decode_uplink(batch.body(r)) {
+                        Ok(Uplink::Telemetry(t)) => values::readings_to_json(&t.readings),
+                        _ => continue,
+                    };
+                    shared.publish(|| Event::Telemetry {
+                        device: self.device.clone(),
+                        boot_id: batch.boot_id,
+                        seq: r.seq,
+                        time_ms: r.time_ms,
+                        values,
+                    });
+                }
+            }
+            batch.clear();
+            open.spare = Some(batch);
+            self.queue(&ack);
+        } else {
+            open.spare = Some(batch);
+        }
+        Ok(())
+    }
+
+    /// Resets the idle deadline: something arrived.
+    fn touch(&mut self) {
+        if self.open.is_some() {
+            let idle = self.shared.config.heartbeat * 3;
+            self.deadline.as_mut().reset(Instant::now() + idle);
+        }
+    }
+
+    /// Queues a frame for the device; frames that do not fit its limit are dropped
+    /// with a log line (control messages always fit: PROTOCOL.md §6.1).
+    fn queue(&mut self, msg: &Downlink<'_>) {
+        if let Err(why) = self.queue_checked(msg) {
+            warn!(%why, "frame dropped");
+        }
+    }
+
+    fn queue_checked(&mut self, msg: &Downlink<'_>) -> Result<(), String> {
+        let limit = self
+            .open
+            .as_ref()
+            .map_or(usize::from(MIN_MAX_FRAME), |o| o.peer_max_frame);
+        let start = self.wbuf.len();
+        self.wbuf.resize(start + limit, 0);
+        let out = self.wbuf.get_mut(start..).unwrap_or_default();
+        match proto::encode(msg, out) {
+            Ok(n) => {
+                self.wbuf.truncate(start + n);
+                Ok(())
+            }
+            Err(e) => {
+                self.wbuf.truncate(start);
+                Err(format!(
+                    "{e} (the device accepts frames of up to {limit} bytes)"
+                ))
+            }
+        }
+    }
+
+    fn goodbye(&mut self, reason: GoodbyeReason) {
+        let retry_after_s = match reason {
+            GoodbyeReason::Revoked | GoodbyeReason::UnsupportedVersion => 0,
+            GoodbyeReason::ProtocolViolation => 60,
+            _ => self.shared.config.retry_after_s,
+        };
+        self.queue(&Downlink::Goodbye(Goodbye {
+            reason,
+            retry_after_s,
+        }));
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        };
+        match timeout(self.shared.config.write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(End::Io(e)),
+            Err(_) => return Err(End::WriteTimeout),
+        }
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4096 {
+            self.wbuf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// After the end: what is queued is sent (a protocol violation's `Goodbye`); records
+    /// received are committed (the device will not replay what it sees acked, and a session
+    /// taking over waits for this); then TLS is closed.
+    async fn finish(&mut self) {
+        let revoked = matches!(*self.close_rx.borrow(), Some(GoodbyeReason::Revoked));
+        if revoked && let Some(open) = self.open.as_mut() {
+            open.filling.clear();
+        }
+        // Drain: at most the batch at the store plus the filling one.
+        for _ in 0..3 {
+            let Some(open) = self.open.as_ref() else {
+                break;
+            };
+            if open.committing {
+                let waited = timeout(Duration::from_secs(10), self.done_rx.recv()).await;
+                match waited {
+                    Ok(Some(done)) => {
+                        if self.committed(done).is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            } else if !open.filling.is_empty() {
+                if self.submit_if_idle().await.is_err() {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        let _ = timeout(Duration::from_secs(1), self.flush()).await;
+        if let Some(open) = self.open.as_ref() {
+            let _ = self.shared.store.close_session(open.device_key).await;
+        }
+        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+}
+
+/// The fields of `Hello` a session keeps (the message borrows the read buffer).
+struct HelloFields {
+    boot_id: u64,
+    firmware: String,
+    max_frame: u16,
+}
+
+impl HelloFields {
+    fn from(h: &Hello<'_>) -> Result<Self, End> {
+        if h.max_frame < MIN_MAX_FRAME {
+            return Err(Violation::MaxFrameTooSmall(h.max_frame).into());
+        }
+        Ok(Self {
+            boot_id: h.boot_id,
+            firmware: h.firmware.as_str().to_owned(),
+            max_frame: h.max_frame,
+        })
+    }
+}
+
+/// Checks a record's seq and adds it to the filling batch.
+fn accept_telemetry(open: &mut Open, t: &Telemetry<'_>, body: &[u8]) -> Result<(), Violation> {
+    if t.seq == 0 {
+        return Err(Violation::SeqZero);
+    }
+    if open.last_seq.is_none() && open.welcome_acked.is_some_and(|a| t.seq <= a) {
+        // A replay of what `Welcome` said is stored already: harmless, ignored.
+        return Ok(());
+    }
+    if let Some(prev) = open.last_seq
+        && t.seq <= prev
+    {
+        return Err(Violation::SeqNotIncreasing { prev, got: t.seq });
+    }
+    open.last_seq = Some(t.seq);
+    let time_ms = t
+        .time_ms
+        .and_then(|t| i64::try_from(t).ok())
+        .unwrap_or_else(now_ms);
+    if open.filling.is_empty() && open.oldest_unacked.is_none() {
+        open.oldest_unacked = Some(Instant::now());
+    }
+    open.filling.push(t.seq, time_ms, body);
+    Ok(())
+}

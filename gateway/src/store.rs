@@ -1,0 +1,1318 @@
+//! The durable store: one SQLite file (WAL), one writer thread with group commit, and
+//! read-only connections for queries.
+//!
+//! ```text
+//!  session ─┐  Batch (records + bodies, recycled)      ┌─► BatchDone to each session
+//!  session ─┼──► bounded channel ──► writer thread ────┤   (then it sends Ack)
+//!  API    ──┘  other ops (presence, commands)   BEGIN; all queued ops; COMMIT
+//!                                                └─ one fsync for everything queued
+//!  queries ──► read-only connections (WAL: never block the writer)
+//! ```
+//!
+//! Group commit: the writer takes the first op, then everything that queued up behind
+//! it (up to `max_commit_records`), and commits once. While a commit's fsync runs,
+//! new ops queue, so the batch size grows with load and commit latency stays bounded by
+//! one fsync plus the work queued.
+//!
+//! Telemetry rows are keyed by (device, boot id, seq) with a unique index; a duplicate
+//! insert is ignored, so a record is stored exactly once however often it is replayed.
+//! The telemetry body is stored as the postcard bytes the device sent and turned into
+//! JSON only when read.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value as Json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::values::{self, OwnedReadings};
+use device_client::proto::{self, CommandStatus, Seq, Uplink};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("creating {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The writer thread has stopped (shutdown, or a fatal error).
+    #[error("the store is closed")]
+    Closed,
+    /// A device has too many commands queued.
+    #[error("device {device} already has {queued} commands queued (limit {limit})")]
+    QueueFull {
+        /// The device.
+        device: String,
+        /// Commands queued.
+        queued: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No such command.
+    #[error("no command with id {0}")]
+    NoSuchCommand(i64),
+    /// The transaction holding this operation failed to commit; nothing of it was kept.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQLite file.
+    pub path: PathBuf,
+    /// `synchronous=NORMAL` instead of `FULL` (see `danger_ack_before_fsync`).
+    pub danger_ack_before_fsync: bool,
+    /// Most telemetry records in one commit.
+    pub max_commit_records: usize,
+    /// Most commands queued per device.
+    pub max_queued_commands: usize,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+// ----------------------------------------------------------------------------------------
+// Telemetry batches: the hot path.
+
+/// One record inside a [`Batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRecord {
+    /// Sequence number.
+    pub seq: Seq,
+    /// Device time, or arrival time if the device gave none.
+    pub time_ms: i64,
+    /// Where the body sits in [`Batch::bodies`].
+    pub start: u32,
+    /// Body length.
+    pub len: u32,
+    /// Set by the writer: this record was new (not a duplicate).
+    pub inserted: bool,
+}
+
+/// Telemetry of one session waiting for a commit. Sessions reuse batches (the writer
+/// hands them back emptied of nothing; the session clears them), so the hot path does
+/// not allocate per message.
+#[derive(Debug)]
+pub struct Batch {
+    /// The device's key in the store.
+    pub device_key: i64,
+    /// Boot id of the session (stored bit-for-bit as a signed 64-bit integer).
+    pub boot_id: u64,
+    /// Arrival time of the batch's first record.
+    pub received_ms: i64,
+    /// Records, in arrival order.
+    pub records: Vec<BatchRecord>,
+    /// Concatenated message bodies.
+    pub bodies: Vec<u8>,
+    /// Where the writer reports the outcome.
+    pub done: mpsc::Sender<BatchDone>,
+}
+
+impl Batch {
+    /// An empty batch for a session.
+    pub fn new(device_key: i64, boot_id: u64, done: mpsc::Sender<BatchDone>) -> Self {
+        Self {
+            device_key,
+            boot_id,
+            received_ms: 0,
+            records: Vec::new(),
+            bodies: Vec::new(),
+            done,
+        }
+    }
+
+    /// Appends a record; `body` is the frame body of the `Telemetry` message.
+    pub fn push(&mut self, seq: Seq, time_ms: i64, body: &[u8]) {
+        let start = self.bodies.len() as u32;
+        self.bodies.extend_from_slice(body);
+        self.records.push(BatchRecord {
+            seq,
+            time_ms,
+            start,
+            len: body.len() as u32,
+            inserted: false,
+        });
+    }
+
+    /// The body of a record.
+    pub fn body(&self, r: &BatchRecord) -> &[u8] {
+        let start = r.start as usize;
+        self.bodies
+            .get(start..start + r.len as usize)
+            .unwrap_or_default()
+    }
+
+    /// Empties the batch, keeping its allocations.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.bodies.clear();
+    }
+
+    /// Whether there is nothing to commit.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// The outcome of a batch.
+#[derive(Debug)]
+pub struct BatchDone {
+    /// The batch, with `inserted` set on each record.
+    pub batch: Batch,
+    /// `Ok(new rows)` once committed; the error otherwise (nothing was acked).
+    pub result: Result<usize, Arc<StoreError>>,
+}
+
+// ----------------------------------------------------------------------------------------
+// Records returned to callers.
+
+/// A device as the store knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceRecord {
+    /// Device id (certificate CN).
+    pub id: String,
+    /// Whether a session is open now.
+    pub online: bool,
+    /// First connection, ms since the epoch.
+    pub first_seen_ms: Option<i64>,
+    /// Last connection or disconnection, ms since the epoch.
+    pub last_seen_ms: Option<i64>,
+    /// Serial of the certificate it last connected with (hex).
+    pub cert_serial: Option<String>,
+    /// Expiry of that certificate, seconds since the epoch.
+    pub cert_not_after: Option<i64>,
+    /// Firmware version from its last `Hello`.
+    pub firmware: Option<String>,
+    /// Peer address of its last connection.
+    pub peer_addr: Option<String>,
+    /// Boot id of its last session.
+    pub boot_id: Option<u64>,
+    /// Number of sessions so far.
+    pub connects: i64,
+}
+
+/// One stored telemetry record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryRecord {
+    /// Device id.
+    pub device: String,
+    /// Boot id.
+    pub boot_id: u64,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Device time (or arrival time), ms since the epoch.
+    pub time_ms: i64,
+    /// Arrival time, ms since the epoch.
+    pub received_ms: i64,
+    /// The readings as a JSON object.
+    pub values: serde_json::Map<String, Json>,
+}
+
+/// A command's state (PROTOCOL.md §8.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    /// Waiting for the device.
+    Queued,
+    /// Sent to the device, no result yet.
+    Sent,
+    /// The device reported success.
+    Succeeded,
+    /// The device reported failure (or could not run it).
+    Failed,
+    /// Its time to live ran out first.
+    Expired,
+}
+
+impl CommandState {
+    /// The name stored in the database and shown by the API.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+        }
+    }
+
+    /// Every state, for metrics.
+    pub const ALL: [CommandState; 5] = [
+        CommandState::Queued,
+        CommandState::Sent,
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Expired,
+    ];
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => CommandState::Queued,
+            "sent" => CommandState::Sent,
+            "succeeded" => CommandState::Succeeded,
+            "expired" => CommandState::Expired,
+            _ => CommandState::Failed,
+        }
+    }
+
+    /// Whether the command is over.
+    pub const fn is_final(&self) -> bool {
+        matches!(
+            self,
+            CommandState::Succeeded | CommandState::Failed | CommandState::Expired
+        )
+    }
+}
+
+/// A command and, once it ended, its result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRecord {
+    /// Command id (unique in this gateway; sent to the device).
+    pub id: i64,
+    /// Target device.
+    pub device: String,
+    /// Command name.
+    pub name: String,
+    /// Arguments as JSON.
+    pub args: Json,
+    /// Lifecycle state.
+    pub state: CommandState,
+    /// When it was queued, ms since the epoch.
+    pub created_ms: i64,
+    /// When its time to live ends.
+    pub expires_ms: i64,
+    /// When it was last sent.
+    pub sent_ms: Option<i64>,
+    /// When it reached its final state.
+    pub finished_ms: Option<i64>,
+    /// Times it was sent.
+    pub attempts: i64,
+    /// The device's status (`succeeded`, `unknown_command` ...), once it answered.
+    pub status: Option<String>,
+    /// Result values as JSON, once it answered.
+    pub result: Option<Json>,
+    /// Why it failed without an answer (e.g. too large for the device).
+    pub error: Option<String>,
+}
+
+/// A command ready to go to a device.
+#[derive(Debug, Clone)]
+pub struct OutgoingCommand {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// Arguments, bounded and valid.
+    pub args: OwnedReadings,
+    /// When its time to live ends, ms since the epoch.
+    pub expires_ms: i64,
+}
+
+/// What opening a session returns.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    /// The device's key in the store.
+    pub device_key: i64,
+    /// Highest stored seq for this boot id.
+    pub last_acked: Option<Seq>,
+}
+
+/// Session facts recorded in the device registry.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Device id.
+    pub device: String,
+    /// Certificate serial (hex).
+    pub cert_serial: String,
+    /// Certificate expiry, seconds since the epoch.
+    pub cert_not_after: i64,
+    /// Firmware version.
+    pub firmware: String,
+    /// Peer address.
+    pub peer_addr: String,
+    /// Boot id.
+    pub boot_id: u64,
+}
+
+/// Filter for a telemetry query.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryQuery {
+    /// Only records at or after this time (ms).
+    pub since_ms: Option<i64>,
+    /// Only records before this time (ms).
+    pub until_ms: Option<i64>,
+    /// At most this many (newest first); default 100, capped at 10,000.
+    pub limit: Option<u32>,
+}
+
+// ----------------------------------------------------------------------------------------
+// Writer operations.
+
+enum Op {
+    Telemetry(Batch),
+    OpenSession {
+        info: SessionInfo,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Opened, StoreError>>,
+    },
+    CloseSession {
+        device_key: i64,
+        now_ms: i64,
+    },
+    Enqueue {
+        device: String,
+        name: String,
+        args: OwnedReadings,
+        ttl_ms: i64,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<CommandRecord, StoreError>>,
+    },
+    TakeCommands {
+        device_key: i64,
+        now_ms: i64,
+        limit: usize,
+        include_sent: bool,
+        reply: oneshot::Sender<Result<Vec<OutgoingCommand>, StoreError>>,
+    },
+    Finish {
+        device_key: i64,
+        id: i64,
+        state: CommandState,
+        status: Option<String>,
+        result: Option<Json>,
+        error: Option<String>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Option<CommandRecord>, StoreError>>,
+    },
+    Expire {
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Vec<CommandRecord>, StoreError>>,
+    },
+    Retention {
+        older_than_ms: Option<i64>,
+        max_rows: Option<u64>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    /// Commit what is queued before it, then stop the writer.
+    Stop,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Op>,
+    path: Arc<PathBuf>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+/// The writer thread, to stop and join at shutdown.
+pub struct WriterThread(Option<thread::JoinHandle<()>>);
+
+impl WriterThread {
+    /// Commits everything queued so far, stops the writer and waits for it. Later
+    /// operations on any [`Store`] handle fail with [`StoreError::Closed`].
+    pub async fn stop(mut self, store: &Store) {
+        let _ = store.tx.send(Op::Stop).await;
+        if let Some(h) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS devices(
+    key             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    first_seen_ms   INTEGER,
+    last_seen_ms    INTEGER,
+    online          INTEGER NOT NULL DEFAULT 0,
+    cert_serial     TEXT,
+    cert_not_after  INTEGER,
+    firmware        TEXT,
+    peer_addr       TEXT,
+    boot_id         INTEGER,
+    connects        INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS telemetry(
+    device       INTEGER NOT NULL,
+    boot_id      INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    received_ms  INTEGER NOT NULL,
+    body         BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS telemetry_key ON telemetry(device, boot_id, seq);
+CREATE INDEX IF NOT EXISTS telemetry_time ON telemetry(device, time_ms);
+CREATE TABLE IF NOT EXISTS commands(
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    device       INTEGER NOT NULL,
+    name         TEXT NOT NULL,
+    args         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    sent_ms      INTEGER,
+    finished_ms  INTEGER,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    status       TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
+CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+"#;
+
+impl Store {
+    /// Opens (or creates) the store and starts its writer thread.
+    pub fn open(opts: StoreOptions) -> Result<(Store, WriterThread), StoreError> {
+        if let Some(dir) = opts.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(&opts.path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if opts.danger_ack_before_fsync {
+                "NORMAL"
+            } else {
+                "FULL"
+            },
+        )?;
+        conn.execute_batch(SCHEMA)?;
+        // A previous run may have died with sessions open: nobody is online at start.
+        conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
+
+        // Room for a burst from every session without making them wait on the channel.
+        let (tx, rx) = mpsc::channel(4096);
+        let writer = Writer {
+            conn,
+            max_commit_records: opts.max_commit_records,
+            max_queued_commands: opts.max_queued_commands,
+        };
+        let handle = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| StoreError::Io {
+                path: opts.path.clone(),
+                source,
+            })?;
+        Ok((
+            Store {
+                tx,
+                path: Arc::new(opts.path),
+                readers: Arc::new(Mutex::new(Vec::new())),
+            },
+            WriterThread(Some(handle)),
+        ))
+    }
+
+    /// The SQLite file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a batch for the next commit; the outcome arrives on `batch.done`.
+    pub async fn submit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::Telemetry(batch))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a new session in the registry and returns what `Welcome` needs. Ops are
+    /// applied in order, so every batch a previous session of the device submitted
+    /// before this call is counted in `last_acked`.
+    pub async fn open_session(&self, info: SessionInfo) -> Result<Opened, StoreError> {
+        self.call(|reply| Op::OpenSession {
+            info,
+            now_ms: now_ms(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks a device offline.
+    pub async fn close_session(&self, device_key: i64) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::CloseSession {
+                device_key,
+                now_ms: now_ms(),
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues a command; its arguments must already be valid.
+    pub async fn enqueue_command(
+        &self,
+        device: &str,
+        name: &str,
+        args: OwnedReadings,
+        ttl: Duration,
+    ) -> Result<CommandRecord, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        self.call(|reply| Op::Enqueue {
+            device: device.to_owned(),
+            name: name.to_owned(),
+            args,
+            ttl_ms,
+            now_ms: now_ms(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks up to `limit` deliverable commands of a device `sent` and returns them,
+    /// oldest first, never expired ones: the queued ones, and with `include_sent` also
+    /// those sent without a result yet (a previous session may have lost them).
+    pub async fn take_commands(
+        &self,
+        device_key: i64,
+        limit: usize,
+        include_sent: bool,
+    ) -> Result<Vec<OutgoingCommand>, StoreError> {
+        self.call(|reply| Op::TakeCommands {
+            device_key,
+            now_ms: now_ms(),
+            limit,
+            include_sent,
+            reply,
+        })
+        .await
+    }
+
+    /// Records the end of a command. Returns the updated record, or `None` if the
+    /// command is not this device's or already ended (a re-sent result).
+    pub async fn finish_command(
+        &self,
+        device_key: i64,
+        id: i64,
+        state: CommandState,
+        status: Option<String>,
+        result: Option<Json>,
+        error: Option<String>,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        self.call(|reply| Op::Finish {
+            device_key,
+            id,
+            state,
+            status,
+            result,
+            error,
+            now_ms: now_ms(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks every command whose time to live has run out `expired`; returns them.
+    pub async fn expire_commands(&self) -> Result<Vec<CommandRecord>, StoreError> {
+        self.call(|reply| Op::Expire {
+            now_ms: now_ms(),
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes telemetry older than `max_age` and beyond `max_rows`; returns rows
+    /// deleted.
+    pub async fn apply_retention(
+        &self,
+        max_age: Option<Duration>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let older_than_ms =
+            max_age.map(|a| now_ms() - i64::try_from(a.as_millis()).unwrap_or(i64::MAX / 2));
+        self.call(|reply| Op::Retention {
+            older_than_ms,
+            max_rows,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Flush { reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Reads, on read-only connections in the blocking pool.
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().ok().and_then(|mut p| p.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        path.as_path(),
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    c.busy_timeout(Duration::from_secs(10))?;
+                    c
+                }
+            };
+            let out = f(&conn);
+            if let Ok(mut p) = readers.lock()
+                && p.len() < 8
+            {
+                p.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every device, by id.
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} ORDER BY id"))?;
+            let rows = stmt.query_map([], device_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} WHERE id = ?1"))?;
+            Ok(stmt.query_row([id], device_from_row).optional()?)
+        })
+        .await
+    }
+
+    /// A device's telemetry, newest first.
+    pub async fn telemetry(
+        &self,
+        device: &str,
+        q: TelemetryQuery,
+    ) -> Result<Vec<TelemetryRecord>, StoreError> {
+        let device = device.to_owned();
+        self.read(move |c| {
+            let limit = q.limit.unwrap_or(100).min(10_000);
+            let mut stmt = c.prepare_cached(
+                "SELECT t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+                   FROM telemetry t JOIN devices d ON d.key = t.device
+                  WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
+                  ORDER BY t.time_ms DESC, t.seq DESC LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    device,
+                    q.since_ms.unwrap_or(i64::MIN),
+                    q.until_ms.unwrap_or(i64::MAX),
+                    limit
+                ],
+                |row| {
+                    let body: Vec<u8> = row.get(4)?;
+                    Ok(TelemetryRecord {
+                        device: device.clone(),
+                        boot_id: row.get::<_, i64>(0)? as u64,
+                        seq: row.get(1)?,
+                        time_ms: row.get(2)?,
+                        received_ms: row.get(3)?,
+                        values: body_to_json(&body),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Number of telemetry rows of a device (all of them if `device` is `None`).
+    pub async fn telemetry_count(&self, device: Option<&str>) -> Result<u64, StoreError> {
+        let device = device.map(str::to_owned);
+        self.read(move |c| {
+            let n: i64 = match device {
+                Some(d) => c.query_row(
+                    "SELECT count(*) FROM telemetry t JOIN devices d ON d.key = t.device
+                      WHERE d.id = ?1",
+                    [d],
+                    |r| r.get(0),
+                )?,
+                None => c.query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))?,
+            };
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    /// One command.
+    pub async fn command(&self, id: i64) -> Result<Option<CommandRecord>, StoreError> {
+        self.read(move |c| command_by_id(c, id)).await
+    }
+
+    /// Commands of a device, newest first.
+    pub async fn commands_of(
+        &self,
+        device: &str,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let device = device.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{COMMAND_SELECT} WHERE d.id = ?1 ORDER BY c.id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![device, limit.min(10_000)], command_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Number of commands in each state.
+    pub async fn command_counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    CommandState::parse(&r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+}
+
+/// Decodes a stored telemetry body into a JSON object of readings. Bodies were
+/// validated when they arrived; an undecodable one (a corrupted file) reads as empty.
+pub fn body_to_json(body: &[u8]) -> serde_json::Map<String, Json> {
+    match proto::decode_uplink(body) {
+        Ok(Uplink::Telemetry(t)) => values::readings_to_json(&t.readings),
+        _ => serde_json::Map::new(),
+    }
+}
+
+const DEVICE_SELECT: &str = "SELECT id, online, first_seen_ms, last_seen_ms, cert_serial,
+    cert_not_after, firmware, peer_addr, boot_id, connects FROM devices";
+
+fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        id: r.get(0)?,
+        online: r.get::<_, i64>(1)? != 0,
+        first_seen_ms: r.get(2)?,
+        last_seen_ms: r.get(3)?,
+        cert_serial: r.get(4)?,
+        cert_not_after: r.get(5)?,
+        firmware: r.get(6)?,
+        peer_addr: r.get(7)?,
+        boot_id: r.get::<_, Option<i64>>(8)?.map(|b| b as u64),
+        connects: r.get(9)?,
+    })
+}
+
+const COMMAND_SELECT: &str = "SELECT c.id, d.id, c.name, c.args, c.state, c.created_ms,
+    c.expires_ms, c.sent_ms, c.finished_ms, c.attempts, c.status, c.result, c.error
+    FROM commands c JOIN devices d ON d.key = c.device";
+
+fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(CommandRecord {
+        id: r.get(0)?,
+        device: r.get(1)?,
+        name: r.get(2)?,
+        args: json(r.get(3)?).unwrap_or(Json::Null),
+        state: CommandState::parse(&r.get::<_, String>(4)?),
+        created_ms: r.get(5)?,
+        expires_ms: r.get(6)?,
+        sent_ms: r.get(7)?,
+        finished_ms: r.get(8)?,
+        attempts: r.get(9)?,
+        status: r.get(10)?,
+        result: json(r.get(11)?),
+        error: r.get(12)?,
+    })
+}
+
+fn command_by_id(c: &Connection, id: i64) -> Result<Option<CommandRecord>, StoreError> {
+    let mut stmt = c.prepare_cached(&format!("{COMMAND_SELECT} WHERE c.id = ?1"))?;
+    Ok(stmt.query_row([id], command_from_row).optional()?)
+}
+
+// ----------------------------------------------------------------------------------------
+// The writer thread.
+
+struct Writer {
+    conn: Connection,
+    max_commit_records: usize,
+    max_queued_commands: usize,
+}
+
+/// What to do once the transaction holding an op has committed (or failed).
+enum Pending {
+    Batch(Batch, usize),
+    Reply(Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>),
+}
+
+/// An op's answer, held back until its transaction commits: an answer must never claim
+/// something that a failed commit then lost.
+fn after<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    value: Result<T, StoreError>,
+) -> Pending {
+    Pending::Reply(Box::new(move |committed| {
+        let out = match committed {
+            Ok(()) => value,
+            Err(e) => Err(StoreError::CommitFailed(e.to_string())),
+        };
+        let _ = reply.send(out);
+    }))
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops: Vec<Op> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut stop = false;
+        while !stop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut records = match &first {
+                Op::Telemetry(b) => b.records.len(),
+                _ => 0,
+            };
+            ops.push(first);
+            // Everything that queued while the last commit ran goes into this one.
+            while records < self.max_commit_records && !matches!(ops.last(), Some(Op::Stop)) {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        if let Op::Telemetry(b) = &op {
+                            records += b.records.len();
+                        }
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            stop = matches!(ops.last(), Some(Op::Stop));
+            let committed = match self.conn.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => {
+                    for op in ops.drain(..) {
+                        pending.push(self.apply(op));
+                    }
+                    self.conn.execute_batch("COMMIT").map_err(|e| {
+                        tracing::error!(error = %e, "store commit failed");
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        Arc::new(StoreError::from(e))
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store could not begin a transaction");
+                    pending.extend(ops.drain(..).map(|op| match op {
+                        Op::Telemetry(b) => Pending::Batch(b, 0),
+                        other => Self::refuse(other),
+                    }));
+                    Err(Arc::new(StoreError::from(e)))
+                }
+            };
+            for p in pending.drain(..) {
+                match p {
+                    Pending::Batch(batch, inserted) => {
+                        let done = batch.done.clone();
+                        let result = committed.clone().map(|()| inserted);
+                        // The session may be gone; then nobody needs the ack.
+                        let _ = done.try_send(BatchDone { batch, result });
+                    }
+                    Pending::Reply(f) => f(committed.clone()),
+                }
+            }
+        }
+    }
+
+    /// An op that could not even start: its reply carries the failure.
+    fn refuse(op: Op) -> Pending {
+        match op {
+            Op::OpenSession { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::Enqueue { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::TakeCommands { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::Finish { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::Expire { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::Retention { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
+                let _ = reply.send(());
+            })),
+            Op::Telemetry(b) => Pending::Batch(b, 0),
+            Op::CloseSession { .. } | Op::Stop => Pending::Reply(Box::new(|_| {})),
+        }
+    }
+
+    /// Applies one op inside the open transaction; its reply waits for the commit.
+    fn apply(&mut self, op: Op) -> Pending {
+        match op {
+            Op::Telemetry(mut batch) => {
+                let inserted = self.insert_batch(&mut batch).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "telemetry insert failed");
+                    0
+                });
+                Pending::Batch(batch, inserted)
+            }
+            Op::OpenSession {
+                info,
+                now_ms,
+                reply,
+            } => after(reply, self.open_session(&info, now_ms)),
+            Op::CloseSession { device_key, now_ms } => {
+                if let Err(e) = self.conn.execute(
+                    "UPDATE devices SET online = 0, last_seen_ms = ?2 WHERE key = ?1",
+                    params![device_key, now_ms],
+                ) {
+                    tracing::error!(error = %e, "recording a disconnect failed");
+                }
+                Pending::Reply(Box::new(|_| {}))
+            }
+            Op::Enqueue {
+                device,
+                name,
+                args,
+                ttl_ms,
+                now_ms,
+                reply,
+            } => after(reply, self.enqueue(&device, &name, &args, ttl_ms, now_ms)),
+            Op::TakeCommands {
+                device_key,
+                now_ms,
+                limit,
+                include_sent,
+                reply,
+            } => after(
+                reply,
+                self.take_commands(device_key, now_ms, limit, include_sent),
+            ),
+            Op::Finish {
+                device_key,
+                id,
+                state,
+                status,
+                result,
+                error,
+                now_ms,
+                reply,
+            } => {
+                let end = CommandEnd {
+                    state,
+                    status,
+                    result,
+                    error,
+                };
+                after(reply, self.finish(device_key, id, &end, now_ms))
+            }
+            Op::Expire { now_ms, reply } => after(reply, self.expire(now_ms)),
+            Op::Retention {
+                older_than_ms,
+                max_rows,
+                reply,
+            } => after(reply, self.retention(older_than_ms, max_rows)),
+            Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
+                let _ = reply.send(());
+            })),
+            Op::Stop => Pending::Reply(Box::new(|_| {})),
+        }
+    }
+
+    fn insert_batch(&mut self, batch: &mut Batch) -> Result<usize, rusqlite::Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO telemetry(device, boot_id, seq, time_ms, received_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut inserted = 0;
+        // Stored bit for bit: SQLite integers are signed 64-bit.
+        let boot = batch.boot_id as i64;
+        let (records, bodies) = (&mut batch.records, &batch.bodies);
+        for rec in records.iter_mut() {
+            let start = rec.start as usize;
+            let body = bodies
+                .get(start..start + rec.len as usize)
+                .unwrap_or_default();
+            let n = stmt.execute(params![
+                batch.device_key,
+                boot,
+                rec.seq,
+                rec.time_ms,
+                batch.received_ms,
+                body
+            ])?;
+            rec.inserted = n == 1;
+            inserted += n;
+        }
+        Ok(inserted)
+    }
+
+    fn open_session(&mut self, info: &SessionInfo, now_ms: i64) -> Result<Opened, StoreError> {
+        let c = &self.conn;
+        let key: i64 = c.query_row(
+            "INSERT INTO devices(id, first_seen_ms, last_seen_ms, online, cert_serial,
+                cert_not_after, firmware, peer_addr, boot_id, connects)
+             VALUES (?1, ?2, ?2, 1, ?3, ?4, ?5, ?6, ?7, 1)
+             ON CONFLICT(id) DO UPDATE SET
+                first_seen_ms = coalesce(first_seen_ms, excluded.first_seen_ms),
+                last_seen_ms = excluded.last_seen_ms, online = 1,
+                cert_serial = excluded.cert_serial, cert_not_after = excluded.cert_not_after,
+                firmware = excluded.firmware, peer_addr = excluded.peer_addr,
+                boot_id = excluded.boot_id, connects = connects + 1
+             RETURNING key",
+            params![
+                info.device,
+                now_ms,
+                info.cert_serial,
+                info.cert_not_after,
+                info.firmware,
+                info.peer_addr,
+                info.boot_id as i64
+            ],
+            |r| r.get(0),
+        )?;
+        let last: Option<i64> = c
+            .prepare_cached("SELECT max(seq) FROM telemetry WHERE device = ?1 AND boot_id = ?2")?
+            .query_row(params![key, info.boot_id as i64], |r| r.get(0))?;
+        Ok(Opened {
+            device_key: key,
+            last_acked: last.and_then(|s| Seq::try_from(s).ok()),
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        device: &str,
+        name: &str,
+        args: &OwnedReadings,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<CommandRecord, StoreError> {
+        let c = &self.conn;
+        // A command may target a device that has never connected yet.
+        let key: i64 = c.query_row(
+            "INSERT INTO devices(id) VALUES (?1)
+             ON CONFLICT(id) DO UPDATE SET id = id RETURNING key",
+            [device],
+            |r| r.get(0),
+        )?;
+        let queued: i64 = c
+            .prepare_cached(
+                "SELECT count(*) FROM commands WHERE device = ?1 AND state IN ('queued', 'sent')",
+            )?
+            .query_row([key], |r| r.get(0))?;
+        if queued as usize >= self.max_queued_commands {
+            return Err(StoreError::QueueFull {
+                device: device.to_owned(),
+                queued: queued as usize,
+                limit: self.max_queued_commands,
+            });
+        }
+        c.execute(
+            "INSERT INTO commands(device, name, args, state, created_ms, expires_ms)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            params![
+                key,
+                name,
+                values::owned_to_json(args).to_string(),
+                now_ms,
+                now_ms.saturating_add(ttl_ms)
+            ],
+        )?;
+        let id = c.last_insert_rowid();
+        command_by_id(c, id)?.ok_or(StoreError::NoSuchCommand(id))
+    }
+
+    fn take_commands(
+        &mut self,
+        device_key: i64,
+        now_ms: i64,
+        limit: usize,
+        include_sent: bool,
+    ) -> Result<Vec<OutgoingCommand>, StoreError> {
+        let c = &self.conn;
+        let states = if include_sent {
+            "'queued', 'sent'"
+        } else {
+            "'queued'"
+        };
+        let rows = c
+            .prepare_cached(&format!(
+                "UPDATE commands SET state = 'sent', sent_ms = ?2, attempts = attempts + 1
+                  WHERE id IN (SELECT id FROM commands
+                                WHERE device = ?1 AND state IN ({states})
+                                  AND expires_ms > ?2
+                                ORDER BY id LIMIT ?3)
+                  RETURNING id, name, args, expires_ms"
+            ))?
+            .query_map(
+                params![device_key, now_ms, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<OutgoingCommand> = rows
+            .into_iter()
+            .map(|(id, name, args, expires_ms)| {
+                // Arguments were validated when queued; the stored JSON parses back.
+                let json: Json = serde_json::from_str(&args).unwrap_or(Json::Null);
+                OutgoingCommand {
+                    id,
+                    name,
+                    args: values::args_from_json(&json).unwrap_or_default(),
+                    expires_ms,
+                }
+            })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        Ok(out)
+    }
+
+    fn finish(
+        &mut self,
+        device_key: i64,
+        id: i64,
+        end: &CommandEnd,
+        now_ms: i64,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let c = &self.conn;
+        let n = c.execute(
+            "UPDATE commands SET state = ?3, status = ?4, result = ?5, error = ?6,
+                finished_ms = ?7
+              WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent')",
+            params![
+                id,
+                device_key,
+                end.state.as_str(),
+                end.status,
+                end.result.as_ref().map(Json::to_string),
+                end.error,
+                now_ms
+            ],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        command_by_id(c, id)
+    }
+
+    fn expire(&mut self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError> {
+        let c = &self.conn;
+        let ids = c
+            .prepare_cached(
+                "UPDATE commands SET state = 'expired', finished_ms = ?1
+                  WHERE state IN ('queued', 'sent') AND expires_ms <= ?1
+                  RETURNING id",
+            )?
+            .query_map([now_ms], |r| r.get::<_, i64>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(command_by_id(c, id)?);
+        }
+        Ok(out)
+    }
+
+    fn retention(
+        &mut self,
+        older_than_ms: Option<i64>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        const CHUNK: usize = 5000;
+        let c = &self.conn;
+        let mut deleted = 0u64;
+        if let Some(cutoff) = older_than_ms {
+            // Rowids follow arrival order: delete from the front in chunks, and stop at
+            // the first chunk that is not entirely old enough.
+            loop {
+                let n = c.execute(
+                    "DELETE FROM telemetry WHERE rowid IN
+                      (SELECT rowid FROM telemetry ORDER BY rowid LIMIT 5000)
+                      AND received_ms < ?1",
+                    [cutoff],
+                )?;
+                deleted += n as u64;
+                if n < CHUNK {
+                    break;
+                }
+            }
+        }
+        if let Some(max) = max_rows {
+            let n = c.execute(
+                "DELETE FROM telemetry WHERE rowid <= (SELECT max(rowid) FROM telemetry) - ?1",
+                [i64::try_from(max).unwrap_or(i64::MAX)],
+            )?;
+            deleted += n as u64;
+        }
+        Ok(deleted)
+    }
+}
+
+struct CommandEnd {
+    state: CommandState,
+    status: Option<String>,
+    result: Option<Json>,
+    error: Option<String>,
+}
+
+/// The protocol status of a command result as a lifecycle state.
+pub fn state_for(status: CommandStatus) -> CommandState {
+    match status {
+        CommandStatus::Succeeded => CommandState::Succeeded,
+        CommandStatus::Expired => CommandState::Expired,
+        _ => CommandState::Failed,
+    }
+}

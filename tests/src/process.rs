@@ -1,0 +1,136 @@
+//! The gateway as a child process, for what only a process can show: SIGKILL, SIGHUP,
+//! SIGTERM, its log output.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+
+/// The `gateway` binary, built once per test run.
+pub fn gateway_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // `cargo test --workspace` has built it already; `cargo test -p e2e` has not.
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
+            .status()
+            .expect("running cargo build for the gateway binary");
+        assert!(status.success(), "building the gateway binary failed");
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/gateway
+        exe.parent()
+            .and_then(Path::parent)
+            .map(|dir| dir.join("gateway"))
+            .expect("target directory")
+    })
+    .clone()
+}
+
+/// A running `gateway run` process whose stderr is collected.
+pub struct GatewayProcess {
+    child: Child,
+    /// Collected log output.
+    pub logs: Arc<Mutex<String>>,
+    written: Arc<Notify>,
+}
+
+impl GatewayProcess {
+    /// Starts `gateway run` with these arguments (log format text) and waits until it
+    /// listens; returns it with the device listener address.
+    pub async fn start(args: &[String]) -> (Self, SocketAddr) {
+        let mut child = Command::new(gateway_binary())
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the gateway");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let written = Arc::new(Notify::new());
+        {
+            let logs = logs.clone();
+            let written = written.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+                    l.push_str(&line);
+                    l.push('\n');
+                    drop(l);
+                    written.notify_waiters();
+                }
+            });
+        }
+        let p = GatewayProcess {
+            child,
+            logs,
+            written,
+        };
+        let line = p.wait_for(&["gateway listening for devices"]).await;
+        let addr = line
+            .split("local_addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        (p, addr)
+    }
+
+    /// Waits for a log line containing all of `parts`.
+    pub async fn wait_for(&self, parts: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + crate::WAIT;
+        loop {
+            let written = self.written.notified();
+            let text = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(l) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_owned();
+            }
+            if tokio::time::timeout_at(deadline, written).await.is_err() {
+                panic!("no log line with {parts:?}; logs:\n{text}");
+            }
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit; returns whether it exited with status 0.
+    pub async fn wait_exit(mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + crate::WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the gateway") {
+                return status.success();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway did not exit"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
