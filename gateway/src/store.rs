@@ -1316,3 +1316,185 @@ pub fn state_for(status: CommandStatus) -> CommandState {
         _ => CommandState::Failed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use device_client::proto::{Reading, Readings, Telemetry, Value};
+
+    fn open(dir: &Path) -> (Store, WriterThread) {
+        Store::open(StoreOptions {
+            path: dir.join("t.sqlite"),
+            danger_ack_before_fsync: false,
+            max_commit_records: 1000,
+            max_queued_commands: 2,
+        })
+        .unwrap()
+    }
+
+    fn body(seq: Seq) -> Vec<u8> {
+        let mut readings = Readings::new();
+        let name = proto::Name::new("v").unwrap();
+        readings
+            .push(Reading::new(name, Value::U64(u64::from(seq))))
+            .unwrap();
+        let msg = Uplink::Telemetry(Telemetry {
+            seq,
+            time_ms: None,
+            readings,
+        });
+        let mut buf = [0u8; 64];
+        let n = proto::encode(&msg, &mut buf).unwrap();
+        buf[2..n].to_vec()
+    }
+
+    async fn session(store: &Store, device: &str, boot: u64) -> Opened {
+        store
+            .open_session(SessionInfo {
+                device: device.into(),
+                cert_serial: "01".into(),
+                cert_not_after: 0,
+                firmware: "fw".into(),
+                peer_addr: "127.0.0.1:1".into(),
+                boot_id: boot,
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn insert(
+        store: &Store,
+        o: Opened,
+        boot: u64,
+        seqs: std::ops::RangeInclusive<Seq>,
+        received_ms: i64,
+    ) -> usize {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut batch = Batch::new(o.device_key, boot, tx);
+        batch.received_ms = received_ms;
+        for s in seqs {
+            batch.push(s, received_ms, &body(s));
+        }
+        store.submit(batch).await.unwrap();
+        let done = rx.recv().await.unwrap();
+        done.result.unwrap()
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_ignored_and_last_acked_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let o = session(&store, "d1", u64::MAX).await;
+        assert_eq!(o.last_acked, None);
+        assert_eq!(insert(&store, o, u64::MAX, 1..=10, now_ms()).await, 10);
+        assert_eq!(insert(&store, o, u64::MAX, 5..=12, now_ms()).await, 2);
+        let o2 = session(&store, "d1", u64::MAX).await;
+        assert_eq!(o2.last_acked, Some(12));
+        assert_eq!(o2.device_key, o.device_key);
+        let recs = store
+            .telemetry("d1", TelemetryQuery::default())
+            .await
+            .unwrap();
+        assert_eq!(recs.len(), 12);
+        assert_eq!(recs[0].boot_id, u64::MAX, "boot ids survive the i64 column");
+        assert_eq!(recs.iter().find(|r| r.seq == 7).unwrap().values["v"], 7);
+        writer.stop(&store).await;
+        assert!(matches!(store.flush().await, Err(StoreError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_and_by_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let o = session(&store, "d2", 1).await;
+        let day = 86_400_000;
+        insert(&store, o, 1, 1..=100, now_ms() - 3 * day).await;
+        insert(&store, o, 1, 101..=150, now_ms()).await;
+        let deleted = store
+            .apply_retention(Some(Duration::from_secs(86_400)), None)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 100);
+        assert_eq!(store.telemetry_count(Some("d2")).await.unwrap(), 50);
+        let deleted = store.apply_retention(None, Some(20)).await.unwrap();
+        assert_eq!(deleted, 30);
+        let left = store
+            .telemetry("d2", TelemetryQuery::default())
+            .await
+            .unwrap();
+        let mut seqs: Vec<_> = left.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (131..=150).collect::<Vec<_>>(),
+            "the newest rows stay"
+        );
+        writer.stop(&store).await;
+    }
+
+    #[tokio::test]
+    async fn command_queue_lifecycle_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let args = vec![("x".to_string(), values::OwnedValue::U64(1))];
+        let a = store
+            .enqueue_command("d3", "a", args.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let b = store
+            .enqueue_command("d3", "b", vec![], Duration::ZERO)
+            .await
+            .unwrap();
+        // The per-device limit is 2.
+        assert!(matches!(
+            store
+                .enqueue_command("d3", "c", vec![], Duration::from_secs(60))
+                .await,
+            Err(StoreError::QueueFull { .. })
+        ));
+        let expired = store.expire_commands().await.unwrap();
+        assert_eq!(expired.iter().map(|c| c.id).collect::<Vec<_>>(), vec![b.id]);
+        let o = session(&store, "d3", 1).await;
+        let out = store.take_commands(o.device_key, 10, true).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].id, a.id);
+        assert_eq!(out[0].args, args);
+        // Sent and unanswered: only a new session (include_sent) takes it again.
+        assert!(
+            store
+                .take_commands(o.device_key, 10, false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .take_commands(o.device_key, 10, true)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let done = store
+            .finish_command(
+                o.device_key,
+                a.id,
+                CommandState::Succeeded,
+                Some("succeeded".into()),
+                Some(serde_json::json!({"ok": true})),
+                None,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, CommandState::Succeeded);
+        assert_eq!(done.attempts, 2);
+        // A second result for a finished command changes nothing.
+        let again = store
+            .finish_command(o.device_key, a.id, CommandState::Failed, None, None, None)
+            .await
+            .unwrap();
+        assert!(again.is_none());
+        writer.stop(&store).await;
+    }
+}

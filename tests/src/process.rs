@@ -3,31 +3,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
-
-/// The `gateway` binary, built once per test run.
-pub fn gateway_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // `cargo test --workspace` has built it already; `cargo test -p e2e` has not.
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
-            .status()
-            .expect("running cargo build for the gateway binary");
-        assert!(status.success(), "building the gateway binary failed");
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>/gateway
-        exe.parent()
-            .and_then(Path::parent)
-            .map(|dir| dir.join("gateway"))
-            .expect("target directory")
-    })
-    .clone()
-}
 
 /// A running `gateway run` process whose stderr is collected.
 pub struct GatewayProcess {
@@ -38,10 +18,12 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts `gateway run` with these arguments (log format text) and waits until it
-    /// listens; returns it with the device listener address.
-    pub async fn start(args: &[String]) -> (Self, SocketAddr) {
-        let mut child = Command::new(gateway_binary())
+    /// Starts `BIN run ARGS...` and waits until it listens; returns it with the device
+    /// listener address. `bin` is the gateway's command line: integration tests of this
+    /// package pass `env!("CARGO_BIN_EXE_e2e-gateway")`, which is `gateway/src/main.rs`
+    /// built here, so cargo rebuilds it whenever the gateway changes.
+    pub async fn start(bin: &Path, args: &[String]) -> (Self, SocketAddr) {
+        let mut child = Command::new(bin)
             .arg("run")
             .args(args)
             .env("RUST_LOG", "info")

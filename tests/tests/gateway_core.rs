@@ -507,3 +507,40 @@ async fn presence_and_telemetry_events_reach_subscribers() {
     .await;
     assert_eq!(offline.device(), Some("watched-1"));
 }
+
+fn tls12_only_client(tg: &TestGateway, id: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let cert = tg.pki.device(id);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(tg.pki.ca.certificate_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![cert.certificate_der()], cert.private_key_der())
+    .unwrap();
+    std::sync::Arc::new(config)
+}
+
+#[tokio::test]
+async fn tls12_devices_work_unless_tls13_only() {
+    let tg = TestGateway::start().await;
+    let mut dev = RawDevice::connect_with(tg.addr(), tls12_only_client(&tg, "old-stack-1"))
+        .await
+        .unwrap();
+    dev.hello(1).await;
+    dev.telemetry(1).await.unwrap();
+    dev.wait_ack(1).await;
+
+    let (logs, _guard) = LogCapture::start();
+    let strict = TestGateway::start_with(|c| c.tls13_only = true).await;
+    let refused =
+        RawDevice::connect_with(strict.addr(), tls12_only_client(&strict, "old-stack-2")).await;
+    assert!(
+        refused.is_err(),
+        "a TLS 1.2-only client cannot complete the handshake"
+    );
+    logs.wait_for(&["handshake refused", "reason=incompatible"])
+        .await;
+}
