@@ -5,4 +5,6 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod driver;
+pub mod machine;
 pub mod proto;

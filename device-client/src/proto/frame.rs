@@ -138,9 +138,17 @@ pub fn encode<'a, M: Message<'a>>(msg: &M, buf: &mut [u8]) -> Result<usize, Enco
         Err(e) => return Err(EncodeError::Serialize(e)),
     };
     // `body` is at most u16::MAX bytes long (cut above), so this cannot fail.
-    let len16 = u16::try_from(body_len).map_err(|_| too_large)?;
-    header.copy_from_slice(&len16.to_be_bytes());
+    header.copy_from_slice(&frame_header(body_len).ok_or(too_large)?);
     Ok(HEADER_LEN + body_len)
+}
+
+/// The header of a frame whose body is `body_len` bytes; `None` if the header cannot
+/// describe it (empty or over 65,535 bytes).
+pub fn frame_header(body_len: usize) -> Option<[u8; HEADER_LEN]> {
+    match u16::try_from(body_len) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n.to_be_bytes()),
+    }
 }
 
 /// Reads the protocol version from a `Hello` or `Welcome` body without decoding the rest,

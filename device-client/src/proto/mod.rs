@@ -33,7 +33,7 @@ pub mod value;
 
 pub use frame::{
     DecodeError, EncodeError, Frame, FrameError, MAX_DOWNLINK_FRAME, MAX_UPLINK_FRAME, decode,
-    decode_downlink, decode_uplink, encode, peek_version, split_frame,
+    decode_downlink, decode_uplink, encode, frame_header, peek_version, split_frame,
 };
 pub use identity::{DeviceId, InvalidDeviceId, MAX_DEVICE_ID_LEN};
 pub use limits::*;

@@ -1,0 +1,351 @@
+//! The only code that awaits: one run loop over `embedded-io-async`, so the same loop
+//! runs on embassy (a microcontroller) and on tokio (the simulator).
+//!
+//! ```text
+//!  run(client, connector, clock, app, rx, tx)
+//!   loop ──► wait for poll_connect / app wake-ups ──► connector.connect() ──► session
+//!   session = select(reader, control):
+//!     reader : read(rx) ─► client.handle_input ─► app.on_command ─► wake control
+//!     control: poll_transmit ─► write(tx) ; handle_timeout ; app.on_wake ; sleep until
+//!              min(client.poll_timeout, app.next_wake) or woken by the reader
+//! ```
+//!
+//! A read is never cancelled while the session lives: TLS readers (embedded-tls) lose
+//! bytes if a read is dropped half-way. Reading and writing therefore run side by side
+//! on the two halves of a [`Connection`], sharing the client through a `RefCell` that is
+//! never borrowed across an `await`.
+//!
+//! **Cancellation.** Dropping the future returned by [`run`] at any point is safe: the
+//! client stays consistent (records stay in the ring, results in the outbox) and the
+//! connection is dropped; call [`run`] again to carry on.
+
+use core::cell::{Cell, RefCell};
+use core::future::{Future, poll_fn};
+use core::task::{Poll, Waker};
+
+use embassy_futures::select::{Either, select};
+use embedded_io_async::{Read, Write};
+
+use crate::machine::{Client, Disconnect, Event, Input, Millis};
+use crate::proto::Command;
+
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+/// A monotonic clock in milliseconds, and a way to sleep on it.
+pub trait Clock {
+    /// Now.
+    fn now(&self) -> Millis;
+    /// Resolves at or after `at`. Must be cancel-safe (a timer is).
+    fn sleep_until(&self, at: Millis) -> impl Future<Output = ()>;
+}
+
+/// An open, secured connection that can be read and written at the same time.
+pub trait Connection {
+    /// Transport error.
+    type Error: embedded_io_async::Error;
+    /// The reading half.
+    type Reader<'a>: Read<Error = Self::Error>
+    where
+        Self: 'a;
+    /// The writing half.
+    type Writer<'a>: Write<Error = Self::Error>
+    where
+        Self: 'a;
+    /// Both halves, borrowed for one session.
+    fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+}
+
+/// Opens a fresh secured connection to the gateway, once per (re)connect.
+pub trait Connector {
+    /// Why a connection could not be opened.
+    type Error: core::fmt::Debug;
+    /// The connection.
+    type Connection: Connection;
+    /// Opens TCP (or a UART, or ...) and completes the TLS handshake.
+    fn connect(&mut self) -> impl Future<Output = Result<Self::Connection, Self::Error>>;
+}
+
+/// The device's application, called by [`run`]. Every method is synchronous and short:
+/// the loop handles I/O while the application is not running.
+pub trait App {
+    /// When [`on_wake`](Self::on_wake) is next due (e.g. the next sample), if ever.
+    fn next_wake(&self) -> Option<Millis>;
+
+    /// The wake-up time passed: take readings and queue them with
+    /// [`Client::send_telemetry`]. Called whether or not a session is open.
+    fn on_wake<const R: usize, const O: usize>(&mut self, now: Millis, client: &mut Client<R, O>);
+
+    /// A new command: run it and answer with [`Client::complete_command`] (now or at a
+    /// later wake-up). A repeated command never reaches this method.
+    fn on_command<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        command: &Command<'_>,
+    );
+
+    /// Something happened (connected, acked, disconnected ...). Optional.
+    fn on_event<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        event: Event,
+    ) {
+        let _ = (now, client, event);
+    }
+}
+
+/// Runs the device until the gateway refuses it for good (revoked certificate,
+/// unsupported protocol version): returns that reason. Connection failures are retried
+/// with the client's backoff. `rx` must hold `client.config().max_frame_in` bytes and
+/// `tx` `client.config().max_frame_out` bytes.
+pub async fn run<C, K, A, const R: usize, const O: usize>(
+    client: &mut Client<R, O>,
+    connector: &mut C,
+    clock: &K,
+    app: &mut A,
+    rx: &mut [u8],
+    tx: &mut [u8],
+) -> Disconnect
+where
+    C: Connector,
+    K: Clock,
+    A: App,
+{
+    let shared = Shared {
+        client: RefCell::new(client),
+        app: RefCell::new(app),
+        wake: WakeSignal::new(),
+        fatal: RefCell::new(None),
+    };
+    loop {
+        shared.drain_events(clock.now());
+        if let Some(reason) = shared.fatal.borrow_mut().take() {
+            return reason;
+        }
+        let now = clock.now();
+        shared.app_wake_if_due(now);
+        let connect_at = shared.client.borrow().poll_connect();
+        match connect_at {
+            Some(at) if at <= now => {
+                match connector.connect().await {
+                    Ok(mut conn) => {
+                        shared.client.borrow_mut().handle_connected(clock.now());
+                        session(&shared, &mut conn, clock, rx, tx).await;
+                        shared.client.borrow_mut().handle_closed(clock.now());
+                    }
+                    Err(_) => shared
+                        .client
+                        .borrow_mut()
+                        .handle_connect_failed(clock.now()),
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let app_at = shared.app.borrow().next_wake();
+        match earliest(connect_at, app_at) {
+            Some(at) => clock.sleep_until(at).await,
+            // Nothing will ever happen: down for good, and an idle application.
+            None => {
+                shared.drain_events(clock.now());
+                return shared
+                    .fatal
+                    .borrow_mut()
+                    .take()
+                    .unwrap_or(Disconnect::Closed);
+            }
+        }
+    }
+}
+
+struct Shared<'c, 'a, A, const R: usize, const O: usize> {
+    client: RefCell<&'c mut Client<R, O>>,
+    app: RefCell<&'a mut A>,
+    wake: WakeSignal,
+    fatal: RefCell<Option<Disconnect>>,
+}
+
+impl<A: App, const R: usize, const O: usize> Shared<'_, '_, A, R, O> {
+    /// Hands every pending event to the application; remembers a fatal disconnect.
+    fn drain_events(&self, now: Millis) {
+        let mut client = self.client.borrow_mut();
+        let mut app = self.app.borrow_mut();
+        while let Some(ev) = client.poll_event() {
+            if let Event::Disconnected {
+                reason,
+                reconnect_at: None,
+            } = &ev
+            {
+                *self.fatal.borrow_mut() = Some(reason.clone());
+            }
+            app.on_event(now, &mut **client, ev);
+        }
+    }
+
+    fn app_wake_if_due(&self, now: Millis) {
+        let due = self.app.borrow().next_wake().is_some_and(|t| t <= now);
+        if due {
+            let mut client = self.client.borrow_mut();
+            self.app.borrow_mut().on_wake(now, &mut **client);
+        }
+    }
+}
+
+/// One session: reader and control side by side until either ends.
+async fn session<C, K, A, const R: usize, const O: usize>(
+    shared: &Shared<'_, '_, A, R, O>,
+    conn: &mut C,
+    clock: &K,
+    rx: &mut [u8],
+    tx: &mut [u8],
+) where
+    C: Connection,
+    K: Clock,
+    A: App,
+{
+    let (mut reader, mut writer) = conn.split();
+    let read_side = read_loop(shared, &mut reader, clock, rx);
+    let control_side = control_loop(shared, &mut writer, clock, tx);
+    match select(read_side, control_side).await {
+        Either::First(()) | Either::Second(()) => {}
+    }
+}
+
+async fn read_loop<Rd: Read, K: Clock, A: App, const R: usize, const O: usize>(
+    shared: &Shared<'_, '_, A, R, O>,
+    reader: &mut Rd,
+    clock: &K,
+    rx: &mut [u8],
+) {
+    let mut filled = 0;
+    loop {
+        let Some(free) = rx.get_mut(filled..).filter(|f| !f.is_empty()) else {
+            // A frame larger than the buffer: the client refuses those before this.
+            return;
+        };
+        match reader.read(free).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => filled += n,
+        }
+        let mut start = 0;
+        let mut ended = false;
+        while start < filled {
+            let now = clock.now();
+            let mut client = shared.client.borrow_mut();
+            let Some(bytes) = rx.get(start..filled) else {
+                break;
+            };
+            match client.handle_input(now, bytes) {
+                Ok(Input::NeedMore) => break,
+                Ok(Input::Frame { len, command }) => {
+                    start += len;
+                    if let Some(cmd) = command {
+                        shared.app.borrow_mut().on_command(now, &mut **client, &cmd);
+                    }
+                }
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        shared.drain_events(clock.now());
+        shared.wake.signal();
+        if ended {
+            return;
+        }
+        rx.copy_within(start..filled, 0);
+        filled -= start;
+    }
+}
+
+async fn control_loop<Wr: Write, K: Clock, A: App, const R: usize, const O: usize>(
+    shared: &Shared<'_, '_, A, R, O>,
+    writer: &mut Wr,
+    clock: &K,
+    tx: &mut [u8],
+) {
+    loop {
+        let now = clock.now();
+        shared.app_wake_if_due(now);
+        let timed_out = shared.client.borrow_mut().handle_timeout(now).is_err();
+        shared.drain_events(now);
+        if timed_out {
+            return;
+        }
+        // Send everything the client has, one frame at a time.
+        let mut wrote = false;
+        loop {
+            let n = shared.client.borrow_mut().poll_transmit(clock.now(), tx);
+            let Some(frame) = n.and_then(|n| tx.get(..n)) else {
+                break;
+            };
+            if writer.write_all(frame).await.is_err() {
+                return;
+            }
+            wrote = true;
+        }
+        if wrote && writer.flush().await.is_err() {
+            return;
+        }
+        shared.drain_events(clock.now());
+        if !shared.client.borrow().is_connected() {
+            // Went down (a Goodbye, say): end the session.
+            return;
+        }
+        let deadline = earliest(
+            shared.client.borrow().poll_timeout(),
+            shared.app.borrow().next_wake(),
+        );
+        match deadline {
+            Some(at) => match select(shared.wake.wait(), clock.sleep_until(at)).await {
+                Either::First(()) | Either::Second(()) => {}
+            },
+            None => shared.wake.wait().await,
+        }
+    }
+}
+
+fn earliest(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Wakes the control side when the reader handled input. Single-task use only: both
+/// sides are polled by the same task, so `Cell`s suffice.
+struct WakeSignal {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl WakeSignal {
+    const fn new() -> Self {
+        Self {
+            set: Cell::new(false),
+            waker: Cell::new(None),
+        }
+    }
+
+    fn signal(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+}

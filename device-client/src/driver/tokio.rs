@@ -1,0 +1,196 @@
+//! The driver on tokio: a clock, and a connector that opens TCP + mutual TLS with
+//! tokio-rustls, presenting the device certificate the `certs` tool wrote.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use device_client::driver::tokio::{TlsConnector, TokioClock, client_config_from_dir};
+//! let tls = client_config_from_dir("certs".as_ref(), "sensor-01")?;
+//! let mut connector = TlsConnector::new("127.0.0.1:7443", "localhost", tls)?;
+//! let clock = TokioClock::new();
+//! # let _ = (&mut connector, clock); Ok(()) }
+//! ```
+
+extern crate std;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::string::String;
+use std::sync::Arc;
+use std::time::Duration;
+use std::vec::Vec;
+
+use embedded_io_adapters::tokio_1::FromTokio;
+use rustls::ClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::{Clock, Connection, Connector};
+use crate::machine::Millis;
+
+/// Milliseconds since the clock was made, on tokio's timer.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock starting at 0 now.
+    pub fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Millis {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn sleep_until(&self, at: Millis) -> impl core::future::Future<Output = ()> {
+        tokio::time::sleep_until(self.start + Duration::from_millis(at))
+    }
+}
+
+/// The two halves of a stream, as `embedded-io-async` reader and writer.
+pub struct Halves<R, W> {
+    reader: FromTokio<R>,
+    writer: FromTokio<W>,
+}
+
+impl<R, W> Connection for Halves<R, W>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    type Error = io::Error;
+    type Reader<'a>
+        = &'a mut FromTokio<R>
+    where
+        Self: 'a;
+    type Writer<'a>
+        = &'a mut FromTokio<W>
+    where
+        Self: 'a;
+
+    fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        (&mut self.reader, &mut self.writer)
+    }
+}
+
+/// A TLS connection to the gateway, split for reading and writing at once.
+pub type TlsConnection = Halves<ReadHalf<TlsStream<TcpStream>>, WriteHalf<TlsStream<TcpStream>>>;
+
+/// Opens TCP + mutual TLS to one gateway address.
+#[derive(Clone)]
+pub struct TlsConnector {
+    addr: String,
+    server_name: ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+    /// Time allowed for TCP connect plus the TLS handshake.
+    pub timeout: Duration,
+}
+
+impl TlsConnector {
+    /// Connects to `addr` (`host:port`) and checks the gateway's certificate for
+    /// `server_name` against the CA in `config`.
+    pub fn new(
+        addr: impl Into<String>,
+        server_name: &str,
+        config: Arc<ClientConfig>,
+    ) -> Result<Self, LoadError> {
+        let server_name = ServerName::try_from(String::from(server_name))
+            .map_err(|_| LoadError::ServerName(server_name.into()))?;
+        Ok(Self {
+            addr: addr.into(),
+            server_name,
+            connector: tokio_rustls::TlsConnector::from(config),
+            timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+impl Connector for TlsConnector {
+    type Error = io::Error;
+    type Connection = TlsConnection;
+
+    async fn connect(&mut self) -> Result<TlsConnection, io::Error> {
+        let attempt = async {
+            let tcp = TcpStream::connect(&self.addr).await?;
+            tcp.set_nodelay(true)?;
+            self.connector.connect(self.server_name.clone(), tcp).await
+        };
+        let tls = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let (r, w) = tokio::io::split(tls);
+        Ok(Halves {
+            reader: FromTokio::new(r),
+            writer: FromTokio::new(w),
+        })
+    }
+}
+
+/// The device's TLS identity could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file could not be read or parsed.
+    #[error("{path}: {source}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the certificate or key.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The server name is not a DNS name or IP address.
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+}
+
+/// A client configuration that trusts the CA in `ca` (PEM) and presents the certificate
+/// `cert` (PEM) with its key `key` (PEM, PKCS#8 or SEC1).
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, LoadError> {
+    let pem_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Pem { path, source }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(pem_err(ca))? {
+        roots.add(cert.map_err(pem_err(ca))?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(pem_err(cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem_err(key))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// [`client_config`] for the layout the `certs` tool writes: `DIR/ca.pem` and
+/// `DIR/devices/ID/{cert,key}.pem`.
+pub fn client_config_from_dir(dir: &Path, id: &str) -> Result<Arc<ClientConfig>, LoadError> {
+    let device = dir.join("devices").join(id);
+    client_config(
+        &dir.join("ca.pem"),
+        &device.join("cert.pem"),
+        &device.join("key.pem"),
+    )
+}

@@ -1,0 +1,732 @@
+//! The sans-IO client state machine (PROTOCOL.md §8), in the style of quinn-proto's
+//! `Connection`: it does no I/O, reads no clock and allocates nothing.
+//!
+//! ```text
+//!            send_telemetry ─► ring (unacked records) ─┐
+//!        complete_command ─► outbox (results) ─────────┤
+//!                                                       ▼
+//!  handle_connected(now) ─►  ┌────────────────┐ ─► poll_transmit(now, buf) ─► transport
+//!  handle_input(now, bytes) ►│     Client      │ ─► poll_timeout()  ─► timer
+//!  handle_timeout(now) ─────►│ (Disconnected → │ ─► poll_event()    ─► application
+//!  handle_closed(now) ──────►│  Hello → Open)  │ ─► poll_connect(now) ─► connector
+//!                            └────────────────┘
+//! ```
+//!
+//! Time is milliseconds on any monotonic clock the caller likes ([`Millis`]); the wall
+//! clock only appears in telemetry timestamps the application chooses.
+//!
+//! Memory: `RING` bytes of records (each costs 4 + its frame), `OUTBOX` bytes of pending
+//! command results, and about 200 bytes of state. A record of `n` `f32` readings with
+//! names of `k` bytes takes about `14 + n·(k + 6)` bytes.
+
+mod ring;
+
+use heapless::{Deque, Vec};
+
+use crate::proto::{
+    self, CommandId, CommandResult, CommandStatus, DecodeError, Downlink, FrameError,
+    GoodbyeReason, HEADER_LEN, Hello, MIN_MAX_FRAME, PROTOCOL_VERSION, Ping, Reading, Readings,
+    Seq, Telemetry, Text, Uplink,
+};
+use ring::{PushError, Ring};
+
+/// Milliseconds on the caller's monotonic clock.
+pub type Millis = u64;
+
+/// How many recently seen command ids the client remembers (PROTOCOL.md §8.3).
+pub const RECENT_COMMANDS: usize = 8;
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// This boot's id: random per boot (PROTOCOL.md §5.1).
+    pub boot_id: u64,
+    /// Firmware version for `Hello` (cut to 32 bytes).
+    pub firmware: &'static str,
+    /// The largest frame the device can receive (its receive buffer); sent in `Hello`.
+    pub max_frame_in: u16,
+    /// The largest frame the device will send (its transmit buffer); a record that
+    /// encodes larger is refused by [`Client::send_telemetry`].
+    pub max_frame_out: u16,
+    /// First reconnect delay; doubles per failed attempt.
+    pub backoff_min_ms: Millis,
+    /// Longest reconnect delay.
+    pub backoff_max_ms: Millis,
+    /// Time allowed from connect to `Welcome`.
+    pub welcome_timeout_ms: Millis,
+    /// Seeds the reconnect jitter; use a different value per device (e.g. from the
+    /// hardware RNG) so that a fleet does not reconnect in lockstep.
+    pub jitter_seed: u64,
+}
+
+impl Config {
+    /// Defaults: receive and transmit up to 512-byte frames, reconnect after 1 s
+    /// doubling to 60 s, 10 s for `Welcome`.
+    pub const fn new(boot_id: u64, firmware: &'static str) -> Self {
+        Self {
+            boot_id,
+            firmware,
+            max_frame_in: 512,
+            max_frame_out: 512,
+            backoff_min_ms: 1_000,
+            backoff_max_ms: 60_000,
+            welcome_timeout_ms: 10_000,
+            jitter_seed: boot_id,
+        }
+    }
+}
+
+/// Why the client will not (or no longer) use a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The gateway sent `Goodbye`.
+    Goodbye {
+        /// Its reason.
+        reason: GoodbyeReason,
+        /// Seconds it asked us to wait.
+        retry_after_s: u16,
+    },
+    /// The transport closed or failed.
+    Closed,
+    /// No `Welcome` within `welcome_timeout_ms`.
+    WelcomeTimeout,
+    /// Nothing arrived for a heartbeat interval after a `Ping`.
+    DeadPeer,
+    /// The gateway broke the framing.
+    BadFrame(FrameError),
+    /// The gateway sent an undecodable message.
+    BadMessage(DecodeError),
+    /// A message that makes no sense now (e.g. `Ack` before `Welcome`).
+    Unexpected,
+    /// The gateway chose a protocol version this client does not speak.
+    UnsupportedVersion(u8),
+}
+
+impl Disconnect {
+    /// Whether reconnecting is pointless (revoked, wrong version).
+    pub const fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Disconnect::Goodbye {
+                reason: GoodbyeReason::Revoked | GoodbyeReason::UnsupportedVersion,
+                ..
+            } | Disconnect::UnsupportedVersion(_)
+        )
+    }
+}
+
+/// Something the application may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The gateway accepted the session.
+    Connected {
+        /// What it already had of this boot.
+        last_acked: Option<Seq>,
+        /// Its clock, ms since the Unix epoch: set the device clock from it if needed.
+        server_time_ms: u64,
+    },
+    /// Records up to `seq` are durable; their ring space is free.
+    Acked {
+        /// Highest acked seq.
+        seq: Seq,
+    },
+    /// A record is larger than this gateway accepts: it is skipped, and leaves the ring
+    /// when a later record is acked.
+    Skipped {
+        /// Its seq.
+        seq: Seq,
+    },
+    /// The session ended; the client will reconnect at `reconnect_at` unless `fatal`.
+    Disconnected {
+        /// Why.
+        reason: Disconnect,
+        /// When the next attempt is due (`None`: never).
+        reconnect_at: Option<Millis>,
+    },
+    /// Round trip of a heartbeat.
+    Pong {
+        /// Milliseconds from `Ping` to `Pong`.
+        rtt_ms: Millis,
+    },
+}
+
+/// What a chunk of input held.
+// The command lives on the stack for one call; boxing would need an allocator.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq)]
+pub enum Input<'b> {
+    /// No complete frame at the front: read more, keep these bytes.
+    NeedMore,
+    /// One frame of `len` bytes was handled; drop it from the buffer. A new command is
+    /// handed over here, borrowing the buffer, for the application to run and then
+    /// answer with [`Client::complete_command`].
+    Frame {
+        /// Bytes consumed.
+        len: usize,
+        /// A command to run, if the frame was a new one.
+        command: Option<proto::Command<'b>>,
+    },
+}
+
+/// Telemetry could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The ring of unacknowledged records is full: wait for acks, or drop data in the
+    /// application. Nothing was overwritten.
+    #[error("the ring of unacknowledged telemetry is full")]
+    RingFull,
+    /// The record would be larger than `max_frame_out`.
+    #[error("the record is larger than the largest frame this device sends")]
+    TooLarge,
+    /// Sequence numbers of this boot are used up (2³²−1 records): reboot with a new
+    /// boot id.
+    #[error("sequence numbers exhausted: start a new boot id")]
+    SeqExhausted,
+}
+
+/// A command result could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompleteError {
+    /// The outbox of results is full; try again after the next transmit.
+    #[error("the outbox of command results is full")]
+    OutboxFull,
+    /// The result does not fit a frame (`max_frame_out` or the outbox).
+    #[error("the result is too large to send")]
+    TooLarge,
+    /// The id is not a command this client is running.
+    #[error("no such command is running")]
+    NotRunning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recent {
+    Running(CommandId),
+    Done(CommandId, CommandStatus),
+}
+
+impl Recent {
+    fn id(&self) -> CommandId {
+        match *self {
+            Recent::Running(id) | Recent::Done(id, _) => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// No connection; connect at `at` (or never if `None`).
+    Down { at: Option<Millis> },
+    /// Connected, `Hello` pending or sent, waiting for `Welcome` until `deadline`.
+    Hello { sent: bool, deadline: Millis },
+    /// Session open.
+    Open(Session),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Session {
+    peer_max_frame: usize,
+    heartbeat_ms: Millis,
+    last_tx: Millis,
+    last_rx: Millis,
+    /// Nonce and send time of an unanswered `Ping`.
+    ping: Option<(u32, Millis)>,
+}
+
+/// The device client: protocol state, the ring of unacknowledged telemetry
+/// (`RING` bytes) and the outbox of command results (`OUTBOX` bytes).
+pub struct Client<const RING: usize, const OUTBOX: usize = 256> {
+    cfg: Config,
+    link: Link,
+    ring: Ring<RING>,
+    outbox: Vec<u8, OUTBOX>,
+    recent: Deque<Recent, RECENT_COMMANDS>,
+    events: Deque<Event, 8>,
+    next_seq: Seq,
+    nonce: u32,
+    attempts: u32,
+    retry_after_ms: Millis,
+    rng: u64,
+    acked: Option<Seq>,
+}
+
+impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
+    /// A client that may connect at once.
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            link: Link::Down { at: Some(0) },
+            ring: Ring::new(),
+            outbox: Vec::new(),
+            recent: Deque::new(),
+            events: Deque::new(),
+            next_seq: 1,
+            nonce: 0,
+            attempts: 0,
+            retry_after_ms: 0,
+            // xorshift must not start at 0.
+            rng: cfg.jitter_seed | 1,
+            acked: None,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Whether a connection is in use (from `handle_connected` until it goes down).
+    pub fn is_connected(&self) -> bool {
+        !matches!(self.link, Link::Down { .. })
+    }
+
+    /// Whether a session is open (after `Welcome`).
+    pub fn is_open(&self) -> bool {
+        matches!(self.link, Link::Open(_))
+    }
+
+    /// Records waiting for an ack, and the bytes they take.
+    pub fn unacked(&self) -> (usize, usize) {
+        (self.ring.len(), self.ring.used_bytes())
+    }
+
+    /// The highest seq the gateway acknowledged in this boot.
+    pub fn acked(&self) -> Option<Seq> {
+        self.acked
+    }
+
+    // ------------------------------------------------------------------------------
+    // The application's side.
+
+    /// Queues one telemetry record and returns its seq. It is sent when a session is
+    /// open and kept until acked; a full ring is an error, never an overwrite.
+    pub fn send_telemetry(
+        &mut self,
+        time_ms: Option<u64>,
+        readings: &[Reading<'_>],
+    ) -> Result<Seq, SendError> {
+        let seq = self.next_seq;
+        if seq == Seq::MAX {
+            return Err(SendError::SeqExhausted);
+        }
+        let readings = Readings::from_slice(readings).map_err(|_| SendError::TooLarge)?;
+        let msg = Uplink::Telemetry(Telemetry {
+            seq,
+            time_ms,
+            readings,
+        });
+        match self
+            .ring
+            .push(seq, &msg, usize::from(self.cfg.max_frame_out))
+        {
+            Ok(()) => {
+                self.next_seq += 1;
+                Ok(seq)
+            }
+            Err(PushError::Full) => Err(SendError::RingFull),
+            Err(PushError::TooLarge) => Err(SendError::TooLarge),
+        }
+    }
+
+    /// Answers a command the client handed over in [`Input::Frame`]. The result is sent
+    /// as soon as a session is open, and remembered (its status) so that a repeated
+    /// command is answered again without running twice.
+    pub fn complete_command(
+        &mut self,
+        id: CommandId,
+        status: CommandStatus,
+        values: &[Reading<'_>],
+    ) -> Result<(), CompleteError> {
+        let Some(slot) = self
+            .recent
+            .iter_mut()
+            .find(|r| matches!(r, Recent::Running(x) if *x == id))
+        else {
+            return Err(CompleteError::NotRunning);
+        };
+        let values = Readings::from_slice(values).map_err(|_| CompleteError::TooLarge)?;
+        let msg = Uplink::CommandResult(CommandResult { id, status, values });
+        push_frame(&mut self.outbox, &msg, usize::from(self.cfg.max_frame_out))?;
+        *slot = Recent::Done(id, status);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------
+    // The driver's side.
+
+    /// When to open a connection: `Some(t)` once `now >= t` (at once if `t <= now`),
+    /// `None` while connected or after a fatal disconnect.
+    pub fn poll_connect(&self) -> Option<Millis> {
+        match self.link {
+            Link::Down { at } => at,
+            _ => None,
+        }
+    }
+
+    /// A fresh secured connection is up: the client will say `Hello`.
+    pub fn handle_connected(&mut self, now: Millis) {
+        self.link = Link::Hello {
+            sent: false,
+            deadline: now.saturating_add(self.cfg.welcome_timeout_ms),
+        };
+        self.ring.rewind();
+    }
+
+    /// A connection attempt failed: the next one waits longer.
+    pub fn handle_connect_failed(&mut self, now: Millis) {
+        if matches!(self.link, Link::Down { at: Some(_) }) {
+            self.down(now, Disconnect::Closed);
+        }
+    }
+
+    /// The transport closed or failed during a session. Nothing to do if the client
+    /// already went down itself (an `Err` from `handle_input` or `handle_timeout`).
+    pub fn handle_closed(&mut self, now: Millis) {
+        if !matches!(self.link, Link::Down { .. }) {
+            self.down(now, Disconnect::Closed);
+        }
+    }
+
+    /// Handles received bytes: at most one frame from the front of `bytes`. Call again
+    /// with the rest until it says [`Input::NeedMore`]. `Err` means the connection must
+    /// be dropped (the client is already down and has scheduled a reconnect).
+    pub fn handle_input<'b>(
+        &mut self,
+        now: Millis,
+        bytes: &'b [u8],
+    ) -> Result<Input<'b>, Disconnect> {
+        if matches!(self.link, Link::Down { .. }) {
+            return Err(Disconnect::Closed);
+        }
+        let frame = match proto::split_frame(bytes, usize::from(self.cfg.max_frame_in)) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(Input::NeedMore),
+            Err(e) => return Err(self.down(now, Disconnect::BadFrame(e))),
+        };
+        let msg = match proto::decode_downlink(frame.body) {
+            Ok(m) => m,
+            Err(e) => return Err(self.down(now, Disconnect::BadMessage(e))),
+        };
+        if let Link::Open(s) = &mut self.link {
+            s.last_rx = now;
+        }
+        let command = match msg {
+            Downlink::Welcome(w) => {
+                if !matches!(self.link, Link::Hello { sent: true, .. }) {
+                    return Err(self.down(now, Disconnect::Unexpected));
+                }
+                if w.version != PROTOCOL_VERSION {
+                    return Err(self.down(now, Disconnect::UnsupportedVersion(w.version)));
+                }
+                self.link = Link::Open(Session {
+                    peer_max_frame: usize::from(w.max_frame),
+                    heartbeat_ms: Millis::from(w.heartbeat_s.max(1)) * 1000,
+                    last_tx: now,
+                    last_rx: now,
+                    ping: None,
+                });
+                self.attempts = 0;
+                self.retry_after_ms = 0;
+                if let Some(last) = w.last_acked {
+                    self.acknowledge(last);
+                }
+                self.ring.rewind();
+                self.event(Event::Connected {
+                    last_acked: w.last_acked,
+                    server_time_ms: w.server_time_ms,
+                });
+                None
+            }
+            Downlink::Ack(a) => {
+                if !self.is_open() {
+                    return Err(self.down(now, Disconnect::Unexpected));
+                }
+                self.acknowledge(a.seq);
+                None
+            }
+            Downlink::Pong(p) => {
+                if let Link::Open(s) = &mut self.link
+                    && let Some((nonce, sent)) = s.ping
+                    && nonce == p.nonce
+                {
+                    s.ping = None;
+                    let rtt_ms = now.saturating_sub(sent);
+                    self.event(Event::Pong { rtt_ms });
+                }
+                None
+            }
+            Downlink::Goodbye(g) => {
+                let reason = Disconnect::Goodbye {
+                    reason: g.reason,
+                    retry_after_s: g.retry_after_s,
+                };
+                self.retry_after_ms = Millis::from(g.retry_after_s) * 1000;
+                return Err(self.down(now, reason));
+            }
+            Downlink::Command(c) => {
+                if !self.is_open() {
+                    return Err(self.down(now, Disconnect::Unexpected));
+                }
+                self.new_command(c)
+            }
+        };
+        Ok(Input::Frame {
+            len: frame.len,
+            command,
+        })
+    }
+
+    /// A command arrived: hand it over if new, answer again if done, ignore if running.
+    fn new_command<'b>(&mut self, c: proto::Command<'b>) -> Option<proto::Command<'b>> {
+        match self.recent.iter().find(|r| r.id() == c.id).copied() {
+            Some(Recent::Running(_)) => None,
+            Some(Recent::Done(id, status)) => {
+                let msg = Uplink::CommandResult(CommandResult {
+                    id,
+                    status,
+                    values: Readings::new(),
+                });
+                // Best effort: if the outbox is full the gateway asks again next session.
+                let _ = push_frame(&mut self.outbox, &msg, usize::from(self.cfg.max_frame_out));
+                None
+            }
+            None => {
+                if self.recent.is_full() {
+                    // Forget the oldest finished id first; a running one only if all
+                    // are running.
+                    let oldest_done = self
+                        .recent
+                        .iter()
+                        .position(|r| matches!(r, Recent::Done(..)));
+                    match oldest_done {
+                        Some(i) => remove_at(&mut self.recent, i),
+                        None => {
+                            self.recent.pop_front();
+                        }
+                    }
+                }
+                let _ = self.recent.push_back(Recent::Running(c.id));
+                Some(c)
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, seq: Seq) {
+        self.ring.ack(seq);
+        if self.acked.is_none_or(|a| seq > a) {
+            self.acked = Some(seq);
+            self.event(Event::Acked { seq });
+        }
+    }
+
+    /// Timers: the `Welcome` deadline, heartbeats, dead-peer detection. `Err` means the
+    /// connection must be dropped.
+    pub fn handle_timeout(&mut self, now: Millis) -> Result<(), Disconnect> {
+        match self.link {
+            Link::Hello { deadline, .. } if now >= deadline => {
+                Err(self.down(now, Disconnect::WelcomeTimeout))
+            }
+            Link::Open(s) => match s.ping {
+                // Nothing for a heartbeat interval since the ping (or since the last
+                // frame that came after it): the peer is gone.
+                Some((_, sent)) if now >= sent.max(s.last_rx).saturating_add(s.heartbeat_ms) => {
+                    Err(self.down(now, Disconnect::DeadPeer))
+                }
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// The next frame to send, written to `buf`; returns its length. Call until `None`
+    /// after every input, timeout and application call.
+    pub fn poll_transmit(&mut self, now: Millis, buf: &mut [u8]) -> Option<usize> {
+        let cfg = self.cfg;
+        match &mut self.link {
+            Link::Down { .. } => None,
+            Link::Hello { sent: true, .. } => None,
+            Link::Hello { sent, .. } => {
+                let hello = Uplink::Hello(Hello {
+                    version: PROTOCOL_VERSION,
+                    boot_id: cfg.boot_id,
+                    firmware: Text::truncating(cfg.firmware),
+                    max_frame: cfg.max_frame_in.max(MIN_MAX_FRAME),
+                });
+                let n = proto::encode(&hello, buf).ok()?;
+                *sent = true;
+                Some(n)
+            }
+            Link::Open(s) => {
+                let limit = s.peer_max_frame.min(buf.len());
+                // Command results first: they are small and someone waits for them.
+                if let Some(n) = pop_frame(&mut self.outbox, buf.get_mut(..limit)?) {
+                    s.last_tx = now;
+                    return Some(n);
+                }
+                // Then the ring: replay and new records, in seq order.
+                loop {
+                    match self.ring.next_unsent(buf, s.peer_max_frame) {
+                        Some(Ok(n)) => {
+                            s.last_tx = now;
+                            return Some(n);
+                        }
+                        Some(Err(seq)) => {
+                            // Larger than this gateway accepts: it can never go there.
+                            let _ = self.events.push_back(Event::Skipped { seq });
+                        }
+                        None => break,
+                    }
+                }
+                // Then a heartbeat if the line was quiet.
+                if s.ping.is_none() && now >= s.last_tx.saturating_add(s.heartbeat_ms) {
+                    self.nonce = self.nonce.wrapping_add(1);
+                    let n = proto::encode(&Uplink::Ping(Ping { nonce: self.nonce }), buf).ok()?;
+                    s.ping = Some((self.nonce, now));
+                    s.last_tx = now;
+                    return Some(n);
+                }
+                None
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) or
+    /// [`poll_transmit`](Self::poll_transmit) next has something to do.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        match self.link {
+            Link::Down { at } => at,
+            Link::Hello { deadline, .. } => Some(deadline),
+            Link::Open(s) => Some(match s.ping {
+                Some((_, sent)) => sent.max(s.last_rx).saturating_add(s.heartbeat_ms),
+                None => s.last_tx.saturating_add(s.heartbeat_ms),
+            }),
+        }
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.events.is_full() {
+            // Acks coalesce: keep the newest events, the oldest are the least useful.
+            self.events.pop_front();
+        }
+        let _ = self.events.push_back(e);
+    }
+
+    /// Goes down for `reason`, schedules the next attempt, reports it; returns `reason`.
+    fn down(&mut self, now: Millis, reason: Disconnect) -> Disconnect {
+        let at = if reason.is_fatal() {
+            None
+        } else {
+            let backoff = self.next_backoff();
+            let wait = if matches!(
+                reason,
+                Disconnect::Goodbye {
+                    reason: GoodbyeReason::Replaced,
+                    ..
+                }
+            ) {
+                // Another connection speaks for this device; do not fight it.
+                self.cfg.backoff_max_ms
+            } else {
+                // A retry-after applies to the next attempt only.
+                backoff.max(core::mem::take(&mut self.retry_after_ms))
+            };
+            Some(now.saturating_add(wait))
+        };
+        self.link = Link::Down { at };
+        self.event(Event::Disconnected {
+            reason: reason.clone(),
+            reconnect_at: at,
+        });
+        reason
+    }
+
+    /// Exponential backoff with "equal jitter": half the delay fixed, half random.
+    fn next_backoff(&mut self) -> Millis {
+        let exp = self.attempts.min(20);
+        self.attempts = self.attempts.saturating_add(1);
+        let base = self
+            .cfg
+            .backoff_min_ms
+            .saturating_mul(1 << exp)
+            .min(self.cfg.backoff_max_ms)
+            .max(1);
+        let half = base / 2;
+        // xorshift64: plenty for jitter, and no RNG dependency.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        half + x % (base - half + 1)
+    }
+}
+
+/// Appends an encoded frame to the outbox.
+fn push_frame<const N: usize>(
+    outbox: &mut Vec<u8, N>,
+    msg: &Uplink<'_>,
+    max_frame: usize,
+) -> Result<(), CompleteError> {
+    let size = postcard::experimental::serialized_size(msg).map_err(|_| CompleteError::TooLarge)?;
+    let frame = HEADER_LEN + size;
+    if frame > max_frame || frame > N {
+        return Err(CompleteError::TooLarge);
+    }
+    let start = outbox.len();
+    if frame > N - start {
+        return Err(CompleteError::OutboxFull);
+    }
+    // Encode in place at the end of the outbox.
+    outbox
+        .resize(start + frame, 0)
+        .map_err(|_| CompleteError::OutboxFull)?;
+    let encoded = outbox.get_mut(start..).map(|out| proto::encode(msg, out));
+    if !matches!(encoded, Some(Ok(n)) if n == frame) {
+        outbox.truncate(start);
+        return Err(CompleteError::TooLarge);
+    }
+    Ok(())
+}
+
+/// Moves the first frame of the outbox into `out`. A frame larger than `out` (the
+/// gateway's limit) is discarded: the gateway sends the command again next session and
+/// gets the status alone.
+fn pop_frame<const N: usize>(outbox: &mut Vec<u8, N>, out: &mut [u8]) -> Option<usize> {
+    loop {
+        let &[hi, lo, ..] = outbox.as_slice() else {
+            return None;
+        };
+        let len = HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
+        let copied = match (out.get_mut(..len), outbox.get(..len)) {
+            (Some(dst), Some(src)) => {
+                dst.copy_from_slice(src);
+                true
+            }
+            _ => false,
+        };
+        let len = len.min(outbox.len());
+        outbox.copy_within(len.., 0);
+        outbox.truncate(outbox.len() - len);
+        if copied {
+            return Some(len);
+        }
+    }
+}
+
+fn remove_at<T: Copy, const N: usize>(d: &mut Deque<T, N>, i: usize) {
+    let mut kept: Deque<T, N> = Deque::new();
+    for (j, x) in d.iter().enumerate() {
+        if j != i {
+            let _ = kept.push_back(*x);
+        }
+    }
+    *d = kept;
+}
