@@ -665,7 +665,10 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
         x ^= x >> 7;
         x ^= x << 17;
         self.rng = x;
-        half + x % (base - half + 1)
+        // A 32-bit remainder: one `udiv` on a Cortex-M, where a 64-bit one pulls in a
+        // kilobyte of software division. Delays fit easily (backoff_max_ms is ~minutes).
+        let span = u32::try_from(base - half).unwrap_or(u32::MAX - 1) + 1;
+        half + Millis::from((x as u32) % span)
     }
 }
 
@@ -675,25 +678,30 @@ fn push_frame<const N: usize>(
     msg: &Uplink<'_>,
     max_frame: usize,
 ) -> Result<(), CompleteError> {
-    let size = postcard::experimental::serialized_size(msg).map_err(|_| CompleteError::TooLarge)?;
-    let frame = HEADER_LEN + size;
-    if frame > max_frame || frame > N {
-        return Err(CompleteError::TooLarge);
-    }
+    // Encode in place into the free space (no size pass: that would link a third copy
+    // of the readings serializer), then keep what was written.
     let start = outbox.len();
-    if frame > N - start {
-        return Err(CompleteError::OutboxFull);
-    }
-    // Encode in place at the end of the outbox.
+    let room = (N - start).min(max_frame);
     outbox
-        .resize(start + frame, 0)
+        .resize(start + room, 0)
         .map_err(|_| CompleteError::OutboxFull)?;
     let encoded = outbox.get_mut(start..).map(|out| proto::encode(msg, out));
-    if !matches!(encoded, Some(Ok(n)) if n == frame) {
-        outbox.truncate(start);
-        return Err(CompleteError::TooLarge);
+    match encoded {
+        Some(Ok(n)) => {
+            outbox.truncate(start + n);
+            Ok(())
+        }
+        _ => {
+            outbox.truncate(start);
+            // Out of room because the outbox holds other results: try again later.
+            // Out of room with the whole frame limit available: it will never fit.
+            if room < max_frame.min(N) {
+                Err(CompleteError::OutboxFull)
+            } else {
+                Err(CompleteError::TooLarge)
+            }
+        }
     }
-    Ok(())
 }
 
 /// Moves the first frame of the outbox into `out`. A frame larger than `out` (the

@@ -185,6 +185,9 @@ struct RingFlavor<'a, const N: usize> {
 impl<const N: usize> Flavor for RingFlavor<'_, N> {
     type Output = usize;
 
+    // Out of line: inlined at every write site of the serializer it costs ~0.5 KB of
+    // flash for no measurable speed on a microcontroller.
+    #[inline(never)]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         if self.written >= self.limit {
             return Err(postcard::Error::SerializeBufferFull);
