@@ -8,3 +8,5 @@ extern crate std;
 pub mod driver;
 pub mod machine;
 pub mod proto;
+#[cfg(feature = "sim")]
+pub mod sim;

@@ -97,8 +97,10 @@ pub trait App {
 }
 
 /// Runs the device until the gateway refuses it for good (revoked certificate,
-/// unsupported protocol version): returns that reason. Connection failures are retried
-/// with the client's backoff. `rx` must hold `client.config().max_frame_in` bytes and
+/// unsupported protocol version) and returns that reason. Connection failures are
+/// retried with the client's backoff. (If the client is down for good and the
+/// application never wants to wake up again, there is nothing left to do: `run`
+/// returns the last disconnect reason, or `Disconnect::Closed`.) `rx` must hold `client.config().max_frame_in` bytes and
 /// `tx` `client.config().max_frame_out` bytes.
 pub async fn run<C, K, A, const R: usize, const O: usize>(
     client: &mut Client<R, O>,
@@ -113,6 +115,11 @@ where
     K: Clock,
     A: App,
 {
+    // A previous `run` may have been dropped in the middle of a session: that
+    // connection is gone, so the client must schedule a new one.
+    if client.is_connected() {
+        client.handle_closed(clock.now());
+    }
     let shared = Shared {
         client: RefCell::new(client),
         app: RefCell::new(app),

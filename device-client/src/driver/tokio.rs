@@ -67,6 +67,13 @@ pub struct Halves<R, W> {
     writer: FromTokio<W>,
 }
 
+impl<R, W> Halves<R, W> {
+    /// Two halves of a stream (e.g. from `tokio::io::split`).
+    pub fn new(reader: FromTokio<R>, writer: FromTokio<W>) -> Self {
+        Self { reader, writer }
+    }
+}
+
 impl<R, W> Connection for Halves<R, W>
 where
     R: tokio::io::AsyncRead + Unpin,

@@ -293,6 +293,19 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
         (self.ring.len(), self.ring.used_bytes())
     }
 
+    /// Command results queued and not yet sent (e.g. to send a `reboot` result before
+    /// rebooting).
+    pub fn pending_results(&self) -> usize {
+        let mut n = 0;
+        let mut rest = self.outbox.as_slice();
+        while let [hi, lo, ..] = rest {
+            n += 1;
+            let len = HEADER_LEN + usize::from(u16::from_be_bytes([*hi, *lo]));
+            rest = rest.get(len..).unwrap_or_default();
+        }
+        n
+    }
+
     /// The highest seq the gateway acknowledged in this boot.
     pub fn acked(&self) -> Option<Seq> {
         self.acked

@@ -1,0 +1,351 @@
+//! `device-sim`: many simulated devices against one gateway, from one process.
+//!
+//! ```text
+//! certs init --dir certs && certs devices --dir certs --prefix sim- --count 1000
+//! device-sim --gateway 127.0.0.1:7443 --certs certs --devices 1000 --rate 0.2 --duration 60
+//! ```
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use device_client::sim::{Devices, Histogram, SimConfig, Simulator, Stats, Summary};
+
+/// Simulated devices: each has its own certificate and TLS connection, sends drifting
+/// telemetry (temperature, humidity, battery, uptime, signal) at --rate records per
+/// second, keeps unacked records in a ring and replays them after a reconnect, and
+/// answers the commands echo, set_interval (interval_ms or interval_s) and reboot.
+///
+/// A progress line goes to stderr once a second. At the end (after --duration, or on
+/// Ctrl-C) the devices stop producing and wait up to --drain-timeout for their last
+/// acks; then a summary is printed (to stdout, or to stderr with --json, which puts a
+/// JSON summary on stdout).
+#[derive(Parser)]
+#[command(
+    version,
+    after_help = "\
+Examples:
+  certs init --dir certs
+  certs devices --dir certs --prefix sim- --count 1000
+  gateway run --ca certs/ca.pem --cert certs/gateway.pem --key certs/gateway.key.pem &
+  device-sim --gateway 127.0.0.1:7443 --certs certs --devices 1000 --rate 0.2 --duration 60
+
+Each device uses one socket: raise the open-file limit (ulimit -n) above --devices.
+Exit status: 0 when every record was acked, 2 when some were still unacked at the end,
+1 on errors."
+)]
+struct Cli {
+    /// The gateway's device listener.
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: String,
+    /// The certs directory (ca.pem and devices/ID/{cert,key}.pem, as `certs` writes it).
+    #[arg(long, value_name = "DIR")]
+    certs: PathBuf,
+    /// How many devices: PREFIX + a zero-padded counter from --first.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    devices: u64,
+    /// Telemetry records per second per device (0.2 = one every 5 s; 0 = none).
+    #[arg(long, value_name = "MSGS_PER_S", default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds to run; without it, run until Ctrl-C.
+    #[arg(long, value_name = "S")]
+    duration: Option<f64>,
+    /// Device id prefix (as given to `certs devices --prefix`).
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    /// First counter value (as given to `certs devices --start`).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first: u64,
+    /// The name the gateway's certificate must carry.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    server_name: String,
+    /// Print the summary as JSON on stdout (per device: boot ids, records sent and the
+    /// highest seq acked per boot).
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the last acks after producing stops.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    drain_timeout: f64,
+    /// Each device's ring of unacked records in bytes (1024 to 65536; ~90 bytes a record).
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    ring_bytes: usize,
+    /// Worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// TCP connects + TLS handshakes in progress at once (the connect ramp).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_handshakes: usize,
+    /// First reconnect delay in seconds (doubles per failure, with jitter, up to 60 s).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    backoff_min: f64,
+}
+
+fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .with_context(|| format!("--{what} must be a number of seconds >= 0, not {s}"))
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("device-sim: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    if !cli.certs.is_dir() {
+        bail!(
+            "certs directory {} does not exist: run: certs init --dir {0} && certs devices --dir {0} --prefix {} --count {}",
+            cli.certs.display(),
+            cli.prefix,
+            cli.devices
+        );
+    }
+    if let Some(limit) = open_file_limit()
+        && cli.devices + 64 > limit
+    {
+        eprintln!(
+            "device-sim: warning: {} devices need as many sockets, but the open-file limit is {limit}: raise it (ulimit -n {}) or run fewer devices per process",
+            cli.devices,
+            cli.devices + 256
+        );
+    }
+    let count = usize::try_from(cli.devices).context("--devices is too large")?;
+    let mut config = SimConfig::new(
+        cli.gateway.clone(),
+        Devices::Dir {
+            dir: cli.certs.clone(),
+            prefix: cli.prefix.clone(),
+            first: cli.first,
+            count,
+        },
+    );
+    config.server_name = cli.server_name.clone();
+    config.rate = cli.rate;
+    config.duration = cli.duration.map(|d| seconds("duration", d)).transpose()?;
+    config.drain_timeout = seconds("drain-timeout", cli.drain_timeout)?;
+    config.ring_bytes = cli.ring_bytes;
+    config.threads = cli.threads;
+    config.max_handshakes = cli.max_handshakes;
+    config.backoff_min = seconds("backoff-min", cli.backoff_min)?;
+
+    eprintln!(
+        "device-sim: loading {count} device certificates from {}",
+        cli.certs.display()
+    );
+    let sim = Simulator::start(config)?;
+    eprintln!(
+        "device-sim: {count} devices -> {} ({} records/s each); Ctrl-C stops",
+        cli.gateway, cli.rate
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let summary = runtime.block_on(watch(sim))?;
+    let human = human_summary(&summary);
+    if cli.json {
+        eprint!("{human}");
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &summary)?;
+        writeln!(out)?;
+    } else {
+        print!("{human}");
+    }
+    Ok(if summary.drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Prints progress once a second until the simulation ends; Ctrl-C stops it (twice:
+/// at once, without waiting for acks).
+async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
+    let monitor = sim.monitor();
+    let done = sim.wait();
+    tokio::pin!(done);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let tty = std::io::stderr().is_terminal();
+    let mut last = Histogram::default();
+    let mut interrupts = 0;
+    let mut hinted = false;
+    let mut all_connected = false;
+    loop {
+        tokio::select! {
+            summary = &mut done => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(summary?);
+            }
+            _ = tick.tick() => {
+                let stats = monitor.stats();
+                let line = progress(&stats, &last);
+                last = stats.ack_latency.clone();
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+                hinted = hint(&stats, hinted, tty);
+                if let (false, Some(after)) = (all_connected, stats.all_connected_after) {
+                    all_connected = true;
+                    if tty {
+                        eprintln!();
+                    }
+                    eprintln!(
+                        "device-sim: all {} devices connected after {:.2} s",
+                        stats.devices,
+                        after.as_secs_f64()
+                    );
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if tty {
+                    eprintln!();
+                }
+                if interrupts == 1 {
+                    eprintln!("device-sim: stopping: waiting for the last acks (Ctrl-C again to quit now)");
+                    monitor.stop();
+                } else {
+                    monitor.abort();
+                }
+            }
+        }
+    }
+}
+
+/// Says once what is probably wrong when nothing connects.
+fn hint(s: &Stats, hinted: bool, tty: bool) -> bool {
+    if hinted || s.ever_connected > 0 || s.elapsed < Duration::from_secs(15) {
+        return hinted;
+    }
+    if tty {
+        eprintln!();
+    }
+    eprintln!(
+        "device-sim: no device has connected after {:.0} s (connect failures: {:?}, disconnects: {:?}): is the gateway running at that address, does its certificate carry --server-name, and does it trust this CA?",
+        s.elapsed.as_secs_f64(),
+        s.connect_failures_by_reason,
+        s.disconnects_by_reason
+    );
+    true
+}
+
+fn ms(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!("{:.1} ms", d.as_secs_f64() * 1000.0),
+        None => "-".into(),
+    }
+}
+
+/// One line: connected, sent, acked, ack latency of the last second, reconnects.
+fn progress(s: &Stats, last: &Histogram) -> String {
+    let recent = s.ack_latency.since(last);
+    let mut line = format!(
+        "[{:>5.0}s] connected {}/{}  sent {}  acked {}  unacked {}  ack p50 {} p99 {}  reconnects {}",
+        s.elapsed.as_secs_f64(),
+        s.connected,
+        s.devices,
+        s.sent,
+        s.acked,
+        s.unacked,
+        ms(recent.quantile(0.5)),
+        ms(recent.quantile(0.99)),
+        s.reconnects,
+    );
+    if s.connect_failures > 0 {
+        line.push_str(&format!("  connect failures {}", s.connect_failures));
+    }
+    if s.ring_full > 0 {
+        line.push_str(&format!("  ring full {}", s.ring_full));
+    }
+    if s.commands > 0 {
+        line.push_str(&format!("  commands {}", s.commands));
+    }
+    if s.phase != device_client::sim::Phase::Running {
+        line.push_str(&format!("  ({:?})", s.phase).to_lowercase());
+    }
+    line
+}
+
+fn human_summary(s: &Summary) -> String {
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    let mut out = String::new();
+    out.push_str(&format!(
+        "device-sim: {} devices at {} records/s each, ran {:.1} s, drained in {:.1} s\n",
+        s.devices,
+        s.rate_per_device,
+        s.run_ms as f64 / 1000.0,
+        s.drain_ms as f64 / 1000.0
+    ));
+    out.push_str(&format!(
+        "  all connected after  {}\n",
+        s.all_connected_after_ms
+            .map_or("never (see connect failures)".into(), |ms| format!(
+                "{:.2} s",
+                ms as f64 / 1000.0
+            ))
+    ));
+    out.push_str(&format!(
+        "  telemetry            sent {}, acked {}, unacked {}{}, ring full {}\n",
+        s.sent,
+        s.acked,
+        s.unacked,
+        if s.drained {
+            " (all acked)"
+        } else {
+            " (drain timed out)"
+        },
+        s.ring_full
+    ));
+    out.push_str(&format!(
+        "  ack latency          p50 {}, p90 {}, p99 {}, max {} ({} records queued on an open session)\n",
+        f(s.ack_latency.p50_ms),
+        f(s.ack_latency.p90_ms),
+        f(s.ack_latency.p99_ms),
+        f(s.ack_latency.max_ms),
+        s.ack_latency.count
+    ));
+    out.push_str(&format!(
+        "  sessions             connects {}, reconnects {}, disconnects {} {:?}, connect failures {} {:?}\n",
+        s.connects,
+        s.reconnects,
+        s.disconnects,
+        s.disconnects_by_reason,
+        s.connect_failures,
+        s.connect_failures_by_reason
+    ));
+    out.push_str(&format!(
+        "  commands             {} run, {} reboots, {} records lost to reboots\n",
+        s.commands, s.reboots, s.lost_on_reboot
+    ));
+    if s.fatal > 0 {
+        let first = s
+            .per_device
+            .iter()
+            .find_map(|d| d.fatal.as_ref().map(|why| format!("{}: {why}", d.id)));
+        out.push_str(&format!(
+            "  refused for good     {} devices (first: {})\n",
+            s.fatal,
+            first.unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// The soft open-file limit, from /proc on Linux.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
