@@ -73,6 +73,12 @@ pub struct Config {
     /// Most commands a device may have queued; more are refused.
     pub max_queued_commands: usize,
 
+    /// Operator API and dashboard listener; unset: no API.
+    pub api_listen: Option<SocketAddr>,
+    /// File holding the API bearer token; created with a random token on first start
+    /// if missing. Unset: `DATA_DIR/api-token`.
+    pub api_token_file: Option<PathBuf>,
+
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -124,6 +130,8 @@ impl Default for Config {
             retention_max_rows: None,
             command_ttl: Duration::from_secs(3600),
             max_queued_commands: 1000,
+            api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            api_token_file: None,
             log_format: LogFormat::Text,
         }
     }
@@ -211,6 +219,13 @@ impl Config {
         // Not an error: a smaller max_frame only refuses the largest valid records.
         let _ = MAX_UPLINK_FRAME;
         Ok(())
+    }
+
+    /// The API token file (`api_token_file`, or `DATA_DIR/api-token`).
+    pub fn token_path(&self) -> PathBuf {
+        self.api_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("api-token"))
     }
 
     /// The SQLite file inside the data directory.

@@ -18,7 +18,8 @@ pub enum Event {
     Telemetry {
         /// Device id.
         device: Arc<str>,
-        /// Boot id.
+        /// Boot id (a string in JSON).
+        #[serde(serialize_with = "crate::values::u64_as_string")]
         boot_id: u64,
         /// Sequence number.
         seq: u32,
@@ -61,6 +62,17 @@ impl Event {
             Event::HandshakeRefused { .. } => None,
         }
     }
+}
+
+/// A refused handshake, kept for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    /// Peer address.
+    pub peer: String,
+    /// Why.
+    pub reason: &'static str,
+    /// When, ms since the epoch.
+    pub time_ms: i64,
 }
 
 /// A histogram with fixed buckets (upper bounds in seconds), Prometheus-style.

@@ -17,8 +17,10 @@
 //! and expire by their time to live. Every input from a device is bounded and checked:
 //! a bad device is closed with a typed reason and no other device notices.
 
+pub mod api;
 pub mod config;
 pub mod events;
+pub mod quickstart;
 pub mod registry;
 pub mod server;
 pub mod session;
@@ -60,9 +62,29 @@ pub struct Shared {
     /// Set once to make every task wind down.
     pub shutting_down: watch::Sender<bool>,
     waiters: Mutex<Vec<(i64, oneshot::Sender<CommandRecord>)>>,
+    refusals: Mutex<std::collections::VecDeque<events::Refused>>,
 }
 
+/// Refused handshakes kept for `recent_refusals`.
+const KEEP_REFUSALS: usize = 50;
+
 impl Shared {
+    /// Remembers a refused handshake (the newest [`KEEP_REFUSALS`]) and publishes it.
+    pub fn refused(&self, r: events::Refused) {
+        {
+            let mut q = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() == KEEP_REFUSALS {
+                q.pop_front();
+            }
+            q.push_back(r.clone());
+        }
+        self.publish(|| Event::HandshakeRefused {
+            peer: r.peer,
+            reason: r.reason,
+            time_ms: r.time_ms,
+        });
+    }
+
     /// Whether anyone listens to live events (events are only built if so).
     pub fn has_subscribers(&self) -> bool {
         self.events.receiver_count() > 0
@@ -106,6 +128,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The API token could not be read or made.
+    #[error(transparent)]
+    Token(#[from] api::TokenError),
     /// The listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -142,12 +167,25 @@ pub enum CommandError {
 pub struct Gateway {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    api: Option<ApiInfo>,
     tasks: Arc<Mutex<Option<Tasks>>>,
+}
+
+/// Where the operator API listens, and its token.
+#[derive(Clone, Debug)]
+pub struct ApiInfo {
+    /// Listener address.
+    pub addr: SocketAddr,
+    /// Bearer token.
+    pub token: Arc<str>,
+    /// Whether the token was made by this start (so it should be shown once).
+    pub token_created: bool,
 }
 
 struct Tasks {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    api: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
     writer: store::WriterThread,
 }
@@ -193,27 +231,84 @@ impl Gateway {
             events,
             shutting_down,
             waiters: Mutex::new(Vec::new()),
+            refusals: Mutex::new(Default::default()),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(server::run(listener, shared.clone(), stop_rx));
+        let api_listener = match shared.config.api_listen {
+            Some(addr) => {
+                let (token, token_created) =
+                    api::load_or_create_token(&shared.config.token_path())?;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                Some((
+                    l,
+                    ApiInfo {
+                        addr: bound,
+                        token: Arc::from(token),
+                        token_created,
+                    },
+                ))
+            }
+            None => None,
+        };
+        let server = tokio::spawn(server::run(listener, shared.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeeping(shared.clone()));
         info!(%local_addr, "gateway listening for devices");
-        let gw = Gateway {
+        let mut gw = Gateway {
             shared,
             local_addr,
-            tasks: Arc::new(Mutex::new(Some(Tasks {
-                stop: stop_tx,
-                server,
-                housekeeping,
-                writer,
-            }))),
+            api: None,
+            tasks: Arc::new(Mutex::new(None)),
         };
+        let api_task = api_listener.map(|(l, info)| {
+            info!(addr = %info.addr, "operator API and dashboard listening");
+            let router = api::router(gw.clone(), &info.token);
+            gw.api = Some(info);
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(l, router).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "the operator API stopped");
+                }
+            })
+        });
+        // The router above holds a clone made before `api` was set; it needs only
+        // the shared state, never the API address.
+        gw.tasks = Arc::new(Mutex::new(Some(Tasks {
+            stop: stop_tx,
+            api: api_task,
+            server,
+            housekeeping,
+            writer,
+        })));
         Ok(gw)
     }
 
     /// The device listener's address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The operator API's address and token, if it runs.
+    pub fn api(&self) -> Option<&ApiInfo> {
+        self.api.as_ref()
+    }
+
+    /// The most recent refused handshakes, oldest first.
+    pub fn recent_refusals(&self) -> Vec<events::Refused> {
+        self.shared
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The shared state (settings, store, metrics).
@@ -357,6 +452,9 @@ impl Gateway {
         };
         tasks.stop.send_replace(true);
         let _ = tasks.server.await;
+        if let Some(api) = tasks.api {
+            let _ = api.await;
+        }
         tracing::debug!("listener and sessions done");
         tasks.housekeeping.abort();
         tasks.writer.stop(&self.shared.store).await;

@@ -29,6 +29,30 @@ enum Cmd {
     Run(RunArgs),
     /// Print the effective settings as TOML (defaults, file and flags merged).
     PrintConfig(RunArgs),
+    /// Try it all in one command: a development CA and certificates in ./quickstart
+    /// (made if absent), the gateway on built-in defaults (devices on 127.0.0.1:7443,
+    /// dashboard and API on 127.0.0.1:8080), and simulated devices in this process.
+    /// Prints the dashboard URL with its token. Ctrl-C stops everything.
+    Quickstart(QuickstartArgs),
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 25)]
+    devices: usize,
+    /// Telemetry records per device per second.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Directory for the certificates and the data.
+    #[arg(long, default_value = "quickstart")]
+    dir: PathBuf,
+    /// Device listener.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Dashboard and API listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
 }
 
 #[derive(Args)]
@@ -109,6 +133,15 @@ struct Overrides {
     /// Commands queued per device, at most [default: 1000].
     #[arg(long)]
     max_queued_commands: Option<usize>,
+    /// Operator API and dashboard address [default: 127.0.0.1:8080].
+    #[arg(long, conflicts_with = "no_api")]
+    api_listen: Option<SocketAddr>,
+    /// Run without the operator API and dashboard.
+    #[arg(long)]
+    no_api: bool,
+    /// File holding the API bearer token [default: DATA_DIR/api-token, made on first start].
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<LogFormat>,
@@ -152,6 +185,15 @@ impl Overrides {
         if self.retention_max_rows.is_some() {
             c.retention_max_rows = self.retention_max_rows;
         }
+        if self.api_listen.is_some() {
+            c.api_listen = self.api_listen;
+        }
+        if self.no_api {
+            c.api_listen = None;
+        }
+        if self.api_token_file.is_some() {
+            c.api_token_file = self.api_token_file;
+        }
     }
 }
 
@@ -188,6 +230,14 @@ fn main() -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
+        Cmd::Quickstart(args) => {
+            init_logs_quiet();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(quickstart(args))
+        }
         Cmd::Run(args) => {
             let config = args.config()?;
             init_logs(config.log_format);
@@ -200,18 +250,126 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Quickstart logs only warnings unless RUST_LOG says otherwise: its own status lines
+/// say what happens.
+fn init_logs_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
+    use gateway::quickstart::{Options, prepare, start_devices};
+    let opts = Options {
+        dir: args.dir.clone(),
+        devices: args.devices,
+        rate: args.rate,
+    };
+    eprintln!(
+        "quickstart: certificates for {} devices in {}",
+        args.devices,
+        args.dir.join("certs").display()
+    );
+    let progress = |done: usize, total: usize| {
+        if total >= 100 && (done.is_multiple_of(500) || done == total) {
+            eprintln!("  {done}/{total} device certificates");
+        }
+    };
+    let mut config = prepare(&opts, &progress)?;
+    config.listen = args.listen;
+    config.api_listen = Some(args.api_listen);
+    let gw = Gateway::start(config).await.with_context(|| {
+        format!(
+            "starting the gateway (is another one running? ports {} and {} must be free; \
+             pick others with --listen and --api-listen)",
+            args.listen, args.api_listen
+        )
+    })?;
+    let sim = start_devices(&opts, gw.local_addr()).context("starting the simulated devices")?;
+    let monitor = sim.monitor();
+    let api = gw.api().context("the API did not start")?;
+    let token_file = gw.shared().config.token_path();
+    eprintln!(
+        "\n  gateway    devices connect to {} (mutual TLS)\n  \
+         dashboard  http://{}/#token={}\n  \
+         API token  {} (in {})\n  \
+         try        curl -H \"Authorization: Bearer $(cat {})\" http://{}/api/v1/devices\n\n\
+         {} simulated devices are connecting; Ctrl-C stops everything.\n",
+        gw.local_addr(),
+        api.addr,
+        api.token,
+        api.token,
+        token_file.display(),
+        token_file.display(),
+        api.addr,
+        args.devices
+    );
+    let status = {
+        let monitor = monitor.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = monitor.stats();
+                eprintln!(
+                    "devices online {}  records sent {}  acked {}",
+                    s.connected, s.sent, s.acked
+                );
+            }
+        })
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping: devices finish sending, then the gateway commits and stops");
+    status.abort();
+    monitor.stop();
+    let summary = sim.wait().await;
+    gw.shutdown().await;
+    if let Ok(s) = summary {
+        eprintln!("{} records sent, {} acked and stored", s.sent, s.acked);
+    }
+    Ok(())
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let hint = format!(
-        "make certificates with: certs init --dir {}",
-        config
-            .ca
-            .parent()
-            .map_or(".".into(), |p| p.display().to_string())
-    );
-    let gw = Gateway::start(config)
-        .await
-        .with_context(|| format!("the gateway could not start ({hint})"))?;
+    let certs_dir = config
+        .ca
+        .parent()
+        .map_or(".".into(), |p| p.display().to_string());
+    let gw = match Gateway::start(config).await {
+        Ok(gw) => gw,
+        // Missing or unreadable TLS files: say how to make them.
+        Err(e @ gateway::StartError::Tls(_)) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "the gateway could not start (make certificates with: \
+                     certs init --dir {certs_dir})"
+                )
+            });
+        }
+        Err(e) => return Err(e).context("the gateway could not start"),
+    };
+    if let Some(api) = gw.api() {
+        if api.token_created {
+            // Shown once, when made; afterwards it is only in the token file.
+            eprintln!(
+                "\nAPI token (stored in the token file, shown only this once):\n  {}\n\
+                 dashboard: http://{}/#token={}\n",
+                api.token, api.addr, api.token
+            );
+        } else {
+            tracing::info!(url = %format!("http://{}/", api.addr), "dashboard");
+        }
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     loop {

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Shared;
-use crate::events::Event;
+use crate::events::Refused;
 use crate::store::now_ms;
 use crate::tls::{self, Refusal};
 
@@ -117,7 +117,7 @@ async fn handshake(
     let refused = |reason: Refusal, detail: String| {
         shared.metrics.refused(reason);
         warn!(%reason, %detail, "handshake refused");
-        shared.publish(|| Event::HandshakeRefused {
+        shared.refused(Refused {
             peer: peer.to_string(),
             reason: reason.as_str(),
             time_ms: now_ms(),

@@ -610,6 +610,7 @@ impl Session {
         next.clear();
         let mut batch = std::mem::replace(&mut open.filling, next);
         batch.received_ms = now_ms();
+        batch.submitted = Some(std::time::Instant::now());
         open.committing = true;
         self.shared
             .store
@@ -634,6 +635,9 @@ impl Session {
             }
         };
         let m = &shared.metrics;
+        if let Some(t) = batch.submitted.take() {
+            m.commit_latency.observe(t.elapsed());
+        }
         m.telemetry_stored
             .fetch_add(inserted as u64, Ordering::Relaxed);
         m.telemetry_duplicates

@@ -117,6 +117,8 @@ pub struct Batch {
     pub boot_id: u64,
     /// Arrival time of the batch's first record.
     pub received_ms: i64,
+    /// When the batch went to the store (for the commit latency metric).
+    pub submitted: Option<std::time::Instant>,
     /// Records, in arrival order.
     pub records: Vec<BatchRecord>,
     /// Concatenated message bodies.
@@ -132,6 +134,7 @@ impl Batch {
             device_key,
             boot_id,
             received_ms: 0,
+            submitted: None,
             records: Vec::new(),
             bodies: Vec::new(),
             done,
@@ -202,7 +205,9 @@ pub struct DeviceRecord {
     pub firmware: Option<String>,
     /// Peer address of its last connection.
     pub peer_addr: Option<String>,
-    /// Boot id of its last session.
+    /// Boot id of its last session (a string in JSON: JavaScript numbers lose precision
+    /// above 2^53).
+    #[serde(serialize_with = "crate::values::opt_u64_as_string")]
     pub boot_id: Option<u64>,
     /// Number of sessions so far.
     pub connects: i64,
@@ -213,7 +218,8 @@ pub struct DeviceRecord {
 pub struct TelemetryRecord {
     /// Device id.
     pub device: String,
-    /// Boot id.
+    /// Boot id (a string in JSON).
+    #[serde(serialize_with = "crate::values::u64_as_string")]
     pub boot_id: u64,
     /// Sequence number.
     pub seq: Seq,
@@ -413,6 +419,11 @@ enum Op {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    PutGroup {
+        name: String,
+        devices: Vec<String>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Commit what is queued before it, then stop the writer.
     Stop,
 }
@@ -480,6 +491,11 @@ CREATE TABLE IF NOT EXISTS commands(
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+CREATE TABLE IF NOT EXISTS groups(
+    name    TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    PRIMARY KEY (name, device)
+) WITHOUT ROWID;
 "#;
 
 impl Store {
@@ -666,6 +682,50 @@ impl Store {
             older_than_ms,
             max_rows,
             reply,
+        })
+        .await
+    }
+
+    /// Sets the members of a group (replacing them; an empty list deletes the group).
+    pub async fn put_group(&self, name: &str, devices: Vec<String>) -> Result<(), StoreError> {
+        self.call(|reply| Op::PutGroup {
+            name: name.to_owned(),
+            devices,
+            reply,
+        })
+        .await
+    }
+
+    /// The members of a group, sorted; `None` if there is no such group.
+    pub async fn group(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT device FROM groups WHERE name = ?1 ORDER BY device")?;
+            let members = stmt
+                .query_map([name], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((!members.is_empty()).then_some(members))
+        })
+        .await
+    }
+
+    /// Every group with its members.
+    pub async fn groups(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT name, device FROM groups ORDER BY name, device")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut out: Vec<(String, Vec<String>)> = Vec::new();
+            for (name, device) in rows {
+                match out.last_mut() {
+                    Some((n, members)) if *n == name => members.push(device),
+                    _ => out.push((name, vec![device])),
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -985,6 +1045,7 @@ impl Writer {
             Op::Finish { reply, .. } => after(reply, Err(StoreError::Closed)),
             Op::Expire { reply, .. } => after(reply, Err(StoreError::Closed)),
             Op::Retention { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::PutGroup { reply, .. } => after(reply, Err(StoreError::Closed)),
             Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
                 let _ = reply.send(());
             })),
@@ -1062,8 +1123,24 @@ impl Writer {
             Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
                 let _ = reply.send(());
             })),
+            Op::PutGroup {
+                name,
+                devices,
+                reply,
+            } => after(reply, self.put_group(&name, &devices)),
             Op::Stop => Pending::Reply(Box::new(|_| {})),
         }
+    }
+
+    fn put_group(&mut self, name: &str, devices: &[String]) -> Result<(), StoreError> {
+        let c = &self.conn;
+        c.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+        let mut stmt =
+            c.prepare_cached("INSERT OR IGNORE INTO groups(name, device) VALUES (?1, ?2)")?;
+        for d in devices {
+            stmt.execute(params![name, d])?;
+        }
+        Ok(())
     }
 
     fn insert_batch(&mut self, batch: &mut Batch) -> Result<usize, rusqlite::Error> {

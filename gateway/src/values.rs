@@ -186,6 +186,20 @@ pub fn owned_to_json(args: &OwnedReadings) -> Json {
     Json::Object(map)
 }
 
+/// Serializes a `u64` as a decimal string: JSON readers in JavaScript round integers
+/// above 2^53, and boot ids are random 64-bit numbers.
+pub fn u64_as_string<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// [`u64_as_string`] for an optional value (`null` when absent).
+pub fn opt_u64_as_string<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
 /// Standard base64 with padding.
 pub fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine as _;

@@ -95,6 +95,7 @@ impl Pki {
             key: p.join("gateway.key.pem"),
             crl: Some(p.join("crl.pem")),
             data_dir: data_dir.to_owned(),
+            api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..Config::default()
         }
     }
@@ -102,6 +103,23 @@ impl Pki {
     /// Paths of the PEM files.
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
+    }
+
+    /// Arguments for `gateway run`: a config file in `data` naming this PKI, the store
+    /// in `data/db`, the operator API on a free port, devices on `listen`.
+    pub fn gateway_args(&self, data: &Path, listen: &str) -> Vec<String> {
+        let file = data.join("gateway.toml");
+        let text = format!(
+            "listen = {listen:?}\napi_listen = \"127.0.0.1:0\"\nca = {:?}\ncert = {:?}\n\
+             key = {:?}\ncrl = {:?}\ndata_dir = {:?}\n",
+            self.path("ca.pem"),
+            self.path("gateway.pem"),
+            self.path("gateway.key.pem"),
+            self.path("crl.pem"),
+            data.join("db"),
+        );
+        std::fs::write(&file, text).unwrap();
+        vec!["--config".into(), file.display().to_string()]
     }
 }
 

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
 
 use device_client::proto::{GoodbyeReason, Seq};
 use e2e::process::GatewayProcess;
@@ -11,21 +10,6 @@ use e2e::{Pki, RawDevice, stored_rows};
 
 /// `gateway/src/main.rs`, built by this package.
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
-
-/// A config file for a gateway process on a free loopback port.
-fn config_file(pki: &Pki, data: &Path) -> Vec<String> {
-    let file = data.join("gateway.toml");
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\ndata_dir = {:?}\n",
-        pki.path("ca.pem"),
-        pki.path("gateway.pem"),
-        pki.path("gateway.key.pem"),
-        pki.path("crl.pem"),
-        data.join("db"),
-    );
-    std::fs::write(&file, text).unwrap();
-    vec!["--config".into(), file.display().to_string()]
-}
 
 /// The device's side of replay: what it sent and has not seen acked.
 struct Ring {
@@ -42,7 +26,7 @@ impl Ring {
 async fn sigkill_mid_stream_then_replay_stores_every_seq_once() {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
-    let args = config_file(&pki, data.path());
+    let args = pki.gateway_args(data.path(), "127.0.0.1:0");
     let cert = pki.device("streamer-1");
     let boot = 0x5eed;
 
@@ -101,7 +85,7 @@ async fn sigkill_mid_stream_then_replay_stores_every_seq_once() {
 async fn sighup_with_a_new_crl_closes_the_revoked_session() {
     let mut pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
-    let args = config_file(&pki, data.path());
+    let args = pki.gateway_args(data.path(), "127.0.0.1:0");
     let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
 
     let doomed_cert = pki.device("doomed-1");
@@ -144,7 +128,7 @@ async fn sighup_with_a_new_crl_closes_the_revoked_session() {
 async fn sigterm_says_goodbye_and_exits_cleanly() {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
-    let args = config_file(&pki, data.path());
+    let args = pki.gateway_args(data.path(), "127.0.0.1:0");
     let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
     let cert = pki.device("polite-1");
     let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))

@@ -1,0 +1,630 @@
+//! The operator interface: JSON HTTP API under `/api/v1`, a WebSocket of live events,
+//! Prometheus metrics, and the dashboard page, on their own listener (127.0.0.1:8080
+//! by default).
+//!
+//! ```text
+//!  GET  /                      dashboard (static page; asks for the token)
+//!  GET  /healthz               "ok"                                    no token
+//!  GET  /metrics               Prometheus text                         token
+//!  /api/v1/...                 JSON (see openapi.json)                 token
+//!  GET  /api/v1/events         WebSocket: telemetry, presence, commands token (or ?token=)
+//! ```
+//!
+//! Every request under `/api/v1` and `/metrics` needs `Authorization: Bearer TOKEN`;
+//! the events WebSocket may pass the token as `?token=` because browsers cannot set
+//! headers on a WebSocket. Tokens are compared in constant time.
+
+mod metrics;
+mod token;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::store::{CommandRecord, TelemetryQuery};
+use crate::{CommandError, Event, Gateway, StoreError};
+use device_client::proto::DeviceId;
+
+pub use token::{TokenError, load_or_create_token};
+
+/// The OpenAPI document served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Longest a request may wait for a command result.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct Api {
+    gw: Gateway,
+    token: Arc<str>,
+}
+
+/// Every route: path, methods (for the OpenAPI sync test), handler.
+pub fn routes() -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    MethodRouter<ApiState>,
+)> {
+    vec![
+        ("/api/v1/devices", &["get"], get(list_devices)),
+        ("/api/v1/devices/{id}", &["get"], get(get_device)),
+        (
+            "/api/v1/devices/{id}/telemetry",
+            &["get"],
+            get(get_telemetry),
+        ),
+        (
+            "/api/v1/devices/{id}/commands",
+            &["get", "post"],
+            get(list_commands).post(post_command),
+        ),
+        ("/api/v1/commands/{id}", &["get"], get(get_command)),
+        ("/api/v1/groups", &["get"], get(list_groups)),
+        (
+            "/api/v1/groups/{name}",
+            &["get", "put"],
+            get(get_group).put(put_group),
+        ),
+        (
+            "/api/v1/groups/{name}/commands",
+            &["post"],
+            post(post_group_command),
+        ),
+        ("/api/v1/refusals", &["get"], get(list_refusals)),
+        ("/api/v1/events", &["get"], get(events)),
+        ("/api/v1/openapi.json", &["get"], get(openapi)),
+        ("/metrics", &["get"], get(metrics::handler)),
+    ]
+}
+
+/// The state handlers see (opaque outside this module).
+#[derive(Clone)]
+pub struct ApiState(Api);
+
+/// The router: authenticated routes, the dashboard, the health check.
+pub fn router(gw: Gateway, token: &str) -> Router {
+    let state = ApiState(Api {
+        gw,
+        token: Arc::from(token),
+    });
+    let mut authed = Router::new();
+    for (path, _, handler) in routes() {
+        authed = authed.route(path, handler);
+    }
+    let authed = authed.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(authed)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .with_state(state)
+}
+
+async fn require_token(
+    State(ApiState(api)): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Browsers cannot set headers on a WebSocket: the events stream takes ?token=.
+    let from_query = (req.uri().path() == "/api/v1/events")
+        .then(|| req.uri().query().and_then(query_token))
+        .flatten();
+    match bearer.or(from_query.as_deref()) {
+        Some(t) if token::matches(t, &api.token) => next.run(req).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "bad_token",
+            "the token is not valid",
+        ),
+        None => {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "no_token",
+                "send Authorization: Bearer <token> (the token is in DATA_DIR/api-token)",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+fn query_token(q: &str) -> Option<String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+}
+
+/// An API error: status, a stable machine-readable code, a message for people. Sent as
+/// `{"error": message, "code": code}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": self.message, "code": self.code})),
+        )
+            .into_response()
+    }
+}
+
+fn api_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+/// A JSON error response.
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    api_error(status, code, message).into_response()
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failure in the API");
+    api_error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+}
+
+fn valid_id(id: &str) -> Result<(), ApiError> {
+    DeviceId::new(id)
+        .map(|_| ())
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_device_id", e.to_string()))
+}
+
+async fn known_device(api: &Api, id: &str) -> Result<(), ApiError> {
+    valid_id(id)?;
+    match api.gw.device(id).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(api_error(
+            StatusCode::NOT_FOUND,
+            "no_device",
+            format!("no device {id:?}"),
+        )),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+async fn dashboard() -> Response {
+    (
+        [
+            // The page carries a command form: no other site may frame it.
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(DASHBOARD),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn list_devices(State(ApiState(api)): State<ApiState>) -> Response {
+    match api.gw.devices().await {
+        Ok(d) => axum::Json(d).into_response(),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+async fn get_device(State(ApiState(api)): State<ApiState>, Path(id): Path<String>) -> Response {
+    if let Err(r) = valid_id(&id) {
+        return r.into_response();
+    }
+    match api.gw.device(&id).await {
+        Ok(Some(d)) => axum::Json(d).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no_device",
+            format!("no device {id:?}"),
+        ),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+/// `?since=&until=` in ms since the epoch, `limit` (default 100, at most 10,000).
+#[derive(Deserialize)]
+struct TelemetryParams {
+    since: Option<i64>,
+    until: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn get_telemetry(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<String>,
+    Query(p): Query<TelemetryParams>,
+) -> Response {
+    if let Err(r) = known_device(&api, &id).await {
+        return r.into_response();
+    }
+    let q = TelemetryQuery {
+        since_ms: p.since,
+        until_ms: p.until,
+        limit: p.limit,
+    };
+    match api.gw.telemetry(&id, q).await {
+        Ok(t) => axum::Json(t).into_response(),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+async fn list_commands(State(ApiState(api)): State<ApiState>, Path(id): Path<String>) -> Response {
+    if let Err(r) = known_device(&api, &id).await {
+        return r.into_response();
+    }
+    match api.gw.store().commands_of(&id, 100).await {
+        Ok(c) => axum::Json(c).into_response(),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+/// Body of a command request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    name: String,
+    #[serde(default)]
+    args: Json,
+    ttl_s: Option<f64>,
+    #[serde(default)]
+    wait_s: f64,
+}
+
+impl CommandBody {
+    fn ttl(&self) -> Result<Option<Duration>, ApiError> {
+        match self.ttl_s {
+            None => Ok(None),
+            Some(t) if t.is_finite() && t > 0.0 && t <= 365.0 * 86400.0 => {
+                Ok(Some(Duration::from_secs_f64(t)))
+            }
+            Some(_) => Err(api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_ttl",
+                "ttl_s must be a positive number of seconds (at most a year)",
+            )),
+        }
+    }
+
+    fn wait(&self) -> Result<Duration, ApiError> {
+        if self.wait_s.is_finite() && self.wait_s >= 0.0 {
+            Ok(Duration::from_secs_f64(self.wait_s).min(MAX_WAIT))
+        } else {
+            Err(api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_wait",
+                "wait_s must be a number of seconds >= 0 (at most 60)",
+            ))
+        }
+    }
+}
+
+fn command_error(e: CommandError) -> ApiError {
+    match e {
+        CommandError::Store(StoreError::QueueFull { .. }) => {
+            api_error(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+        }
+        CommandError::Store(s) => store_error(s),
+        CommandError::InvalidDevice(_) => {
+            api_error(StatusCode::BAD_REQUEST, "bad_device_id", e.to_string())
+        }
+        _ => api_error(StatusCode::BAD_REQUEST, "bad_command", e.to_string()),
+    }
+}
+
+/// Checks the device is known, queues, then waits up to `wait`: 200 with the final
+/// record, or 202 with the record as it stands.
+async fn send_and_wait(
+    api: &Api,
+    device: &str,
+    body: &CommandBody,
+) -> Result<(StatusCode, CommandRecord), ApiError> {
+    known_device(api, device).await?;
+    let ttl = body.ttl()?;
+    let wait = body.wait()?;
+    let rec = api
+        .gw
+        .send_command(device, &body.name, &body.args, ttl)
+        .await
+        .map_err(command_error)?;
+    if wait.is_zero() {
+        return Ok((StatusCode::ACCEPTED, rec));
+    }
+    match api.gw.wait_command(rec.id, wait).await {
+        Ok(done) => Ok((StatusCode::OK, done)),
+        Err(CommandError::Timeout) => {
+            let now = api
+                .gw
+                .store()
+                .command(rec.id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(rec);
+            Ok((StatusCode::ACCEPTED, now))
+        }
+        Err(e) => Err(command_error(e)),
+    }
+}
+
+async fn post_command(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<CommandBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
+    };
+    match send_and_wait(&api, &id, &body).await {
+        Ok((status, rec)) => {
+            let location = format!("/api/v1/commands/{}", rec.id);
+            let mut r = (status, axum::Json(rec)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_command(State(ApiState(api)): State<ApiState>, Path(id): Path<i64>) -> Response {
+    match api.gw.store().command(id).await {
+        Ok(Some(c)) => axum::Json(c).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no_command",
+            format!("no command {id}"),
+        ),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+async fn list_groups(State(ApiState(api)): State<ApiState>) -> Response {
+    match api.gw.store().groups().await {
+        Ok(g) => axum::Json(
+            g.into_iter()
+                .map(|(name, devices)| json!({"name": name, "devices": devices}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+async fn get_group(State(ApiState(api)): State<ApiState>, Path(name): Path<String>) -> Response {
+    match api.gw.store().group(&name).await {
+        Ok(Some(devices)) => axum::Json(json!({"name": name, "devices": devices})).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no_group",
+            format!("no group {name:?}"),
+        ),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+/// Body of `PUT /groups/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    devices: Vec<String>,
+}
+
+async fn put_group(
+    State(ApiState(api)): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<GroupBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
+    };
+    if let Err(e) = DeviceId::new(&name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_group_name",
+            format!("group name: {e}"),
+        );
+    }
+    if body.devices.len() > 100_000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "too_many",
+            "at most 100,000 devices a group",
+        );
+    }
+    for d in &body.devices {
+        if let Err(r) = valid_id(d) {
+            return r.into_response();
+        }
+    }
+    let mut devices = body.devices;
+    devices.sort();
+    devices.dedup();
+    match api.gw.store().put_group(&name, devices.clone()).await {
+        Ok(()) => axum::Json(json!({"name": name, "devices": devices})).into_response(),
+        Err(e) => store_error(e).into_response(),
+    }
+}
+
+async fn post_group_command(
+    State(ApiState(api)): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<CommandBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
+    };
+    let members = match api.gw.store().group(&name).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_group",
+                format!("no group {name:?}"),
+            );
+        }
+        Err(e) => return store_error(e).into_response(),
+    };
+    let body = Arc::new(body);
+    // One receipt per device, sent and awaited concurrently.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, device) in members.into_iter().enumerate() {
+        let api = api.clone();
+        let body = body.clone();
+        tasks.spawn(async move {
+            let receipt = match send_and_wait(&api, &device, &body).await {
+                Ok((status, rec)) => json!({
+                    "device": device, "status": status.as_u16(), "command": rec
+                }),
+                Err(e) => json!({
+                    "device": device, "status": e.status.as_u16(), "code": e.code, "error": e.message
+                }),
+            };
+            (i, receipt)
+        });
+    }
+    let mut receipts = Vec::new();
+    while let Some(Ok(r)) = tasks.join_next().await {
+        receipts.push(r);
+    }
+    receipts.sort_by_key(|(i, _)| *i);
+    let receipts: Vec<Json> = receipts.into_iter().map(|(_, r)| r).collect();
+    axum::Json(json!({"group": name, "receipts": receipts})).into_response()
+}
+
+async fn list_refusals(State(ApiState(api)): State<ApiState>) -> Response {
+    axum::Json(api.gw.recent_refusals()).into_response()
+}
+
+/// `?device=a&device=b&group=g&type=telemetry&type=presence` (all optional).
+async fn events(
+    State(ApiState(api)): State<ApiState>,
+    req_query: axum::extract::RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let pairs: Vec<(String, String)> = req_query
+        .0
+        .as_deref()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let mut devices: HashSet<String> = HashSet::new();
+    let mut types: HashSet<String> = HashSet::new();
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "device" => {
+                devices.insert(v.clone());
+            }
+            "group" => match api.gw.store().group(v).await {
+                Ok(Some(members)) => devices.extend(members),
+                Ok(None) => {
+                    return error(StatusCode::NOT_FOUND, "no_group", format!("no group {v:?}"));
+                }
+                Err(e) => return store_error(e).into_response(),
+            },
+            "type" => {
+                types.insert(v.clone());
+            }
+            _ => {}
+        }
+    }
+    let filter = Filter { devices, types };
+    ws.on_upgrade(move |socket| stream_events(api, socket, filter))
+}
+
+struct Filter {
+    devices: HashSet<String>,
+    types: HashSet<String>,
+}
+
+impl Filter {
+    fn wants(&self, ev: &Event) -> bool {
+        let ty = match ev {
+            Event::Telemetry { .. } => "telemetry",
+            Event::Presence { .. } => "presence",
+            Event::Command(_) => "command",
+            Event::HandshakeRefused { .. } => "handshake_refused",
+        };
+        if !self.types.is_empty() && !self.types.contains(ty) {
+            return false;
+        }
+        match ev.device() {
+            Some(d) => self.devices.is_empty() || self.devices.contains(d),
+            // Refused handshakes have no device; they pass a device filter only if
+            // asked for by type.
+            None => self.devices.is_empty() || self.types.contains(ty),
+        }
+    }
+}
+
+async fn stream_events(api: Api, mut socket: WebSocket, filter: Filter) {
+    enum Next {
+        Event(Result<Arc<Event>, RecvError>),
+        Closed,
+        Other,
+        Stop,
+    }
+    let mut rx = api.gw.subscribe();
+    let mut stop = api.gw.shared().shutting_down.subscribe();
+    loop {
+        // Decide first, then act: nothing borrowed by `select!` lives across the send.
+        let next = tokio::select! {
+            ev = rx.recv() => Next::Event(ev),
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Next::Closed,
+                Some(Ok(_)) => Next::Other,
+            },
+            _ = stop.wait_for(|s| *s) => Next::Stop,
+        };
+        let text = match next {
+            Next::Event(Ok(ev)) if filter.wants(&ev) => match serde_json::to_string(&*ev) {
+                Ok(t) => t,
+                Err(_) => continue,
+            },
+            Next::Event(Ok(_)) | Next::Other => continue,
+            Next::Event(Err(RecvError::Lagged(n))) => {
+                json!({"type": "lagged", "missed": n}).to_string()
+            }
+            Next::Event(Err(RecvError::Closed)) | Next::Closed => return,
+            Next::Stop => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        };
+        if socket.send(Message::Text(text.into())).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! End-to-end with the device simulator (`device_client::sim`): hundreds of real
+//! clients (state machine, driver, tokio-rustls, one certificate each) against a real
+//! gateway, then the SQLite file is read to check exactly-once storage.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_client::sim::{
+    DeviceIdentity, Devices, Monitor, SimConfig, Simulator, Stats, Summary, client_config,
+};
+use e2e::process::GatewayProcess;
+use e2e::{Pki, TestGateway};
+use gateway::CommandState;
+use serde_json::json;
+
+/// `gateway/src/main.rs`, built by this package.
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
+
+/// How long a test waits for a condition of the simulation (hundreds of debug-build
+/// handshakes on a 2-core CI box take a while).
+const SIM_WAIT: Duration = Duration::from_secs(90);
+
+/// Certificates for `n` devices `sim-0000`... minted in memory, issued on every core.
+fn mint(pki: &Pki, n: usize) -> Vec<(String, certs::Issued)> {
+    let ids = device_client::sim::sequential_ids("sim-", 0, n);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = ids
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|id| (id.clone(), pki.device(id)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// `n` devices as TLS settings in memory.
+fn loaded(pki: &Pki, n: usize) -> Devices {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.certificate_der()).unwrap();
+    let roots = Arc::new(roots);
+    Devices::Loaded(
+        mint(pki, n)
+            .into_iter()
+            .map(|(id, cert)| DeviceIdentity {
+                id,
+                tls: client_config(
+                    roots.clone(),
+                    vec![cert.certificate_der()],
+                    cert.private_key_der(),
+                )
+                .unwrap(),
+            })
+            .collect(),
+    )
+}
+
+/// `n` devices written to `pki`'s directory as `certs devices` lays them out.
+fn on_disk(pki: &Pki, n: usize) -> Devices {
+    for (id, cert) in mint(pki, n) {
+        let dir = pki.dir.path().join("devices").join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), &cert.cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &cert.key_pem).unwrap();
+    }
+    Devices::Dir {
+        dir: pki.dir.path().to_owned(),
+        prefix: "sim-".into(),
+        first: 0,
+        count: n,
+    }
+}
+
+/// Test settings: quick reconnects, two worker threads, a long enough drain.
+fn config(addr: impl ToString, devices: Devices, rate: f64) -> SimConfig {
+    let mut c = SimConfig::new(addr.to_string(), devices);
+    c.rate = rate;
+    c.threads = Some(2);
+    c.ring_bytes = 16 * 1024;
+    c.backoff_min = Duration::from_millis(100);
+    c.backoff_max = Duration::from_secs(1);
+    c.drain_timeout = SIM_WAIT;
+    c
+}
+
+/// Waits until the simulation's counters satisfy `cond`; panics after [`SIM_WAIT`].
+async fn until(mon: &Monitor, what: &str, cond: impl Fn(&Stats) -> bool) -> Stats {
+    let deadline = tokio::time::Instant::now() + SIM_WAIT;
+    loop {
+        let s = mon.stats();
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (count, min seq, max seq) per (device, boot id), straight from the SQLite file.
+fn stored(db: &Path) -> HashMap<(String, u64), (u64, u32, u32)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut stmt = c
+        .prepare(
+            "SELECT d.id, t.boot_id, COUNT(*), MIN(t.seq), MAX(t.seq)
+               FROM telemetry t JOIN devices d ON d.key = t.device
+              GROUP BY d.id, t.boot_id",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
+            (r.get::<_, i64>(2)? as u64, r.get(3)?, r.get(4)?),
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// After a drained run: for every device and boot id, the store holds exactly the seqs
+/// `1..=sent`, each once (the unique key rules out duplicates; count = max = sent and
+/// min = 1 rule out gaps), every seq the simulator saw acked among them, and nothing
+/// else; the total equals the simulator's sent count.
+fn assert_exactly_once(db: &Path, summary: &Summary) {
+    println!(
+        "{} devices: sent {}, acked {}, connects {}, reconnects {}, disconnects {:?}, \
+         connect failures {:?}, ack latency {:?}, run {} ms, drain {} ms",
+        summary.devices,
+        summary.sent,
+        summary.acked,
+        summary.connects,
+        summary.reconnects,
+        summary.disconnects_by_reason,
+        summary.connect_failures_by_reason,
+        summary.ack_latency,
+        summary.run_ms,
+        summary.drain_ms
+    );
+    assert!(summary.drained, "every record acked before the end");
+    assert_eq!(summary.unacked, 0);
+    assert_eq!(summary.lost_on_reboot, 0);
+    assert_eq!(summary.sent, summary.acked);
+    let rows = stored(db);
+    let mut boots = 0;
+    let mut total = 0;
+    for dev in &summary.per_device {
+        for boot in &dev.boots {
+            assert_eq!(boot.lost, 0, "{} boot {:x}", dev.id, boot.boot_id);
+            assert_eq!(boot.acked, boot.sent, "{} boot {:x}", dev.id, boot.boot_id);
+            if boot.sent == 0 {
+                assert!(!rows.contains_key(&(dev.id.clone(), boot.boot_id)));
+                continue;
+            }
+            boots += 1;
+            total += u64::from(boot.sent);
+            let got = rows.get(&(dev.id.clone(), boot.boot_id)).copied();
+            assert_eq!(
+                got,
+                Some((u64::from(boot.sent), 1, boot.sent)),
+                "{} boot {:x}: (count, min, max) stored",
+                dev.id,
+                boot.boot_id
+            );
+        }
+    }
+    assert_eq!(rows.len(), boots, "no rows of other devices or boots");
+    assert_eq!(total, summary.sent);
+    assert_eq!(rows.values().map(|r| r.0).sum::<u64>(), summary.sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_devices_store_every_acked_record_exactly_once() {
+    let tg = TestGateway::start().await;
+    let n = 200;
+    let devices = on_disk(&tg.pki, n);
+    let sim = Simulator::start(config(tg.addr(), devices, 5.0)).unwrap();
+    let mon = sim.monitor();
+    let s = until(&mon, "every device connected", |s| s.ever_connected == n).await;
+    assert!(s.all_connected_after.is_some());
+    // A few records from every device, acked.
+    until(&mon, "3 acked records per device", |s| {
+        s.acked >= 3 * n as u64
+    })
+    .await;
+    mon.stop();
+    let summary = sim.wait().await.unwrap();
+
+    assert_eq!(summary.devices, n);
+    assert_eq!(summary.per_device.len(), n);
+    assert_eq!(summary.fatal, 0);
+    assert!(summary.all_connected_after_ms.is_some());
+    assert!(summary.ack_latency.count > 0);
+    assert!(summary.per_device.iter().all(|d| d.boots.len() == 1));
+    assert_exactly_once(&tg.data.path().join("gateway.sqlite"), &summary);
+    assert_eq!(
+        tg.gw.store().telemetry_count(None).await.unwrap(),
+        summary.sent
+    );
+    // The summary is what `device-sim --json` prints.
+    let text = serde_json::to_string(&summary).unwrap();
+    let back: Summary = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (back.sent, &back.per_device),
+        (summary.sent, &summary.per_device)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_ride_out_a_gateway_sigkill_and_lose_nothing() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let (gw, addr) =
+        GatewayProcess::start(BIN.as_ref(), &pki.gateway_args(data.path(), "127.0.0.1:0")).await;
+    let n = 100;
+    let sim = Simulator::start(config(addr, loaded(&pki, n), 20.0)).unwrap();
+    let mon = sim.monitor();
+    until(&mon, "every device connected", |s| s.ever_connected == n).await;
+    until(&mon, "5 acked records per device", |s| {
+        s.acked >= 5 * n as u64
+    })
+    .await;
+
+    // Killed mid-stream: whatever was received and not committed is not acked.
+    gw.kill();
+    until(&mon, "every device to notice", |s| s.connected == 0).await;
+    // Devices keep sampling while the gateway is away: their rings fill.
+    let down = until(&mon, "records queued during the outage", |s| {
+        s.unacked >= n as u64
+    })
+    .await;
+
+    // Same data dir, same port.
+    let (gw, again) = GatewayProcess::start(
+        BIN.as_ref(),
+        &pki.gateway_args(data.path(), &addr.to_string()),
+    )
+    .await;
+    assert_eq!(again, addr);
+    until(&mon, "every device back", |s| {
+        s.connected == n as u64 && s.reconnects >= n as u64
+    })
+    .await;
+    // Everything queued before the restart is acked (replayed from the rings).
+    until(&mon, "the outage's records acked", |s| s.acked >= down.sent).await;
+    mon.stop();
+    let summary = sim.wait().await.unwrap();
+
+    assert!(summary.reconnects >= n as u64, "{summary:#?}");
+    assert!(summary.disconnects >= n as u64);
+    assert_eq!(summary.fatal, 0);
+    assert_eq!(summary.ring_full, 0, "16 KiB rings hold the outage");
+    assert!(summary.per_device.iter().all(|d| d.connects >= 2));
+    assert_exactly_once(&data.path().join("db/gateway.sqlite"), &summary);
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_round_trip_through_the_gateway_to_simulated_devices() {
+    let tg = TestGateway::start().await;
+    let gw = &tg.gw;
+    // No telemetry unless a command asks for it.
+    let sim = Simulator::start(config(tg.addr(), loaded(&tg.pki, 3), 0.0)).unwrap();
+    let mon = sim.monitor();
+    until(&mon, "every device connected", |s| s.ever_connected == 3).await;
+    let wait = e2e::WAIT;
+
+    // echo returns its arguments.
+    let args = json!({"text": "hello", "n": 42, "on": true});
+    let done = gw
+        .command("sim-0000", "echo", &args, None, wait)
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(args));
+
+    // set_interval is acked with the interval applied, and the device starts sending.
+    let done = gw
+        .command(
+            "sim-0001",
+            "set_interval",
+            &json!({"interval_ms": 20}),
+            None,
+            wait,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(json!({"interval_ms": 20})));
+    let store = gw.store();
+    e2e::eventually("telemetry from sim-0001", || async {
+        (store.telemetry_count(Some("sim-0001")).await.unwrap() >= 10).then_some(())
+    })
+    .await;
+    let done = gw
+        .command(
+            "sim-0001",
+            "set_interval",
+            &json!({"interval_s": 0.5}),
+            None,
+            wait,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.result, Some(json!({"interval_ms": 500})));
+
+    // Bad arguments and unknown commands are answered, not run.
+    let done = gw
+        .command(
+            "sim-0000",
+            "set_interval",
+            &json!({"interval_s": "soon"}),
+            None,
+            wait,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Failed);
+    assert_eq!(done.status.as_deref(), Some("invalid_arguments"));
+    let done = gw
+        .command("sim-0000", "self_destruct", &json!({}), None, wait)
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Failed);
+    assert_eq!(done.status.as_deref(), Some("unknown_command"));
+
+    // reboot: answered, then the device comes back with a new boot id.
+    let before = gw.device("sim-0002").await.unwrap().unwrap().boot_id;
+    let done = gw
+        .command("sim-0002", "reboot", &json!({}), None, wait)
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    e2e::eventually("sim-0002 back with a new boot id", || async {
+        let d = gw.device("sim-0002").await.unwrap().unwrap();
+        (d.online && d.boot_id != before).then_some(())
+    })
+    .await;
+
+    mon.stop();
+    let summary = sim.wait().await.unwrap();
+    assert_eq!(summary.commands, 6);
+    assert_eq!(summary.reboots, 1);
+    let rebooted = &summary.per_device[2];
+    assert_eq!(rebooted.boots.len(), 2);
+    assert_eq!(Some(rebooted.boots[0].boot_id), before);
+    // Its last words: one record before the reboot, acked before it went.
+    assert_eq!((rebooted.boots[0].sent, rebooted.boots[0].acked), (1, 1));
+    assert_eq!(summary.per_device[0].sent(), 0, "sim-0000 never sampled");
+    assert_exactly_once(&tg.data.path().join("gateway.sqlite"), &summary);
+    // The reboot was not repeated: the gateway has no open command for it.
+    let open = gw
+        .store()
+        .command_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(state, n)| !state.is_final() && *n > 0)
+        .count();
+    assert_eq!(open, 0);
+}
