@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-
 use device_client::proto::{GoodbyeReason, Seq};
 use e2e::process::GatewayProcess;
 use e2e::{Pki, RawDevice, stored_rows};
