@@ -94,7 +94,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
 
 /// TLS handshake, identity, then the session.
 async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let Some((stream, identity)) = handshake(&shared, tcp, peer).await else {
+    // Boxed so that its state (a whole TLS acceptor) is freed once the handshake is
+    // done instead of staying in the connection's future for its whole life.
+    let Some((stream, identity)) = Box::pin(handshake(&shared, tcp, peer)).await else {
         return;
     };
     tracing::Span::current().record("device", tracing::field::display(&identity.device));
@@ -109,7 +111,7 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<(
-    tokio_rustls::server::TlsStream<TcpStream>,
+    Box<tokio_rustls::server::TlsStream<TcpStream>>,
     tls::PeerIdentity,
 )> {
     let material = shared.tls.current();
@@ -149,7 +151,9 @@ async fn handshake(
     match tls::identify(&cert, &shared.tls.current().revoked) {
         Ok(id) => {
             shared.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
-            Some((stream, id))
+            // Boxed once here: moved by value, the TLS state (over 1 KB) would take a
+            // slot in every future it passes through, for the connection's whole life.
+            Some((Box::new(stream), id))
         }
         Err(reason) => {
             refused(reason, "certificate refused after the handshake".into());

@@ -25,11 +25,12 @@ use std::time::Duration;
 
 use device_client::proto::{
     self, Ack, Command, CommandResult, DecodeError, Downlink, FrameError, Goodbye, GoodbyeReason,
-    Hello, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Telemetry, Uplink, Welcome,
+    Hello, MAX_DOWNLINK_FRAME, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Telemetry, Uplink,
+    Welcome,
 };
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
@@ -37,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::events::Event;
 use crate::registry::Entry;
-use crate::store::{Batch, BatchDone, SessionInfo, now_ms};
+use crate::store::{Batch, BatchDone, SessionInfo, StoreError, now_ms};
 use crate::tls::PeerIdentity;
 use crate::values;
 
@@ -146,13 +147,12 @@ struct Open {
 /// Runs a session to its end. Never panics on device input.
 pub async fn run(
     shared: Arc<Shared>,
-    stream: TlsStream<TcpStream>,
+    stream: Box<TlsStream<TcpStream>>,
     identity: PeerIdentity,
     peer: SocketAddr,
 ) {
     let (close_tx, close_rx) = watch::channel(None);
     let (ended_tx, ended_rx) = oneshot::channel();
-    let (done_tx, done_rx) = mpsc::channel(2);
     let commands = Arc::new(Notify::new());
     let session_no = shared.registry.next_session();
     let device: Arc<str> = Arc::from(identity.device.as_str());
@@ -167,8 +167,7 @@ pub async fn run(
         open: None,
         close_rx,
         stop: shared.shutting_down.subscribe(),
-        done_tx,
-        done_rx,
+        commit: None,
         commands: commands.clone(),
         entry: Some(Entry {
             session: session_no,
@@ -196,7 +195,7 @@ pub async fn run(
     if matches!(end, End::Violation(_)) {
         s.goodbye(GoodbyeReason::ProtocolViolation);
     }
-    s.finish().await;
+    Box::pin(s.finish()).await;
     if s.open.is_some() {
         shared.registry.remove(&device, session_no);
         shared.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
@@ -214,7 +213,7 @@ pub async fn run(
 
 struct Session {
     shared: Arc<Shared>,
-    stream: TlsStream<TcpStream>,
+    stream: Box<TlsStream<TcpStream>>,
     device: Arc<str>,
     peer: SocketAddr,
     identity: PeerIdentity,
@@ -226,8 +225,8 @@ struct Session {
     close_rx: watch::Receiver<Option<GoodbyeReason>>,
     /// The gateway is shutting down.
     stop: watch::Receiver<bool>,
-    done_tx: mpsc::Sender<BatchDone>,
-    done_rx: mpsc::Receiver<BatchDone>,
+    /// The outcome of the batch at the store, if one is there.
+    commit: Option<oneshot::Receiver<BatchDone>>,
     commands: Arc<Notify>,
     /// Our registry entry, until `Hello` puts it in the registry.
     entry: Option<Entry>,
@@ -235,11 +234,24 @@ struct Session {
     deadline: Pin<Box<Sleep>>,
 }
 
+/// The outcome of the batch at the store; pending forever if there is none. `None`
+/// if the store dropped it (shutting down).
+async fn wait_commit(commit: &mut Option<oneshot::Receiver<BatchDone>>) -> Option<BatchDone> {
+    match commit.as_mut() {
+        Some(rx) => {
+            let done = rx.await.ok();
+            *commit = None;
+            done
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What woke a session up.
 enum Wake {
     Close(bool),
     Stop,
-    Committed(BatchDone),
+    Committed(Option<BatchDone>),
     Commands,
     Readable(io::Result<()>),
     Deadline,
@@ -291,7 +303,7 @@ impl Session {
             biased;
             changed = self.close_rx.changed() => Wake::Close(changed.is_ok()),
             _ = self.stop.wait_for(|stop| *stop) => Wake::Stop,
-            Some(done) = self.done_rx.recv() => Wake::Committed(done),
+            done = wait_commit(&mut self.commit) => Wake::Committed(done),
             () = self.commands.notified(), if hello_done => Wake::Commands,
             ready = self.stream.get_ref().0.readable(), if can_read => Wake::Readable(ready),
             () = &mut self.deadline => Wake::Deadline,
@@ -311,8 +323,11 @@ impl Session {
                 self.goodbye(GoodbyeReason::Shutdown);
                 Some(End::Goodbye(GoodbyeReason::Shutdown))
             }
-            Wake::Committed(done) => self.committed(done).err(),
-            Wake::Commands => self.send_commands(false).await.err(),
+            Wake::Committed(Some(done)) => self.committed(done).err(),
+            // The store dropped the batch: it is stopping.
+            Wake::Committed(None) => Some(End::Store("the store stopped".into())),
+            // Boxed: an idle session's future would otherwise carry this rare state.
+            Wake::Commands => Box::pin(self.send_commands(false)).await.err(),
             Wake::Readable(Ok(())) => self.read_available().await.err(),
             Wake::Readable(Err(e)) => Some(End::Io(e)),
             Wake::Deadline if hello_done => {
@@ -325,9 +340,22 @@ impl Session {
 
     /// Reads everything TLS has, handling every complete frame.
     async fn read_available(&mut self) -> Result<(), End> {
+        // The common case has no await at all, so it takes no room in the session's
+        // future (which is what every idle connection costs); only the rare `Hello`
+        // step awaits, boxed.
+        while let Some(hello) = self.read_now()? {
+            Box::pin(self.open_session(hello)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and handles everything TLS has now, without waiting; stops early to hand
+    /// back a `Hello`, which needs awaits to open the session.
+    fn read_now(&mut self) -> Result<Option<HelloFields>, End> {
         let mut got_any = false;
-        loop {
-            // Decode from the scratch buffer without holding it across an await.
+        let mut hello = None;
+        while hello.is_none() {
+            // Decode from the scratch buffer; nothing here awaits.
             let outcome =
                 SCRATCH_BUF.with_borrow_mut(|scratch| match try_read(&mut self.stream, scratch) {
                     None => Ok(None),
@@ -340,18 +368,16 @@ impl Session {
                 });
             match outcome? {
                 None => break,
-                Some(hello) => {
+                Some(h) => {
                     got_any = true;
-                    if let Some(h) = hello {
-                        self.open_session(h).await?;
-                    }
+                    hello = h;
                 }
             }
         }
         if got_any {
             self.touch();
         }
-        Ok(())
+        Ok(hello)
     }
 
     /// Handles the frames in `fresh` (after any leftover partial frame). Returns the
@@ -469,12 +495,8 @@ impl Session {
             server_time_ms: u64::try_from(now_ms()).unwrap_or(0),
             max_frame: shared.config.max_frame,
         };
-        let filling = Batch::new(opened.device_key, h.boot_id, self.done_tx.clone());
-        let spare = Some(Batch::new(
-            opened.device_key,
-            h.boot_id,
-            self.done_tx.clone(),
-        ));
+        let filling = Batch::new(opened.device_key, h.boot_id);
+        let spare = Some(Batch::new(opened.device_key, h.boot_id));
         self.open = Some(Open {
             device_key: opened.device_key,
             peer_max_frame: usize::from(h.max_frame),
@@ -612,11 +634,18 @@ impl Session {
         batch.received_ms = now_ms();
         batch.submitted = Some(std::time::Instant::now());
         open.committing = true;
-        self.shared
-            .store
-            .submit(batch)
-            .await
-            .map_err(|e| End::Store(e.to_string()))
+        // Without awaiting when the store's queue has room (nearly always), so that
+        // this path takes no room in an idle session's future.
+        let rx = match self.shared.store.try_submit(batch) {
+            Ok(rx) => Ok(rx),
+            Err(crate::store::TrySubmit::Full(batch)) => {
+                Box::pin(self.shared.store.submit(batch)).await
+            }
+            Err(crate::store::TrySubmit::Closed) => Err(StoreError::Closed),
+        }
+        .map_err(|e| End::Store(e.to_string()))?;
+        self.commit = Some(rx);
+        Ok(())
     }
 
     /// A batch committed (or failed): ack, publish, submit the next.
@@ -699,20 +728,19 @@ impl Session {
             .open
             .as_ref()
             .map_or(usize::from(MIN_MAX_FRAME), |o| o.peer_max_frame);
-        let start = self.wbuf.len();
-        self.wbuf.resize(start + limit, 0);
-        let out = self.wbuf.get_mut(start..).unwrap_or_default();
-        match proto::encode(msg, out) {
+        // Encoded on the thread's stack (this is not an async fn), so the write buffer
+        // only ever grows to the frames really queued: an ack is 5 bytes.
+        let mut frame = [0u8; MAX_DOWNLINK_FRAME];
+        let room = frame.len().min(limit);
+        match proto::encode(msg, frame.get_mut(..room).unwrap_or_default()) {
             Ok(n) => {
-                self.wbuf.truncate(start + n);
+                self.wbuf
+                    .extend_from_slice(frame.get(..n).unwrap_or_default());
                 Ok(())
             }
-            Err(e) => {
-                self.wbuf.truncate(start);
-                Err(format!(
-                    "{e} (the device accepts frames of up to {limit} bytes)"
-                ))
-            }
+            Err(e) => Err(format!(
+                "{e} (the device accepts frames of up to {limit} bytes)"
+            )),
         }
     }
 
@@ -732,20 +760,55 @@ impl Session {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        // Almost always the socket takes a few small frames at once: try that without
+        // awaiting, so the write path takes no room in an idle session's future. Only
+        // a device that does not read makes us wait, in a boxed future.
+        match self.try_flush_now() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(End::Io(e)),
+            None => Box::pin(self.flush_slowly()).await?,
+        }
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 512 {
+            // A burst of commands passed; an idle session keeps no big buffer.
+            self.wbuf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Writes and flushes without waiting; `None` if the socket would block (what was
+    /// written is gone from `wbuf`).
+    fn try_flush_now(&mut self) -> Option<io::Result<()>> {
+        use tokio::io::AsyncWrite;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut stream = Pin::new(&mut *self.stream);
+        while !self.wbuf.is_empty() {
+            match stream.as_mut().poll_write(&mut cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => return Some(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.wbuf.drain(..n.min(self.wbuf.len()));
+                }
+                Poll::Ready(Err(e)) => return Some(Err(e)),
+                Poll::Pending => return None,
+            }
+        }
+        match stream.poll_flush(&mut cx) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
+    }
+
+    /// The rest of a write the socket did not take at once, within the write timeout.
+    async fn flush_slowly(&mut self) -> Result<(), End> {
         let write = async {
             self.stream.write_all(&self.wbuf).await?;
             self.stream.flush().await
         };
         match timeout(self.shared.config.write_timeout, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(End::Io(e)),
-            Err(_) => return Err(End::WriteTimeout),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => Err(End::WriteTimeout),
         }
-        self.wbuf.clear();
-        if self.wbuf.capacity() > 4096 {
-            self.wbuf = Vec::new();
-        }
-        Ok(())
     }
 
     /// After the end: what is queued is sent (a protocol violation's `Goodbye`); records
@@ -762,7 +825,7 @@ impl Session {
                 break;
             };
             if open.committing {
-                let waited = timeout(Duration::from_secs(10), self.done_rx.recv()).await;
+                let waited = timeout(Duration::from_secs(10), wait_commit(&mut self.commit)).await;
                 match waited {
                     Ok(Some(done)) => {
                         if self.committed(done).is_err() {

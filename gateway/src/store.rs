@@ -123,13 +123,11 @@ pub struct Batch {
     pub records: Vec<BatchRecord>,
     /// Concatenated message bodies.
     pub bodies: Vec<u8>,
-    /// Where the writer reports the outcome.
-    pub done: mpsc::Sender<BatchDone>,
 }
 
 impl Batch {
     /// An empty batch for a session.
-    pub fn new(device_key: i64, boot_id: u64, done: mpsc::Sender<BatchDone>) -> Self {
+    pub fn new(device_key: i64, boot_id: u64) -> Self {
         Self {
             device_key,
             boot_id,
@@ -137,7 +135,6 @@ impl Batch {
             submitted: None,
             records: Vec::new(),
             bodies: Vec::new(),
-            done,
         }
     }
 
@@ -172,6 +169,15 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+}
+
+/// Why [`Store::try_submit`] did not take a batch.
+#[derive(Debug)]
+pub enum TrySubmit {
+    /// The queue to the writer is full; here is the batch back.
+    Full(Batch),
+    /// The store is closed.
+    Closed,
 }
 
 /// The outcome of a batch.
@@ -372,7 +378,7 @@ pub struct TelemetryQuery {
 // Writer operations.
 
 enum Op {
-    Telemetry(Batch),
+    Telemetry(Batch, oneshot::Sender<BatchDone>),
     OpenSession {
         info: SessionInfo,
         now_ms: i64,
@@ -554,12 +560,29 @@ impl Store {
         &self.path
     }
 
-    /// Queues a batch for the next commit; the outcome arrives on `batch.done`.
-    pub async fn submit(&self, batch: Batch) -> Result<(), StoreError> {
+    /// [`submit`](Self::submit) without waiting: gives the batch back if the queue to
+    /// the writer is full.
+    pub fn try_submit(&self, batch: Batch) -> Result<oneshot::Receiver<BatchDone>, TrySubmit> {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Op::Telemetry(batch, reply)) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(Op::Telemetry(batch, _))) => {
+                Err(TrySubmit::Full(batch))
+            }
+            Err(_) => Err(TrySubmit::Closed),
+        }
+    }
+
+    /// Queues a batch for the next commit; the outcome (and the batch, for reuse)
+    /// arrives on the returned receiver. A oneshot per batch, not a channel per
+    /// session: an idle session then holds no channel buffer.
+    pub async fn submit(&self, batch: Batch) -> Result<oneshot::Receiver<BatchDone>, StoreError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Op::Telemetry(batch))
+            .send(Op::Telemetry(batch, reply))
             .await
-            .map_err(|_| StoreError::Closed)
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
     }
 
     async fn call<T>(
@@ -956,7 +979,7 @@ struct Writer {
 
 /// What to do once the transaction holding an op has committed (or failed).
 enum Pending {
-    Batch(Batch, usize),
+    Batch(Batch, usize, oneshot::Sender<BatchDone>),
     Reply(Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>),
 }
 
@@ -985,7 +1008,7 @@ impl Writer {
                 break;
             };
             let mut records = match &first {
-                Op::Telemetry(b) => b.records.len(),
+                Op::Telemetry(b, _) => b.records.len(),
                 _ => 0,
             };
             ops.push(first);
@@ -993,7 +1016,7 @@ impl Writer {
             while records < self.max_commit_records && !matches!(ops.last(), Some(Op::Stop)) {
                 match rx.try_recv() {
                     Ok(op) => {
-                        if let Op::Telemetry(b) = &op {
+                        if let Op::Telemetry(b, _) = &op {
                             records += b.records.len();
                         }
                         ops.push(op);
@@ -1016,7 +1039,7 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, "store could not begin a transaction");
                     pending.extend(ops.drain(..).map(|op| match op {
-                        Op::Telemetry(b) => Pending::Batch(b, 0),
+                        Op::Telemetry(b, reply) => Pending::Batch(b, 0, reply),
                         other => Self::refuse(other),
                     }));
                     Err(Arc::new(StoreError::from(e)))
@@ -1024,11 +1047,10 @@ impl Writer {
             };
             for p in pending.drain(..) {
                 match p {
-                    Pending::Batch(batch, inserted) => {
-                        let done = batch.done.clone();
+                    Pending::Batch(batch, inserted, reply) => {
                         let result = committed.clone().map(|()| inserted);
                         // The session may be gone; then nobody needs the ack.
-                        let _ = done.try_send(BatchDone { batch, result });
+                        let _ = reply.send(BatchDone { batch, result });
                     }
                     Pending::Reply(f) => f(committed.clone()),
                 }
@@ -1049,7 +1071,7 @@ impl Writer {
             Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
                 let _ = reply.send(());
             })),
-            Op::Telemetry(b) => Pending::Batch(b, 0),
+            Op::Telemetry(b, reply) => Pending::Batch(b, 0, reply),
             Op::CloseSession { .. } | Op::Stop => Pending::Reply(Box::new(|_| {})),
         }
     }
@@ -1057,12 +1079,12 @@ impl Writer {
     /// Applies one op inside the open transaction; its reply waits for the commit.
     fn apply(&mut self, op: Op) -> Pending {
         match op {
-            Op::Telemetry(mut batch) => {
+            Op::Telemetry(mut batch, reply) => {
                 let inserted = self.insert_batch(&mut batch).unwrap_or_else(|e| {
                     tracing::error!(error = %e, "telemetry insert failed");
                     0
                 });
-                Pending::Batch(batch, inserted)
+                Pending::Batch(batch, inserted, reply)
             }
             Op::OpenSession {
                 info,
@@ -1446,14 +1468,12 @@ mod tests {
         seqs: std::ops::RangeInclusive<Seq>,
         received_ms: i64,
     ) -> usize {
-        let (tx, mut rx) = mpsc::channel(2);
-        let mut batch = Batch::new(o.device_key, boot, tx);
+        let mut batch = Batch::new(o.device_key, boot);
         batch.received_ms = received_ms;
         for s in seqs {
             batch.push(s, received_ms, &body(s));
         }
-        store.submit(batch).await.unwrap();
-        let done = rx.recv().await.unwrap();
+        let done = store.submit(batch).await.unwrap().await.unwrap();
         done.result.unwrap()
     }
 
