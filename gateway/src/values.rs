@@ -10,7 +10,7 @@
 //!
 //! Readings become an object keyed by name (the first of a repeated name wins).
 
-use device_client::proto::{self, Name, Reading, Readings, Value};
+use device_client::proto::{self, Name, Reading, Value};
 use serde_json::{Map, Number, Value as Json};
 
 /// A JSON object of readings.
@@ -73,40 +73,7 @@ pub enum ArgsError {
     },
 }
 
-/// Owned storage for values parsed from JSON, so they can be borrowed as protocol
-/// [`Value`]s when a frame is encoded.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OwnedValue {
-    /// A boolean.
-    Bool(bool),
-    /// A negative integer.
-    I64(i64),
-    /// A non-negative integer.
-    U64(u64),
-    /// A number with a fraction or exponent.
-    F64(f64),
-    /// Text.
-    Str(String),
-    /// Bytes.
-    Bytes(Vec<u8>),
-}
-
-impl OwnedValue {
-    /// The protocol value, borrowing from `self`.
-    pub fn as_value(&self) -> Result<Value<'_>, proto::TextError> {
-        Ok(match self {
-            OwnedValue::Bool(b) => Value::Bool(*b),
-            OwnedValue::I64(i) => Value::I64(*i),
-            OwnedValue::U64(u) => Value::U64(*u),
-            OwnedValue::F64(f) => Value::F64(*f),
-            OwnedValue::Str(s) => Value::str(s)?,
-            OwnedValue::Bytes(b) => Value::bytes(b)?,
-        })
-    }
-}
-
-/// Named owned values: command arguments ready to be encoded.
-pub type OwnedReadings = Vec<(String, OwnedValue)>;
+pub use device_client::proto::owned::{OwnedReadings, OwnedValue, borrow_readings};
 
 /// Parses a JSON object into command arguments, checking every protocol bound, so that
 /// a command accepted into the queue can always be encoded.
@@ -156,19 +123,6 @@ pub fn args_from_json(args: &Json) -> Result<OwnedReadings, ArgsError> {
         };
         value.as_value().map_err(|e| bad(e.to_string()))?;
         out.push((name.clone(), value));
-    }
-    Ok(out)
-}
-
-/// The owned arguments as protocol readings, borrowing from `args`.
-pub fn borrow_readings(args: &OwnedReadings) -> Result<Readings<'_>, proto::TextError> {
-    let mut out = Readings::new();
-    for (name, value) in args {
-        let r = Reading::new(Name::new(name)?, value.as_value()?);
-        // `args_from_json` bounds the count; a longer list is cut, never a panic.
-        if out.push(r).is_err() {
-            break;
-        }
     }
     Ok(out)
 }

@@ -28,6 +28,8 @@ pub mod frame;
 pub mod identity;
 pub mod limits;
 pub mod message;
+#[cfg(feature = "std")]
+pub mod owned;
 pub mod text;
 pub mod value;
 

@@ -20,6 +20,7 @@ use super::{BootSummary, DeviceSummary, Settings};
 use crate::driver::tokio::{TlsConnection, TlsConnector, TokioClock};
 use crate::driver::{App, Clock, Connector, run};
 use crate::machine::{Client, CompleteError, Config, Event, Millis, SendError};
+use crate::proto::owned::{OwnedReadings, borrow_readings, to_owned_readings};
 use crate::proto::{Command, CommandId, CommandStatus, Name, Reading, Seq, Value, find};
 
 /// Frames a simulated device receives and sends, at most (its rx and tx buffers).
@@ -147,49 +148,11 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A value owned, for a command result that must wait for room in the outbox.
-#[derive(Debug, Clone, PartialEq)]
-enum OwnedValue {
-    Bool(bool),
-    I64(i64),
-    U64(u64),
-    F32(f32),
-    F64(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-}
-
-impl OwnedValue {
-    fn from(v: &Value<'_>) -> Self {
-        match v {
-            Value::Bool(b) => Self::Bool(*b),
-            Value::I64(x) => Self::I64(*x),
-            Value::U64(x) => Self::U64(*x),
-            Value::F32(x) => Self::F32(*x),
-            Value::F64(x) => Self::F64(*x),
-            Value::Str(t) => Self::Str(t.to_string()),
-            Value::Bytes(b) => Self::Bytes(b.to_vec()),
-        }
-    }
-
-    fn borrow(&self) -> Option<Value<'_>> {
-        Some(match self {
-            Self::Bool(b) => Value::Bool(*b),
-            Self::I64(x) => Value::I64(*x),
-            Self::U64(x) => Value::U64(*x),
-            Self::F32(x) => Value::F32(*x),
-            Self::F64(x) => Value::F64(*x),
-            Self::Str(s) => Value::str(s).ok()?,
-            Self::Bytes(b) => Value::bytes(b).ok()?,
-        })
-    }
-}
-
 /// A command result not yet accepted by the client.
 struct PendingResult {
     id: CommandId,
     status: CommandStatus,
-    values: Vec<(String, OwnedValue)>,
+    values: OwnedReadings,
 }
 
 impl PendingResult {
@@ -197,10 +160,7 @@ impl PendingResult {
         Self {
             id,
             status,
-            values: values
-                .iter()
-                .map(|r| (r.name.to_string(), OwnedValue::from(&r.value)))
-                .collect(),
+            values: to_owned_readings(values),
         }
     }
 
@@ -209,11 +169,8 @@ impl PendingResult {
         &self,
         client: &mut Client<R, O>,
     ) -> Result<(), bool> {
-        let readings: Vec<Reading<'_>> = self
-            .values
-            .iter()
-            .filter_map(|(n, v)| Some(Reading::new(Name::new(n).ok()?, v.borrow()?)))
-            .collect();
+        // The values came from a decoded command, so they are within every bound.
+        let readings = borrow_readings(&self.values).unwrap_or_default();
         match client.complete_command(self.id, self.status, &readings) {
             Ok(()) => Ok(()),
             Err(CompleteError::OutboxFull) => Err(true),
@@ -768,23 +725,6 @@ mod tests {
             assert!((5.0..=95.0).contains(&h), "humidity {h}");
             assert!((0.0..=100.0).contains(&b), "battery {b}");
             assert!((-80..=-50).contains(&r), "rssi {r}");
-        }
-    }
-
-    #[test]
-    fn owned_values_round_trip() {
-        let text = Value::str("hi").unwrap();
-        let bytes = Value::bytes(&[1, 2]).unwrap();
-        for v in [
-            Value::Bool(true),
-            Value::I64(-3),
-            Value::U64(3),
-            Value::F32(1.5),
-            Value::F64(2.5),
-            text,
-            bytes,
-        ] {
-            assert_eq!(OwnedValue::from(&v).borrow(), Some(v));
         }
     }
 }
