@@ -23,7 +23,7 @@ struct Pipes {
 
 impl Connector for Pipes {
     type Error = std::io::Error;
-    type Connection = Pipe;
+    type Connection<'c> = Pipe;
 
     async fn connect(&mut self) -> Result<Pipe, std::io::Error> {
         self.connects.set(self.connects.get() + 1);

@@ -116,7 +116,7 @@ pub struct OnceConnector {
 
 impl Connector for OnceConnector {
     type Error = ();
-    type Connection = ScriptedConnection;
+    type Connection<'c> = ScriptedConnection;
 
     async fn connect(&mut self) -> Result<ScriptedConnection, ()> {
         if core::mem::replace(&mut self.connected, true) {

@@ -29,6 +29,8 @@ use embedded_io_async::{Read, Write};
 use crate::machine::{Client, Disconnect, Event, Input, Millis};
 use crate::proto::Command;
 
+#[cfg(feature = "embedded-tls")]
+pub mod embedded_tls;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
@@ -57,13 +59,19 @@ pub trait Connection {
 }
 
 /// Opens a fresh secured connection to the gateway, once per (re)connect.
+///
+/// A connection may borrow from its connector (`Connection<'c>`): embedded-tls keeps
+/// its record buffers for a connection's whole life, so a connector that owns them
+/// lends them to one connection at a time.
 pub trait Connector {
     /// Why a connection could not be opened.
     type Error: core::fmt::Debug;
-    /// The connection.
-    type Connection: Connection;
+    /// The connection, possibly borrowing from the connector.
+    type Connection<'c>: Connection
+    where
+        Self: 'c;
     /// Opens TCP (or a UART, or ...) and completes the TLS handshake.
-    fn connect(&mut self) -> impl Future<Output = Result<Self::Connection, Self::Error>>;
+    fn connect(&mut self) -> impl Future<Output = Result<Self::Connection<'_>, Self::Error>>;
 }
 
 /// The device's application, called by [`run`]. Every method is synchronous and short:

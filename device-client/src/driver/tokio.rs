@@ -128,7 +128,7 @@ impl TlsConnector {
 
 impl Connector for TlsConnector {
     type Error = io::Error;
-    type Connection = TlsConnection;
+    type Connection<'c> = TlsConnection;
 
     async fn connect(&mut self) -> Result<TlsConnection, io::Error> {
         let attempt = async {

@@ -520,7 +520,7 @@ struct RampConnector {
 
 impl Connector for RampConnector {
     type Error = io::Error;
-    type Connection = TlsConnection;
+    type Connection<'c> = TlsConnection;
 
     async fn connect(&mut self) -> Result<TlsConnection, io::Error> {
         let _permit = self

@@ -1,0 +1,10 @@
+//! The device's identity, baked in by build.rs from `DEVICE_CERTS_DIR` and `DEVICE_ID`.
+
+/// The device id: the CN of its certificate.
+pub const DEVICE_ID: &str = env!("DEVICE_ID");
+/// The device certificate, DER.
+pub static CERT_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cert.der"));
+/// Its P-256 private key, SEC1 DER (`key.der` of the certs tool).
+pub static KEY_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/key.der"));
+/// The CA certificate, DER: the gateway's certificate must chain to it.
+pub static CA_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ca.der"));

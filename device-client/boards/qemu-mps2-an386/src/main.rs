@@ -1,0 +1,341 @@
+//! The device client as firmware on QEMU's mps2-an386 (Cortex-M4): mutual TLS with
+//! embedded-tls over UART0, whose byte stream QEMU connects to the gateway.
+//!
+//! ```text
+//!  main ─► paint stack, SysTick 1 kHz, UART0, EmulatorOnlyRng
+//!       ─► DeviceProvider (cert + SoftwareKey from key.der, CA: gateway verification)
+//!       ─► TlsConnector over UartLink ─► TlsConnector::run(client, clock, app, rx, tx)
+//!                                        (device_client::driver::run, unchanged)
+//!  app: a reading every `interval` ms; commands `echo`, `set_interval {ms}`, `exit`
+//! ```
+//!
+//! It reports through semihosting (QEMU's standard output) and ends QEMU with status 0
+//! when the `exit` command finds that everything worked (records acked, `echo` and
+//! `set_interval` run, a reconnection after the gateway dropped it), and 1 otherwise:
+//! the gateway's certificate did not verify, three attempts in a row ended before the
+//! gateway's `Welcome` (e.g. the gateway refused this device's certificate), or the
+//! gateway refused the device for good.
+#![no_std]
+#![no_main]
+
+mod clock;
+mod identity;
+mod rng;
+mod stack;
+mod uart;
+
+use core::panic::PanicInfo;
+
+use cortex_m_rt::entry;
+use cortex_m_semihosting::{debug, hprintln};
+use device_client::driver::App;
+use device_client::driver::embedded_tls::{
+    ConnectError, DeviceProvider, SoftwareKey, TlsConnector, embedded_tls::TlsClock,
+};
+use device_client::machine::{Client, Config, Event, Millis};
+use device_client::proto::{Command, CommandStatus, Name, Reading, Value, find};
+
+use clock::SysTickClock;
+use rng::EmulatorOnlyRng;
+use uart::{Uart, UartLink};
+
+/// Bytes of unacknowledged telemetry the device keeps (a record here is ~30 bytes).
+const RING: usize = 1024;
+/// Bytes of pending command results.
+const OUTBOX: usize = 256;
+/// The protocol's frame buffers: what `Config::new` announces (512).
+const FRAME_BUF: usize = 512;
+/// The TLS receive buffer: one record of the gateway's `max_fragment_size` = 1024
+/// (header included) plus 12 (PROTOCOL.md §6.2). Without that setting: 16,640.
+const TLS_RX: usize = 1024 + 12;
+/// The TLS send buffer: the device's Certificate message (~450 bytes), and frames.
+const TLS_TX: usize = 1024;
+/// Attempts in a row that may end before `Welcome` before the firmware gives up.
+const MAX_FAILED_ATTEMPTS: u32 = 3;
+/// The first telemetry interval.
+const DEFAULT_INTERVAL_MS: Millis = 1_000;
+
+/// The verifier's clock: the host's, through semihosting. QEMU has no real-time clock;
+/// a board with one (or with the gateway's `Welcome.server_time_ms` kept across a
+/// reboot) uses that, and a board without any uses `NoClock` (validity not checked).
+struct HostTime;
+
+impl TlsClock for HostTime {
+    fn now() -> Option<u64> {
+        Some(rng::host_time_s())
+    }
+}
+
+#[entry]
+fn main() -> ! {
+    stack::paint();
+    let Some(core) = cortex_m::Peripherals::take() else {
+        fail("core peripherals taken twice");
+    };
+    let clock = SysTickClock::start(core.SYST);
+    let uart = Uart::init();
+    hprintln!("firmware: device {} booting", identity::DEVICE_ID);
+
+    let mut rng = EmulatorOnlyRng::seed();
+    let boot_id = rand_u64(&mut rng);
+    let Ok(key) = SoftwareKey::from_sec1_der(identity::KEY_DER) else {
+        fail("key.der is not a SEC1 DER P-256 key");
+    };
+    let provider: DeviceProvider<'_, _, _, HostTime> =
+        DeviceProvider::new(rng, key, identity::CERT_DER, identity::CA_DER);
+
+    let Some(tls_rx) = cortex_m::singleton!(: [u8; TLS_RX] = [0; TLS_RX]) else {
+        fail("buffers taken twice");
+    };
+    let Some(tls_tx) = cortex_m::singleton!(: [u8; TLS_TX] = [0; TLS_TX]) else {
+        fail("buffers taken twice");
+    };
+    let Some(frames) = cortex_m::singleton!(: [[u8; FRAME_BUF]; 2] = [[0; FRAME_BUF]; 2]) else {
+        fail("buffers taken twice");
+    };
+    let [rx, tx] = frames;
+    let mut config = Config::new(boot_id, "qemu-mps2-an386-0.1");
+    config.backoff_min_ms = 500;
+    config.backoff_max_ms = 5_000;
+    let Some(client) = cortex_m::singleton!(: Client<RING, OUTBOX> = Client::new(config)) else {
+        fail("client taken twice");
+    };
+
+    let hook = |e: &ConnectError<core::convert::Infallible>| {
+        if e.is_gateway_rejected() {
+            hprintln!("firmware: gateway certificate verification failed: {:?}", e);
+            hprintln!("firmware: FAIL");
+            exit(false);
+        }
+        hprintln!("firmware: connection attempt failed: {:?}", e);
+    };
+    let mut connector = TlsConnector::new(
+        UartLink::new(uart, &clock),
+        provider,
+        "localhost",
+        tls_rx,
+        tls_tx,
+    )
+    .with_handshake_timeout(5_000)
+    .on_error(&hook);
+    let mut app = Firmware::new();
+    hprintln!("firmware: stack before run {} B", stack::peak());
+    let fut = connector.run(client, &clock, &mut app, rx, tx);
+    hprintln!("firmware: run future {} B", core::mem::size_of_val(&fut));
+    // One task, polled in a busy loop: the UART and the clock are polled, not woken
+    // (an interrupt-driven board would use an executor that sleeps, e.g. embassy's).
+    let reason = embassy_futures::block_on(fut);
+    hprintln!(
+        "firmware: the gateway refused this device for good: {:?}",
+        reason
+    );
+    hprintln!("firmware: FAIL");
+    exit(false)
+}
+
+/// The device's application: a thermometer that also answers commands.
+struct Firmware {
+    interval_ms: Millis,
+    next: Millis,
+    sent: u32,
+    connects: u32,
+    /// Attempts since the last `Welcome` that ended without one.
+    failed_in_a_row: u32,
+    /// Whether the current attempt got a `Welcome`.
+    welcomed: bool,
+    echoed: bool,
+    interval_set: bool,
+    stack_reported: bool,
+    /// The `exit` command arrived: leave once its result is sent, with this outcome.
+    exit: Option<bool>,
+}
+
+impl Firmware {
+    fn new() -> Self {
+        Self {
+            interval_ms: DEFAULT_INTERVAL_MS,
+            next: 0,
+            sent: 0,
+            connects: 0,
+            failed_in_a_row: 0,
+            welcomed: false,
+            echoed: false,
+            interval_set: false,
+            stack_reported: false,
+            exit: None,
+        }
+    }
+
+    /// Whether everything this firmware is meant to show has happened.
+    fn all_done<const R: usize, const O: usize>(&self, client: &Client<R, O>) -> bool {
+        self.echoed && self.interval_set && self.connects >= 2 && client.acked().is_some()
+    }
+}
+
+impl App for Firmware {
+    fn next_wake(&self) -> Option<Millis> {
+        Some(self.next)
+    }
+
+    fn on_wake<const R: usize, const O: usize>(&mut self, now: Millis, client: &mut Client<R, O>) {
+        if let Some(ok) = self.exit
+            && client.pending_results() == 0
+        {
+            hprintln!("firmware: stack peak {} B", stack::peak());
+            hprintln!("firmware: {}", if ok { "PASS" } else { "FAIL" });
+            exit(ok);
+        }
+        // A made-up temperature and the uptime.
+        let temp = 21.0 + (self.sent % 10) as f32 * 0.1;
+        let readings = [
+            Reading::new(Name::from_static("temp_c"), Value::F32(temp)),
+            Reading::new(Name::from_static("uptime_ms"), Value::U64(now)),
+        ];
+        match client.send_telemetry(None, &readings) {
+            Ok(_) => self.sent += 1,
+            Err(e) => hprintln!("firmware: record not queued: {:?}", e),
+        }
+        self.next = now
+            + if self.exit.is_some() {
+                50
+            } else {
+                self.interval_ms
+            };
+    }
+
+    fn on_command<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        cmd: &Command<'_>,
+    ) {
+        hprintln!("firmware: command {} `{}`", cmd.id, cmd.name.as_str());
+        let answered = match cmd.name.as_str() {
+            "echo" => {
+                self.echoed = true;
+                client.complete_command(cmd.id, CommandStatus::Succeeded, &cmd.args)
+            }
+            "set_interval" => match find(&cmd.args, "ms").and_then(Value::as_u64) {
+                Some(ms @ 100..=60_000) => {
+                    self.interval_ms = ms;
+                    self.next = now + ms;
+                    self.interval_set = true;
+                    let value = Reading::new(Name::from_static("interval_ms"), Value::U64(ms));
+                    client.complete_command(cmd.id, CommandStatus::Succeeded, &[value])
+                }
+                _ => client.complete_command(cmd.id, CommandStatus::InvalidArguments, &[]),
+            },
+            "exit" => {
+                let ok = self.all_done(client);
+                let acked = client.acked().map_or(0, u64::from);
+                let values = [
+                    Reading::new(Name::from_static("ok"), Value::Bool(ok)),
+                    Reading::new(
+                        Name::from_static("connects"),
+                        Value::U64(self.connects.into()),
+                    ),
+                    Reading::new(Name::from_static("acked"), Value::U64(acked)),
+                ];
+                hprintln!(
+                    "firmware: exit asked: connects {}, acked up to {}, echo {}, set_interval {}",
+                    self.connects,
+                    acked,
+                    self.echoed,
+                    self.interval_set
+                );
+                self.exit = Some(ok);
+                // Leave soon, once the result is on its way (`on_wake`).
+                self.next = now + 50;
+                client.complete_command(cmd.id, CommandStatus::Succeeded, &values)
+            }
+            _ => client.complete_command(cmd.id, CommandStatus::UnknownCommand, &[]),
+        };
+        if let Err(e) = answered {
+            hprintln!("firmware: result not queued: {:?}", e);
+        }
+    }
+
+    fn on_event<const R: usize, const O: usize>(
+        &mut self,
+        _now: Millis,
+        _client: &mut Client<R, O>,
+        event: Event,
+    ) {
+        match event {
+            Event::Connected { last_acked, .. } => {
+                self.connects += 1;
+                self.welcomed = true;
+                self.failed_in_a_row = 0;
+                hprintln!(
+                    "firmware: connected (session {}), gateway had up to {:?}",
+                    self.connects,
+                    last_acked
+                );
+                if !self.stack_reported {
+                    self.stack_reported = true;
+                    hprintln!(
+                        "firmware: stack peak after the first handshake {} B",
+                        stack::peak()
+                    );
+                }
+            }
+            // Not every ack: one line per ten records.
+            Event::Acked { seq } if seq % 10 == 1 => {
+                hprintln!("firmware: acked up to {}", seq);
+            }
+            Event::Disconnected {
+                reason,
+                reconnect_at,
+            } => {
+                hprintln!(
+                    "firmware: disconnected: {:?}, next attempt at {:?} ms",
+                    reason,
+                    reconnect_at
+                );
+                if !core::mem::replace(&mut self.welcomed, false) {
+                    self.failed_in_a_row += 1;
+                    if self.failed_in_a_row >= MAX_FAILED_ATTEMPTS {
+                        hprintln!(
+                            "firmware: {} attempts in a row ended before Welcome (refused by the gateway?)",
+                            self.failed_in_a_row
+                        );
+                        hprintln!("firmware: FAIL");
+                        exit(false);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn rand_u64(rng: &mut EmulatorOnlyRng) -> u64 {
+    use device_client::driver::embedded_tls::rand_core::RngCore;
+    rng.next_u64()
+}
+
+/// Ends QEMU with status 0 (`ok`) or 1.
+fn exit(ok: bool) -> ! {
+    debug::exit(if ok {
+        debug::EXIT_SUCCESS
+    } else {
+        debug::EXIT_FAILURE
+    });
+    // Only reached without an emulator or debugger attached.
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    hprintln!("firmware: {}", msg);
+    hprintln!("firmware: FAIL");
+    exit(false)
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    hprintln!("firmware: panic: {}", info);
+    hprintln!("firmware: FAIL");
+    exit(false)
+}
