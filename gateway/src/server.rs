@@ -85,11 +85,24 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
         sessions = shared.registry.len(),
         "shutting down: saying goodbye to devices"
     );
-    shared.registry.close_all(GoodbyeReason::Shutdown);
+    // The flag first, then close_all: a session registering meanwhile sees one or the
+    // other (session::open_session).
     shared.shutting_down.send_replace(true);
-    while tasks.join_next().await.is_some() {
-        tracing::debug!(left = tasks.len(), "connection task ended");
+    shared.registry.close_all(GoodbyeReason::Shutdown);
+    // Sessions say goodbye and commit what they received; connections still in their
+    // handshake or before `Hello` have nothing to lose and are dropped.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !shared.registry.is_empty() {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                warn!(left = shared.registry.len(), "sessions did not end in 30 s");
+                break;
+            }
+        }
     }
+    tasks.shutdown().await;
 }
 
 /// TLS handshake, identity, then the session.

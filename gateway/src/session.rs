@@ -136,10 +136,10 @@ struct Open {
     /// Commands sent and not answered.
     commands_in_flight: Vec<i64>,
     /// Records being filled while the other batch commits.
-    filling: Batch,
+    filling: Box<Batch>,
     /// A batch at the store, if any.
     committing: bool,
-    spare: Option<Batch>,
+    spare: Option<Box<Batch>>,
     /// Arrival of the oldest record not yet acked, for the ack latency metric.
     oldest_unacked: Option<Instant>,
 }
@@ -166,7 +166,6 @@ pub async fn run(
         wbuf: Vec::new(),
         open: None,
         close_rx,
-        stop: shared.shutting_down.subscribe(),
         commit: None,
         commands: commands.clone(),
         entry: Some(Entry {
@@ -223,8 +222,6 @@ struct Session {
     wbuf: Vec<u8>,
     open: Option<Open>,
     close_rx: watch::Receiver<Option<GoodbyeReason>>,
-    /// The gateway is shutting down.
-    stop: watch::Receiver<bool>,
     /// The outcome of the batch at the store, if one is there.
     commit: Option<oneshot::Receiver<BatchDone>>,
     commands: Arc<Notify>,
@@ -250,7 +247,6 @@ async fn wait_commit(commit: &mut Option<oneshot::Receiver<BatchDone>>) -> Optio
 /// What woke a session up.
 enum Wake {
     Close(bool),
-    Stop,
     Committed(Option<BatchDone>),
     Commands,
     Readable(io::Result<()>),
@@ -302,7 +298,6 @@ impl Session {
         let wake = tokio::select! {
             biased;
             changed = self.close_rx.changed() => Wake::Close(changed.is_ok()),
-            _ = self.stop.wait_for(|stop| *stop) => Wake::Stop,
             done = wait_commit(&mut self.commit) => Wake::Committed(done),
             () = self.commands.notified(), if hello_done => Wake::Commands,
             ready = self.stream.get_ref().0.readable(), if can_read => Wake::Readable(ready),
@@ -318,10 +313,6 @@ impl Session {
                 let reason = asked.unwrap_or(GoodbyeReason::Shutdown);
                 self.goodbye(reason);
                 Some(End::Goodbye(reason))
-            }
-            Wake::Stop => {
-                self.goodbye(GoodbyeReason::Shutdown);
-                Some(End::Goodbye(GoodbyeReason::Shutdown))
             }
             Wake::Committed(Some(done)) => self.committed(done).err(),
             // The store dropped the batch: it is stopping.
@@ -464,7 +455,15 @@ impl Session {
         };
         entry.serial = self.identity.serial.clone();
         let session_no = entry.session;
-        if let Some(old) = shared.registry.insert(&self.device, entry) {
+        let replaced = shared.registry.insert(&self.device, entry);
+        // Registered first, checked second: either the shutdown's close_all saw this
+        // entry, or this sees the flag it set before (server::run).
+        if *shared.shutting_down.borrow() {
+            shared.registry.remove(&self.device, session_no);
+            self.goodbye(GoodbyeReason::Shutdown);
+            return Err(End::Goodbye(GoodbyeReason::Shutdown));
+        }
+        if let Some(old) = replaced {
             info!("device connected again: replacing its older session");
             old.close.send_replace(Some(GoodbyeReason::Replaced));
             // The old session commits what it received before it ends, so the

@@ -126,16 +126,17 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// An empty batch for a session.
-    pub fn new(device_key: i64, boot_id: u64) -> Self {
-        Self {
+    /// An empty batch for a session. Boxed: batches move between the session and the
+    /// writer, and a session's future keeps room for what it moves.
+    pub fn new(device_key: i64, boot_id: u64) -> Box<Self> {
+        Box::new(Self {
             device_key,
             boot_id,
             received_ms: 0,
             submitted: None,
             records: Vec::new(),
             bodies: Vec::new(),
-        }
+        })
     }
 
     /// Appends a record; `body` is the frame body of the `Telemetry` message.
@@ -175,7 +176,7 @@ impl Batch {
 #[derive(Debug)]
 pub enum TrySubmit {
     /// The queue to the writer is full; here is the batch back.
-    Full(Batch),
+    Full(Box<Batch>),
     /// The store is closed.
     Closed,
 }
@@ -184,7 +185,7 @@ pub enum TrySubmit {
 #[derive(Debug)]
 pub struct BatchDone {
     /// The batch, with `inserted` set on each record.
-    pub batch: Batch,
+    pub batch: Box<Batch>,
     /// `Ok(new rows)` once committed; the error otherwise (nothing was acked).
     pub result: Result<usize, Arc<StoreError>>,
 }
@@ -378,7 +379,7 @@ pub struct TelemetryQuery {
 // Writer operations.
 
 enum Op {
-    Telemetry(Batch, oneshot::Sender<BatchDone>),
+    Telemetry(Box<Batch>, oneshot::Sender<BatchDone>),
     OpenSession {
         info: SessionInfo,
         now_ms: i64,
@@ -562,7 +563,7 @@ impl Store {
 
     /// [`submit`](Self::submit) without waiting: gives the batch back if the queue to
     /// the writer is full.
-    pub fn try_submit(&self, batch: Batch) -> Result<oneshot::Receiver<BatchDone>, TrySubmit> {
+    pub fn try_submit(&self, batch: Box<Batch>) -> Result<oneshot::Receiver<BatchDone>, TrySubmit> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Op::Telemetry(batch, reply)) {
             Ok(()) => Ok(rx),
@@ -576,7 +577,10 @@ impl Store {
     /// Queues a batch for the next commit; the outcome (and the batch, for reuse)
     /// arrives on the returned receiver. A oneshot per batch, not a channel per
     /// session: an idle session then holds no channel buffer.
-    pub async fn submit(&self, batch: Batch) -> Result<oneshot::Receiver<BatchDone>, StoreError> {
+    pub async fn submit(
+        &self,
+        batch: Box<Batch>,
+    ) -> Result<oneshot::Receiver<BatchDone>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Telemetry(batch, reply))
@@ -979,7 +983,7 @@ struct Writer {
 
 /// What to do once the transaction holding an op has committed (or failed).
 enum Pending {
-    Batch(Batch, usize, oneshot::Sender<BatchDone>),
+    Batch(Box<Batch>, usize, oneshot::Sender<BatchDone>),
     Reply(Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>),
 }
 
