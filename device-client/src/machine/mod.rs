@@ -104,6 +104,22 @@ pub enum Disconnect {
 }
 
 impl Disconnect {
+    /// A short lowercase name for logs without `core::fmt`: the `Goodbye` reason's
+    /// ([`GoodbyeReason::as_str`]), or `closed`, `welcome_timeout`, `dead_peer`,
+    /// `bad_frame`, `bad_message`, `unexpected_message`, `unsupported_version`.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Disconnect::Goodbye { reason, .. } => reason.as_str(),
+            Disconnect::Closed => "closed",
+            Disconnect::WelcomeTimeout => "welcome_timeout",
+            Disconnect::DeadPeer => "dead_peer",
+            Disconnect::BadFrame(_) => "bad_frame",
+            Disconnect::BadMessage(_) => "bad_message",
+            Disconnect::Unexpected => "unexpected_message",
+            Disconnect::UnsupportedVersion(_) => "unsupported_version",
+        }
+    }
+
     /// Whether reconnecting is pointless (revoked, wrong version).
     pub const fn is_fatal(&self) -> bool {
         matches!(

@@ -20,6 +20,7 @@
 
 mod clock;
 mod identity;
+mod log;
 mod rng;
 mod stack;
 mod uart;
@@ -27,15 +28,16 @@ mod uart;
 use core::panic::PanicInfo;
 
 use cortex_m_rt::entry;
-use cortex_m_semihosting::{debug, hprintln};
-use device_client::driver::App;
+use cortex_m_semihosting::debug;
 use device_client::driver::embedded_tls::{
     ConnectError, DeviceProvider, SoftwareKey, TlsConnector, embedded_tls::TlsClock,
 };
-use device_client::machine::{Client, Config, Event, Millis};
+use device_client::driver::{App, Clock};
+use device_client::machine::{Client, CompleteError, Config, Event, Millis, SendError};
 use device_client::proto::{Command, CommandStatus, Name, Reading, Value, find};
 
 use clock::SysTickClock;
+use log::say;
 use rng::EmulatorOnlyRng;
 use uart::{Uart, UartLink};
 
@@ -74,7 +76,7 @@ fn main() -> ! {
     };
     let clock = SysTickClock::start(core.SYST);
     let uart = Uart::init();
-    hprintln!("firmware: device {} booting", identity::DEVICE_ID);
+    say!("firmware: device ", identity::DEVICE_ID, " booting");
 
     let mut rng = EmulatorOnlyRng::seed();
     let boot_id = rand_u64(&mut rng);
@@ -82,7 +84,10 @@ fn main() -> ! {
         fail("key.der is not a SEC1 DER P-256 key");
     };
     let provider: DeviceProvider<'_, _, _, HostTime> =
-        DeviceProvider::new(rng, key, identity::CERT_DER, identity::CA_DER);
+        match DeviceProvider::new(rng, key, identity::CERT_DER, identity::CA_DER) {
+            Ok(provider) => provider,
+            Err(_) => fail("ca.der is not an X.509 v3 certificate with a P-256 key"),
+        };
 
     let Some(tls_rx) = cortex_m::singleton!(: [u8; TLS_RX] = [0; TLS_RX]) else {
         fail("buffers taken twice");
@@ -103,11 +108,14 @@ fn main() -> ! {
 
     let hook = |e: &ConnectError<core::convert::Infallible>| {
         if e.is_gateway_rejected() {
-            hprintln!("firmware: gateway certificate verification failed: {:?}", e);
-            hprintln!("firmware: FAIL");
+            say!(
+                "firmware: gateway certificate verification failed: ",
+                e.as_str()
+            );
+            say!("firmware: FAIL");
             exit(false);
         }
-        hprintln!("firmware: connection attempt failed: {:?}", e);
+        say!("firmware: connection attempt failed: ", e.as_str());
     };
     let mut connector = TlsConnector::new(
         UartLink::new(uart, &clock),
@@ -119,17 +127,19 @@ fn main() -> ! {
     .with_handshake_timeout(5_000)
     .on_error(&hook);
     let mut app = Firmware::new();
-    hprintln!("firmware: stack before run {} B", stack::peak());
+    say!("firmware: stack before run ", stack::peak(), " B");
+    // The first handshake's time: from here to "connected (session 1) at".
+    say!("firmware: dialling at ", clock.now(), " ms");
     let fut = connector.run(client, &clock, &mut app, rx, tx);
-    hprintln!("firmware: run future {} B", core::mem::size_of_val(&fut));
+    say!("firmware: run future ", core::mem::size_of_val(&fut), " B");
     // One task, polled in a busy loop: the UART and the clock are polled, not woken
     // (an interrupt-driven board would use an executor that sleeps, e.g. embassy's).
     let reason = embassy_futures::block_on(fut);
-    hprintln!(
-        "firmware: the gateway refused this device for good: {:?}",
-        reason
+    say!(
+        "firmware: the gateway refused this device for good: ",
+        reason.as_str()
     );
-    hprintln!("firmware: FAIL");
+    say!("firmware: FAIL");
     exit(false)
 }
 
@@ -181,8 +191,8 @@ impl App for Firmware {
         if let Some(ok) = self.exit
             && client.pending_results() == 0
         {
-            hprintln!("firmware: stack peak {} B", stack::peak());
-            hprintln!("firmware: {}", if ok { "PASS" } else { "FAIL" });
+            say!("firmware: stack peak ", stack::peak(), " B");
+            say!("firmware: ", if ok { "PASS" } else { "FAIL" });
             exit(ok);
         }
         // A made-up temperature and the uptime.
@@ -193,7 +203,7 @@ impl App for Firmware {
         ];
         match client.send_telemetry(None, &readings) {
             Ok(_) => self.sent += 1,
-            Err(e) => hprintln!("firmware: record not queued: {:?}", e),
+            Err(e) => say!("firmware: record not queued: ", send_error_str(e)),
         }
         self.next = now
             + if self.exit.is_some() {
@@ -209,7 +219,7 @@ impl App for Firmware {
         client: &mut Client<R, O>,
         cmd: &Command<'_>,
     ) {
-        hprintln!("firmware: command {} `{}`", cmd.id, cmd.name.as_str());
+        say!("firmware: command ", cmd.id, " `", cmd.name.as_str(), "`");
         let answered = match cmd.name.as_str() {
             "echo" => {
                 self.echoed = true;
@@ -236,11 +246,14 @@ impl App for Firmware {
                     ),
                     Reading::new(Name::from_static("acked"), Value::U64(acked)),
                 ];
-                hprintln!(
-                    "firmware: exit asked: connects {}, acked up to {}, echo {}, set_interval {}",
+                say!(
+                    "firmware: exit asked: connects ",
                     self.connects,
+                    ", acked up to ",
                     acked,
+                    ", echo ",
                     self.echoed,
+                    ", set_interval ",
                     self.interval_set
                 );
                 self.exit = Some(ok);
@@ -251,13 +264,13 @@ impl App for Firmware {
             _ => client.complete_command(cmd.id, CommandStatus::UnknownCommand, &[]),
         };
         if let Err(e) = answered {
-            hprintln!("firmware: result not queued: {:?}", e);
+            say!("firmware: result not queued: ", complete_error_str(e));
         }
     }
 
     fn on_event<const R: usize, const O: usize>(
         &mut self,
-        _now: Millis,
+        now: Millis,
         _client: &mut Client<R, O>,
         event: Event,
     ) {
@@ -266,40 +279,47 @@ impl App for Firmware {
                 self.connects += 1;
                 self.welcomed = true;
                 self.failed_in_a_row = 0;
-                hprintln!(
-                    "firmware: connected (session {}), gateway had up to {:?}",
+                say!(
+                    "firmware: connected (session ",
                     self.connects,
+                    ") at ",
+                    now,
+                    " ms, gateway had up to ",
                     last_acked
                 );
                 if !self.stack_reported {
                     self.stack_reported = true;
-                    hprintln!(
-                        "firmware: stack peak after the first handshake {} B",
-                        stack::peak()
+                    say!(
+                        "firmware: stack peak after the first handshake ",
+                        stack::peak(),
+                        " B"
                     );
                 }
             }
             // Not every ack: one line per ten records.
             Event::Acked { seq } if seq % 10 == 1 => {
-                hprintln!("firmware: acked up to {}", seq);
+                say!("firmware: acked up to ", seq);
             }
             Event::Disconnected {
                 reason,
                 reconnect_at,
             } => {
-                hprintln!(
-                    "firmware: disconnected: {:?}, next attempt at {:?} ms",
-                    reason,
-                    reconnect_at
+                say!(
+                    "firmware: disconnected: ",
+                    reason.as_str(),
+                    ", next attempt at ",
+                    reconnect_at,
+                    " ms"
                 );
                 if !core::mem::replace(&mut self.welcomed, false) {
                     self.failed_in_a_row += 1;
                     if self.failed_in_a_row >= MAX_FAILED_ATTEMPTS {
-                        hprintln!(
-                            "firmware: {} attempts in a row ended before Welcome (refused by the gateway?)",
-                            self.failed_in_a_row
+                        say!(
+                            "firmware: ",
+                            self.failed_in_a_row,
+                            " attempts in a row ended before Welcome (refused by the gateway?)"
                         );
-                        hprintln!("firmware: FAIL");
+                        say!("firmware: FAIL");
                         exit(false);
                     }
                 }
@@ -328,14 +348,38 @@ fn exit(ok: bool) -> ! {
 }
 
 fn fail(msg: &str) -> ! {
-    hprintln!("firmware: {}", msg);
-    hprintln!("firmware: FAIL");
+    say!("firmware: ", msg);
+    say!("firmware: FAIL");
     exit(false)
 }
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    hprintln!("firmware: panic: {}", info);
-    hprintln!("firmware: FAIL");
+    // Where, and the message if it is a plain string (formatting it would need
+    // core::fmt: see log.rs).
+    match info.location() {
+        Some(at) => say!("firmware: panic at ", at.file(), ":", at.line()),
+        None => say!("firmware: panic"),
+    }
+    if let Some(msg) = info.message().as_str() {
+        say!("firmware: panic: ", msg);
+    }
+    say!("firmware: FAIL");
     exit(false)
+}
+
+fn send_error_str(e: SendError) -> &'static str {
+    match e {
+        SendError::RingFull => "ring full",
+        SendError::TooLarge => "too large",
+        _ => "sequence numbers exhausted",
+    }
+}
+
+fn complete_error_str(e: CompleteError) -> &'static str {
+    match e {
+        CompleteError::OutboxFull => "outbox full",
+        CompleteError::TooLarge => "too large",
+        _ => "unknown command id",
+    }
 }

@@ -1,21 +1,27 @@
 //! Randomness for TLS **under the emulator only**.
 //!
-//! QEMU's mps2-an386 has no hardware RNG. `EmulatorOnlyRng` is ChaCha20 seeded from a
-//! per-build random seed (build.rs) mixed with the host's clock (semihosting `SYS_TIME`,
-//! seconds), so two boots of one image in the same second draw the same numbers, and
+//! QEMU's mps2-an386 has no hardware RNG. `EmulatorOnlyRng` is SHA-256 in counter mode
+//! (block i = SHA-256(seed ‖ i)) over a per-build random seed (build.rs) mixed with the
+//! host's clock (semihosting `SYS_TIME`, seconds), so two boots of one image in the same second draw the same numbers, and
 //! anyone holding the image can predict them. That is acceptable for a test under
 //! QEMU and never for a device: a board seeds from its hardware RNG (nRF52 `RNG`, STM32
 //! `RNG`, RP2040 ROSC, ESP32-C3 `RNG`) and keeps no seed in flash.
+//!
+//! SHA-256 rather than ChaCha20 because TLS already links SHA-256: ChaCha20 cost 2.4 KB
+//! of flash that a board, drawing from its hardware RNG, would not have.
 
 use cortex_m_semihosting::syscall;
-use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore};
+use sha2::{Digest, Sha256};
 
 /// The per-build seed written by build.rs.
 static BUILD_SEED: &[u8; 32] = include_bytes!(concat!(env!("OUT_DIR"), "/seed.bin"));
 
 /// A cryptographic RNG for the emulator only (module doc): never use it on hardware.
-pub struct EmulatorOnlyRng(ChaCha20Rng);
+pub struct EmulatorOnlyRng {
+    seed: [u8; 32],
+    counter: u64,
+}
 
 impl EmulatorOnlyRng {
     /// Seeds from the build seed and the host's clock.
@@ -25,7 +31,7 @@ impl EmulatorOnlyRng {
         for (s, t) in seed.iter_mut().zip(now.to_le_bytes()) {
             *s ^= t;
         }
-        Self(ChaCha20Rng::from_seed(seed))
+        Self { seed, counter: 0 }
     }
 }
 
@@ -37,19 +43,31 @@ pub fn host_time_s() -> u64 {
 
 impl RngCore for EmulatorOnlyRng {
     fn next_u32(&mut self) -> u32 {
-        self.0.next_u32()
+        let mut b = [0; 4];
+        self.fill_bytes(&mut b);
+        u32::from_le_bytes(b)
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
+        let mut b = [0; 8];
+        self.fill_bytes(&mut b);
+        u64::from_le_bytes(b)
     }
 
     fn fill_bytes(&mut self, dest: &mut [u8]) {
-        self.0.fill_bytes(dest);
+        for chunk in dest.chunks_mut(32) {
+            let block = Sha256::new()
+                .chain_update(self.seed)
+                .chain_update(self.counter.to_le_bytes())
+                .finalize();
+            self.counter += 1;
+            chunk.copy_from_slice(&block[..chunk.len()]);
+        }
     }
 
     fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Error> {
-        self.0.try_fill_bytes(dest)
+        self.fill_bytes(dest);
+        Ok(())
     }
 }
 
