@@ -1,4 +1,18 @@
-//! Device client for the IoT gateway.
+//! The device side of the IoT gateway's protocol: `no_std`, no allocator, no `unsafe`;
+//! the same code runs on a microcontroller and in simulated devices on a laptop.
+//!
+//! ```text
+//!  application ──send_telemetry / complete_command──► machine::Client ◄── events, commands
+//!  driver::run(client, connector, clock, app, rx, tx)      the only code that awaits
+//!    ├─ driver::tokio         tokio-rustls connector, clock          (feature tokio)
+//!    └─ driver::embedded_tls  embedded-tls provider + connector      (feature embedded-tls)
+//!         └─ x509             the gateway's certificate vs the CA    (feature x509)
+//!  machine  sans-IO state machine: ring of unacked telemetry, outbox of results
+//!  proto    messages, framing, limits: the one codec (the gateway uses it too)
+//!  sim      simulated devices on tokio                               (feature sim)
+//! ```
+//!
+//! The crate's README has the details, the buffer sizes and the footprint.
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
