@@ -353,7 +353,11 @@ fn elf_footprint(elf: &Path) -> (u64, u64) {
     let bytes = std::fs::read(elf).unwrap();
     let u16_at = |at: usize| u64::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-    assert_eq!(&bytes[..6], b"\x7fELF\x01\x01", "not a 32-bit little-endian ELF");
+    assert_eq!(
+        &bytes[..6],
+        b"\x7fELF\x01\x01",
+        "not a 32-bit little-endian ELF"
+    );
     let (shoff, shentsize, shnum) = (u64::from(u32_at(0x20)), u16_at(0x2e), u16_at(0x30));
     let (mut flash, mut ram) = (0, 0);
     for i in 0..shnum {
