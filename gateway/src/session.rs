@@ -562,7 +562,7 @@ impl Session {
                     if let Some(open) = self.open.as_mut() {
                         open.commands_in_flight.push(cmd.id);
                     }
-                    if let Ok(Some(rec)) = shared.store.command(cmd.id).await {
+                    if let Some(rec) = cmd.record {
                         shared.command_changed(rec);
                     }
                 }
