@@ -446,3 +446,162 @@ fn every_single_byte_change_is_refused() {
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// A second opinion: rustls's own verifier (webpki) on the same certificates. Whatever
+// this verifier accepts, webpki must accept too; and within our profile, what webpki
+// accepts this one accepts, except where this one is stricter on purpose (a key usage
+// without digitalSignature).
+
+/// One way to make a gateway certificate, and the name dialled.
+#[derive(Debug, Clone)]
+struct Case {
+    sans: u8,
+    dialled: &'static str,
+    /// 0 valid, 1 expired, 2 not yet valid.
+    validity: u8,
+    /// 0 none, 1 serverAuth, 2 clientAuth, 3 both.
+    eku: u8,
+    /// 0 none, 1 digitalSignature, 2 keyEncipherment.
+    ku: u8,
+    /// 0 CA:FALSE, 1 no basicConstraints, 2 CA:TRUE.
+    ca: u8,
+    critical_unknown: bool,
+    /// 0 our CA, 1 another CA, 2 another CA with our CA's name.
+    issuer: u8,
+}
+
+const SANS: [&str; 5] = [
+    "localhost",
+    "*.site.example",
+    "127.0.0.1",
+    "::1",
+    "gw.example",
+];
+const DIALLED: [&str; 8] = [
+    "localhost",
+    "gw.example",
+    "x.site.example",
+    "site.example",
+    "a.x.site.example",
+    "127.0.0.1",
+    "::1",
+    "10.0.0.1",
+];
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        0u8..32,
+        0usize..DIALLED.len(),
+        0u8..3,
+        0u8..4,
+        0u8..3,
+        0u8..3,
+        any::<bool>(),
+        0u8..3,
+    )
+        .prop_map(
+            |(sans, d, validity, eku, ku, ca, critical_unknown, issuer)| Case {
+                sans,
+                dialled: DIALLED[d],
+                validity,
+                eku,
+                ku,
+                ca,
+                critical_unknown,
+                issuer,
+            },
+        )
+}
+
+fn params_for(case: &Case) -> CertificateParams {
+    let mut p = gateway_params();
+    p.subject_alt_names = SANS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| case.sans & (1 << i) != 0)
+        .map(|(_, name)| match name.parse() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName((*name).try_into().unwrap()),
+        })
+        .collect();
+    let day = Duration::from_secs(86_400);
+    match case.validity {
+        1 => {
+            p.not_before = (SystemTime::now() - 3 * day).into();
+            p.not_after = (SystemTime::now() - day).into();
+        }
+        2 => {
+            p.not_before = (SystemTime::now() + day).into();
+            p.not_after = (SystemTime::now() + 2 * day).into();
+        }
+        _ => {}
+    }
+    p.extended_key_usages = match case.eku {
+        0 => vec![],
+        1 => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        2 => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ],
+    };
+    p.key_usages = match case.ku {
+        0 => vec![],
+        1 => vec![KeyUsagePurpose::DigitalSignature],
+        _ => vec![KeyUsagePurpose::KeyEncipherment],
+    };
+    p.is_ca = match case.ca {
+        0 => IsCa::ExplicitNoCa,
+        1 => IsCa::NoCa,
+        _ => IsCa::Ca(BasicConstraints::Unconstrained),
+    };
+    if case.critical_unknown {
+        let mut ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![5, 0]);
+        ext.set_criticality(true);
+        p.custom_extensions = vec![ext];
+    }
+    p
+}
+
+fn webpki_verdict(ca: &[u8], cert: &[u8], name: &str) -> Result<(), webpki::Error> {
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    let ca = CertificateDer::from(ca);
+    let anchor = webpki::anchor_from_trusted_cert(&ca)?;
+    let cert = CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&cert)?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[],
+        UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )?;
+    let name = ServerName::try_from(name).map_err(|_| webpki::Error::BadDer)?;
+    ee.verify_is_valid_for_subject_name(&name)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn agrees_with_webpki(case in case()) {
+        let ours_ca = ca("IoT gateway CA");
+        let issuer = match case.issuer {
+            0 => None,
+            1 => Some(ca("another CA")),
+            _ => Some(ca("IoT gateway CA")),
+        };
+        let cert = issue(issuer.as_ref().unwrap_or(&ours_ca), params_for(&case));
+        let ours = check(&ours_ca.der, &cert, case.dialled);
+        let theirs = webpki_verdict(&ours_ca.der, &cert, case.dialled);
+        // Never more lenient than webpki.
+        prop_assert!(ours.is_err() || theirs.is_ok(), "{case:?}: ours {ours:?}, webpki {theirs:?}");
+        // Within the profile, never stricter, but for key usage on purpose.
+        if case.ku != 2 {
+            prop_assert_eq!(ours.is_ok(), theirs.is_ok(), "{:?}: ours {:?}, webpki {:?}", case, ours, theirs);
+        }
+    }
+}
