@@ -2,22 +2,64 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use device_client::proto::GoodbyeReason;
 use std::sync::Arc;
 
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
+
+/// What others tell a live session, in one small allocation: close (with a reason) and
+/// "commands are waiting". A tokio watch channel for the close request and a `Notify`
+/// for commands cost ~400 bytes per connection; this is ~80.
+///
+/// Nothing is lost: a request is stored first and then `wake` is notified, and
+/// `Notify::notify_one` keeps a permit when the session is not waiting, so its next
+/// `woken()` returns at once and it finds the request.
+#[derive(Default)]
+pub struct Signals {
+    close: Mutex<Option<GoodbyeReason>>,
+    commands: AtomicBool,
+    wake: Notify,
+}
+
+impl Signals {
+    /// Asks the session to send `Goodbye` with `reason` and close (the latest reason
+    /// wins).
+    pub fn close(&self, reason: GoodbyeReason) {
+        *self.close.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.wake.notify_one();
+    }
+
+    /// The close reason asked for, if any.
+    pub fn close_reason(&self) -> Option<GoodbyeReason> {
+        *self.close.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the session that commands are queued for its device (requests coalesce).
+    pub fn commands_waiting(&self) {
+        self.commands.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether commands were signalled since the last call.
+    pub fn take_commands(&self) -> bool {
+        self.commands.swap(false, Ordering::AcqRel)
+    }
+
+    /// Resolves when something was signalled (or a permit was left by an earlier
+    /// signal): check `close_reason` and `take_commands` then.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
 
 /// A live session as others see it.
 pub struct Entry {
     /// Unique per session, so a finished session only removes itself.
     pub session: u64,
-    /// Set to ask the session to send `Goodbye` with this reason and close. A watch
-    /// cannot be full, so a close request is never lost.
-    pub close: watch::Sender<Option<GoodbyeReason>>,
-    /// Notified when new commands are queued for the device (notifications coalesce).
-    pub commands: Arc<Notify>,
+    /// Close requests and command notifications for the session.
+    pub signals: Arc<Signals>,
     /// Serial of the certificate the session authenticated with.
     pub serial: Vec<u8>,
     /// Resolves (with an error) when the session has ended and committed everything.
@@ -60,7 +102,7 @@ impl Registry {
     pub fn notify_commands(&self, device: &str) -> bool {
         match self.lock().get(device) {
             Some(e) => {
-                e.commands.notify_one();
+                e.signals.commands_waiting();
                 true
             }
             None => false,
@@ -71,7 +113,7 @@ impl Registry {
     pub fn close(&self, device: &str, reason: GoodbyeReason) -> bool {
         match self.lock().get(device) {
             Some(e) => {
-                e.close.send_replace(Some(reason));
+                e.signals.close(reason);
                 true
             }
             None => false,
@@ -96,7 +138,7 @@ impl Registry {
     /// Asks every session to close.
     pub fn close_all(&self, reason: GoodbyeReason) {
         for e in self.lock().values() {
-            e.close.send_replace(Some(reason));
+            e.signals.close(reason);
         }
     }
 
@@ -106,7 +148,7 @@ impl Registry {
         let mut closed = Vec::new();
         for (device, e) in self.lock().iter() {
             if revoked(&e.serial) {
-                e.close.send_replace(Some(GoodbyeReason::Revoked));
+                e.signals.close(GoodbyeReason::Revoked);
                 closed.push(device.clone());
             }
         }

@@ -30,14 +30,14 @@ use device_client::proto::{
 };
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::events::Event;
-use crate::registry::Entry;
+use crate::registry::{Entry, Signals};
 use crate::store::{Batch, BatchDone, SessionInfo, StoreError, now_ms};
 use crate::tls::PeerIdentity;
 use crate::values;
@@ -139,6 +139,7 @@ struct Open {
     filling: Box<Batch>,
     /// A batch at the store, if any.
     committing: bool,
+    /// The other batch, back from the store (made at the first submit).
     spare: Option<Box<Batch>>,
     /// Arrival of the oldest record not yet acked, for the ack latency metric.
     oldest_unacked: Option<Instant>,
@@ -151,9 +152,8 @@ pub async fn run(
     identity: PeerIdentity,
     peer: SocketAddr,
 ) {
-    let (close_tx, close_rx) = watch::channel(None);
     let (ended_tx, ended_rx) = oneshot::channel();
-    let commands = Arc::new(Notify::new());
+    let signals = Arc::new(Signals::default());
     let session_no = shared.registry.next_session();
     let device: Arc<str> = Arc::from(identity.device.as_str());
     let mut s = Session {
@@ -165,13 +165,11 @@ pub async fn run(
         rbuf: Vec::new(),
         wbuf: Vec::new(),
         open: None,
-        close_rx,
         commit: None,
-        commands: commands.clone(),
+        signals: signals.clone(),
         entry: Some(Entry {
             session: session_no,
-            close: close_tx,
-            commands,
+            signals,
             serial: Vec::new(),
             ended: ended_rx,
         }),
@@ -221,10 +219,10 @@ struct Session {
     /// Frames waiting to be written.
     wbuf: Vec<u8>,
     open: Option<Open>,
-    close_rx: watch::Receiver<Option<GoodbyeReason>>,
     /// The outcome of the batch at the store, if one is there.
     commit: Option<oneshot::Receiver<BatchDone>>,
-    commands: Arc<Notify>,
+    /// Close requests and command notifications (shared with the registry entry).
+    signals: Arc<Signals>,
     /// Our registry entry, until `Hello` puts it in the registry.
     entry: Option<Entry>,
     /// Hello timeout, then idle timeout.
@@ -246,9 +244,8 @@ async fn wait_commit(commit: &mut Option<oneshot::Receiver<BatchDone>>) -> Optio
 
 /// What woke a session up.
 enum Wake {
-    Close(bool),
+    Signal,
     Committed(Option<BatchDone>),
-    Commands,
     Readable(io::Result<()>),
     Deadline,
 }
@@ -297,28 +294,28 @@ impl Session {
         let hello_done = self.open.is_some();
         let wake = tokio::select! {
             biased;
-            changed = self.close_rx.changed() => Wake::Close(changed.is_ok()),
+            () = self.signals.woken() => Wake::Signal,
             done = wait_commit(&mut self.commit) => Wake::Committed(done),
-            () = self.commands.notified(), if hello_done => Wake::Commands,
             ready = self.stream.get_ref().0.readable(), if can_read => Wake::Readable(ready),
             () = &mut self.deadline => Wake::Deadline,
         };
         match wake {
-            Wake::Close(changed) => {
-                let asked = if changed {
-                    *self.close_rx.borrow_and_update()
-                } else {
-                    None
-                };
-                let reason = asked.unwrap_or(GoodbyeReason::Shutdown);
-                self.goodbye(reason);
-                Some(End::Goodbye(reason))
+            Wake::Signal => {
+                if let Some(reason) = self.signals.close_reason() {
+                    self.goodbye(reason);
+                    return Some(End::Goodbye(reason));
+                }
+                // Commands before `Hello` wait: the session's start sends them all.
+                if hello_done && self.signals.take_commands() {
+                    // Boxed: an idle session's future would otherwise carry this
+                    // rare state.
+                    return Box::pin(self.send_commands(false)).await.err();
+                }
+                None
             }
             Wake::Committed(Some(done)) => self.committed(done).err(),
             // The store dropped the batch: it is stopping.
             Wake::Committed(None) => Some(End::Store("the store stopped".into())),
-            // Boxed: an idle session's future would otherwise carry this rare state.
-            Wake::Commands => Box::pin(self.send_commands(false)).await.err(),
             Wake::Readable(Ok(())) => self.read_available().await.err(),
             Wake::Readable(Err(e)) => Some(End::Io(e)),
             Wake::Deadline if hello_done => {
@@ -465,7 +462,7 @@ impl Session {
         }
         if let Some(old) = replaced {
             info!("device connected again: replacing its older session");
-            old.close.send_replace(Some(GoodbyeReason::Replaced));
+            old.signals.close(GoodbyeReason::Replaced);
             // The old session commits what it received before it ends, so the
             // last_acked below counts it. Bounded: a stuck old session cannot block us.
             let _ = timeout(Duration::from_secs(10), old.ended).await;
@@ -495,7 +492,6 @@ impl Session {
             max_frame: shared.config.max_frame,
         };
         let filling = Batch::new(opened.device_key, h.boot_id);
-        let spare = Some(Batch::new(opened.device_key, h.boot_id));
         self.open = Some(Open {
             device_key: opened.device_key,
             peer_max_frame: usize::from(h.max_frame),
@@ -505,7 +501,7 @@ impl Session {
             commands_in_flight: Vec::new(),
             filling,
             committing: false,
-            spare,
+            spare: None,
             oldest_unacked: None,
         });
         self.queue(&Downlink::Welcome(welcome));
@@ -600,7 +596,7 @@ impl Session {
         let status = r.status.as_str().to_owned();
         let result = serde_json::Value::Object(values::readings_to_json(&r.values));
         let shared = self.shared.clone();
-        let commands = self.commands.clone();
+        let signals = self.signals.clone();
         // Recorded off the session's path: a slow store must not stall reading.
         tokio::spawn(async move {
             match shared
@@ -613,7 +609,7 @@ impl Session {
                 Err(e) => warn!(command = id, error = %e, "storing a command result failed"),
             }
             // Room for more commands now.
-            commands.notify_one();
+            signals.commands_waiting();
         });
     }
 
@@ -625,9 +621,11 @@ impl Session {
         if open.committing || open.filling.is_empty() {
             return Ok(());
         }
-        let Some(mut next) = open.spare.take() else {
-            return Ok(());
-        };
+        // The second batch is made on the first submit: an idle session keeps one.
+        let mut next = open
+            .spare
+            .take()
+            .unwrap_or_else(|| Batch::new(open.device_key, open.filling.boot_id));
         next.clear();
         let mut batch = std::mem::replace(&mut open.filling, next);
         batch.received_ms = now_ms();
@@ -814,7 +812,7 @@ impl Session {
     /// received are committed (the device will not replay what it sees acked, and a session
     /// taking over waits for this); then TLS is closed.
     async fn finish(&mut self) {
-        let revoked = matches!(*self.close_rx.borrow(), Some(GoodbyeReason::Revoked));
+        let revoked = self.signals.close_reason() == Some(GoodbyeReason::Revoked);
         if revoked && let Some(open) = self.open.as_mut() {
             open.filling.clear();
         }
