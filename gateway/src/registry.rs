@@ -155,3 +155,49 @@ impl Registry {
         closed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_signal_sent_while_the_session_is_busy_is_not_lost() {
+        let s = Signals::default();
+        // Nobody waits yet: the request is stored and a permit kept.
+        s.close(GoodbyeReason::Revoked);
+        tokio::time::timeout(Duration::from_secs(5), s.woken())
+            .await
+            .expect("the kept permit wakes the next wait");
+        assert_eq!(s.close_reason(), Some(GoodbyeReason::Revoked));
+
+        // Command notifications coalesce into one flag, taken once.
+        s.commands_waiting();
+        s.commands_waiting();
+        tokio::time::timeout(Duration::from_secs(5), s.woken())
+            .await
+            .expect("woken by the commands");
+        assert!(s.take_commands());
+        assert!(!s.take_commands());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_is_woken() {
+        let s = Arc::new(Signals::default());
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.woken().await;
+                s.take_commands()
+            }
+        });
+        // Whether the waiter is already waiting or not, it wakes and sees the flag.
+        s.commands_waiting();
+        let saw = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert!(saw);
+    }
+}
