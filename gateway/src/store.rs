@@ -218,6 +218,9 @@ pub struct DeviceRecord {
     pub boot_id: Option<u64>,
     /// Number of sessions so far.
     pub connects: i64,
+    /// Its newest stored record (by device time; of equal times the last to arrive),
+    /// if any.
+    pub latest: Option<TelemetryRecord>,
 }
 
 /// One stored telemetry record.
@@ -807,7 +810,7 @@ impl Store {
     /// Every device, by id.
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} ORDER BY id"))?;
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} ORDER BY d.id"))?;
             let rows = stmt.query_map([], device_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -818,7 +821,7 @@ impl Store {
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let id = id.to_owned();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} WHERE id = ?1"))?;
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} WHERE d.id = ?1"))?;
             Ok(stmt.query_row([id], device_from_row).optional()?)
         })
         .await
@@ -929,8 +932,13 @@ pub fn body_to_json(body: &[u8]) -> serde_json::Map<String, Json> {
     }
 }
 
-const DEVICE_SELECT: &str = "SELECT id, online, first_seen_ms, last_seen_ms, cert_serial,
-    cert_not_after, firmware, peer_addr, boot_id, connects FROM devices";
+/// Devices with their newest record: one step down the `(device, time_ms)` index per
+/// device (the last entry; equal times are in arrival order).
+const DEVICE_SELECT: &str = "SELECT d.id, d.online, d.first_seen_ms, d.last_seen_ms,
+    d.cert_serial, d.cert_not_after, d.firmware, d.peer_addr, d.boot_id, d.connects,
+    t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+    FROM devices d LEFT JOIN telemetry t ON t.rowid =
+      (SELECT rowid FROM telemetry WHERE device = d.key ORDER BY time_ms DESC LIMIT 1)";
 
 fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     Ok(DeviceRecord {
@@ -944,6 +952,17 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         peer_addr: r.get(7)?,
         boot_id: r.get::<_, Option<i64>>(8)?.map(|b| b as u64),
         connects: r.get(9)?,
+        latest: match r.get::<_, Option<Vec<u8>>>(14)? {
+            Some(body) => Some(TelemetryRecord {
+                device: r.get(0)?,
+                boot_id: r.get::<_, i64>(10)? as u64,
+                seq: r.get(11)?,
+                time_ms: r.get(12)?,
+                received_ms: r.get(13)?,
+                values: body_to_json(&body),
+            }),
+            None => None,
+        },
     })
 }
 

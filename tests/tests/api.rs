@@ -153,8 +153,18 @@ async fn devices_telemetry_and_unknowns() {
             .starts_with("127.0.0.1:")
     );
 
+    // Each device comes with its newest record, so a list needs no request per device.
+    assert_eq!(list[0]["latest"]["seq"], 3);
+    assert_eq!(list[0]["latest"]["values"]["temp"], json!(3.0));
+    assert!(list[0]["latest"]["boot_id"].is_string());
+
     let (s, one) = api.get("/api/v1/devices/meter-1").await;
     assert_eq!((s, &one["id"]), (200, &json!("meter-1")));
+    assert_eq!(one["latest"]["seq"], 3);
+    // A device that never sent telemetry has none.
+    let (_quiet, _) = tg.device("meter-2", 6).await;
+    let (_, two) = api.get("/api/v1/devices/meter-2").await;
+    assert_eq!(two["latest"], Json::Null);
 
     let (s, t) = api.get("/api/v1/devices/meter-1/telemetry?limit=2").await;
     assert_eq!(s, 200);

@@ -80,9 +80,14 @@ async fn live_values_appear_in_headless_chromium() {
             }
         }));
     }
+    // A device that sent one record before the page loads and nothing since: its value
+    // can only come from the device list (`latest`), not from live events.
+    let (mut quiet, _) = tg.device("dash-quiet", 1).await;
+    quiet.telemetry(1).await.unwrap();
+    quiet.wait_ack(1).await;
     // Something is stored before the page loads (the table fills from the API)...
     e2e::eventually("first records", || async {
-        (tg.gw.store().telemetry_count(None).await.ok()? >= 3).then_some(())
+        (tg.gw.store().telemetry_count(None).await.ok()? >= 4).then_some(())
     })
     .await;
     let api = tg.gw.api().unwrap();
@@ -107,6 +112,10 @@ async fn live_values_appear_in_headless_chromium() {
     assert!(
         dom.contains(r#"data-device="dash-0" data-name="temp""#),
         "a value of dash-0 is shown:\n{dom}"
+    );
+    assert!(
+        dom.contains(r#"data-device="dash-quiet" data-name="temp""#),
+        "the stored value of the quiet device is shown:\n{dom}"
     );
     // Live events (not only the initial fetch) reached the page.
     let total: u64 = dom
