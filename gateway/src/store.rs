@@ -14,8 +14,11 @@
 //! new ops queue, so the batch size grows with load and commit latency stays bounded by
 //! one fsync plus the work queued.
 //!
-//! Telemetry rows are keyed by (device, boot id, seq) with a unique index; a duplicate
-//! insert is ignored, so a record is stored exactly once however often it is replayed.
+//! Telemetry is deduplicated by a high-water mark per device boot (`boots`: the highest
+//! seq stored): a record at or below it is a duplicate and not inserted, so a record is
+//! stored exactly once however often it is replayed (PROTOCOL.md §8.2). One small row
+//! per boot costs less than a unique index over every record (which stores before
+//! 2026-11-26 had; it is converted once at open).
 //! The telemetry body is stored as the postcard bytes the device sent and turned into
 //! JSON only when read.
 
@@ -484,8 +487,17 @@ CREATE TABLE IF NOT EXISTS telemetry(
     received_ms  INTEGER NOT NULL,
     body         BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS telemetry_key ON telemetry(device, boot_id, seq);
 CREATE INDEX IF NOT EXISTS telemetry_time ON telemetry(device, time_ms);
+-- The highest seq stored per device boot: what deduplicates records (PROTOCOL.md §8.2)
+-- and answers Welcome.last_acked. One small row per boot instead of a unique index
+-- over every record; `last_ms` (arrival of that record) lets retention prune it.
+CREATE TABLE IF NOT EXISTS boots(
+    device    INTEGER NOT NULL,
+    boot_id   INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    last_ms   INTEGER NOT NULL,
+    PRIMARY KEY (device, boot_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS commands(
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     device       INTEGER NOT NULL,
@@ -534,6 +546,7 @@ impl Store {
             },
         )?;
         conn.execute_batch(SCHEMA)?;
+        migrate_unique_key(&conn)?;
         // A previous run may have died with sessions open: nobody is online at start.
         conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
 
@@ -997,6 +1010,29 @@ fn command_by_id(c: &Connection, id: i64) -> Result<Option<CommandRecord>, Store
 // ----------------------------------------------------------------------------------------
 // The writer thread.
 
+/// Stores made before `boots` deduplicated telemetry with a unique index on
+/// `(device, boot_id, seq)`: fill `boots` from it and drop it (once, at open).
+fn migrate_unique_key(conn: &Connection) -> Result<(), StoreError> {
+    let old: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'telemetry_key'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    tracing::info!("store: moving deduplication to per-boot high-water marks (once)");
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT OR REPLACE INTO boots(device, boot_id, last_seq, last_ms)
+           SELECT device, boot_id, max(seq), max(received_ms) FROM telemetry
+            GROUP BY device, boot_id;
+         DROP INDEX telemetry_key;
+         COMMIT;",
+    )?;
+    Ok(())
+}
+
 struct Writer {
     conn: Connection,
     /// `synchronous=FULL` (not `danger_ack_before_fsync`).
@@ -1220,21 +1256,34 @@ impl Writer {
         Ok(())
     }
 
+    /// Inserts the records above the boot's high-water mark and raises it; the others
+    /// are duplicates (already stored: a session replays from `Welcome.last_acked`, and
+    /// seqs grow within a boot).
     fn insert_batch(&mut self, batch: &mut Batch) -> Result<usize, rusqlite::Error> {
+        // Stored bit for bit: SQLite integers are signed 64-bit.
+        let boot = batch.boot_id as i64;
+        let mut high: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT last_seq FROM boots WHERE device = ?1 AND boot_id = ?2")?
+            .query_row(params![batch.device_key, boot], |r| r.get(0))
+            .optional()?;
         let mut stmt = self.conn.prepare_cached(
-            "INSERT OR IGNORE INTO telemetry(device, boot_id, seq, time_ms, received_ms, body)
+            "INSERT INTO telemetry(device, boot_id, seq, time_ms, received_ms, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut inserted = 0;
-        // Stored bit for bit: SQLite integers are signed 64-bit.
-        let boot = batch.boot_id as i64;
         let (records, bodies) = (&mut batch.records, &batch.bodies);
         for rec in records.iter_mut() {
+            let seq = i64::from(rec.seq);
+            rec.inserted = high.is_none_or(|h| seq > h);
+            if !rec.inserted {
+                continue;
+            }
             let start = rec.start as usize;
             let body = bodies
                 .get(start..start + rec.len as usize)
                 .unwrap_or_default();
-            let n = stmt.execute(params![
+            stmt.execute(params![
                 batch.device_key,
                 boot,
                 rec.seq,
@@ -1242,8 +1291,19 @@ impl Writer {
                 batch.received_ms,
                 body
             ])?;
-            rec.inserted = n == 1;
-            inserted += n;
+            high = Some(seq);
+            inserted += 1;
+        }
+        if inserted > 0
+            && let Some(high) = high
+        {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO boots(device, boot_id, last_seq, last_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(device, boot_id) DO UPDATE SET
+                        last_seq = max(last_seq, excluded.last_seq), last_ms = excluded.last_ms",
+                )?
+                .execute(params![batch.device_key, boot, high, batch.received_ms])?;
         }
         Ok(inserted)
     }
@@ -1273,8 +1333,9 @@ impl Writer {
             |r| r.get(0),
         )?;
         let last: Option<i64> = c
-            .prepare_cached("SELECT max(seq) FROM telemetry WHERE device = ?1 AND boot_id = ?2")?
-            .query_row(params![key, info.boot_id as i64], |r| r.get(0))?;
+            .prepare_cached("SELECT last_seq FROM boots WHERE device = ?1 AND boot_id = ?2")?
+            .query_row(params![key, info.boot_id as i64], |r| r.get(0))
+            .optional()?;
         Ok(Opened {
             device_key: key,
             last_acked: last.and_then(|s| Seq::try_from(s).ok()),
@@ -1453,6 +1514,18 @@ impl Writer {
             )?;
             deleted += n as u64;
         }
+        if deleted > 0 {
+            // High-water marks of past boots whose records are all gone (older than the
+            // oldest record left). A device's current boot keeps its mark.
+            c.execute(
+                "DELETE FROM boots
+                  WHERE last_ms < coalesce(
+                          (SELECT received_ms FROM telemetry ORDER BY rowid LIMIT 1),
+                          9223372036854775807)
+                    AND boot_id IS NOT (SELECT boot_id FROM devices WHERE key = boots.device)",
+                [],
+            )?;
+        }
         Ok(deleted)
     }
 }
@@ -1554,6 +1627,77 @@ mod tests {
         assert_eq!(recs.iter().find(|r| r.seq == 7).unwrap().values["v"], 7);
         writer.stop(&store).await;
         assert!(matches!(store.flush().await, Err(StoreError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_boots_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite");
+        {
+            // The old layout: deduplication by a unique index over every record.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE devices(key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                    first_seen_ms INTEGER, last_seen_ms INTEGER,
+                    online INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, cert_not_after INTEGER,
+                    firmware TEXT, peer_addr TEXT, boot_id INTEGER,
+                    connects INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE telemetry(device INTEGER NOT NULL, boot_id INTEGER NOT NULL,
+                    seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+                    body BLOB NOT NULL);
+                 CREATE UNIQUE INDEX telemetry_key ON telemetry(device, boot_id, seq);
+                 INSERT INTO devices(key, id, boot_id) VALUES (1, 'old', 7);",
+            )
+            .unwrap();
+            for seq in 1..=5 {
+                c.execute(
+                    "INSERT INTO telemetry VALUES (1, 7, ?1, 0, 0, ?2)",
+                    params![seq, body(seq)],
+                )
+                .unwrap();
+            }
+        }
+        // Opened twice: the migration runs once and the marks keep moving.
+        for (acked, new) in [(5, 1), (6, 0)] {
+            let (store, writer) = open(dir.path());
+            let o = session(&store, "old", 7).await;
+            assert_eq!(o.last_acked, Some(acked), "the high-water mark came over");
+            assert_eq!(insert(&store, o, 7, 4..=6, now_ms()).await, new);
+            writer.stop(&store).await;
+        }
+        let c = Connection::open(&path).unwrap();
+        let index: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'telemetry_key'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 0, "the unique index is gone");
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 6);
+    }
+
+    #[tokio::test]
+    async fn retention_forgets_past_boots_but_not_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let day = 86_400_000;
+        let old = session(&store, "d4", 1).await;
+        insert(&store, old, 1, 1..=3, now_ms() - 3 * day).await;
+        let cur = session(&store, "d4", 2).await;
+        insert(&store, cur, 2, 1..=3, now_ms() - 3 * day).await;
+        store
+            .apply_retention(Some(Duration::from_secs(86_400)), None)
+            .await
+            .unwrap();
+        assert_eq!(store.telemetry_count(Some("d4")).await.unwrap(), 0);
+        // The current boot still knows what it stored; the past one starts afresh.
+        assert_eq!(session(&store, "d4", 2).await.last_acked, Some(3));
+        assert_eq!(session(&store, "d4", 1).await.last_acked, None);
+        writer.stop(&store).await;
     }
 
     #[tokio::test]
