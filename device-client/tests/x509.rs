@@ -416,6 +416,19 @@ fn verifier_reports_no_proof_unless_certificate_and_signature_both_verified() {
     let long = "a".repeat(63) + "." + &"b".repeat(63) + ".example";
     assert!(v.set_hostname_verification(&long).is_err());
     assert_eq!(v.gateway_check(), Err(CertError::InvalidName));
+    // A success is forgotten when the connector begins the next handshake, even one
+    // that never sets a name.
+    v.set_hostname_verification("localhost").unwrap();
+    v.verify_certificate(&transcript, certificate_message(&cert))
+        .unwrap();
+    let verify = CertificateVerifyRef {
+        signature_scheme: scheme,
+        signature: good.as_bytes(),
+    };
+    v.verify_signature(verify).unwrap();
+    assert_eq!(v.gateway_check(), Ok(()));
+    v.forget_gateway();
+    assert_eq!(v.gateway_check(), Err(CertError::NoProof));
 }
 
 proptest! {

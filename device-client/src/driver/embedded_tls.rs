@@ -125,6 +125,9 @@ impl<K: DeviceKey> signature::SignerMut<DerEcdsaSignature> for KeySigner<'_, K> 
 /// and it signed the handshake with that certificate's key. The connector asks after
 /// every handshake, and refuses a connection unless the answer is `Ok`.
 pub trait GatewayCheck {
+    /// Forgets the last handshake's outcome: the connector calls it before each one, so
+    /// no earlier success can stand in for a handshake without proof.
+    fn forget_gateway(&mut self);
     /// `Ok` once the gateway's certificate and handshake signature verified in the
     /// handshake last begun; else why not ([`CertError::NoProof`] if the gateway never
     /// sent them).
@@ -169,8 +172,7 @@ impl<'a, C: TlsClock> GatewayVerifier<'a, C> {
 impl<C: TlsClock> TlsVerifier<CipherSuite> for GatewayVerifier<'_, C> {
     fn set_hostname_verification(&mut self, hostname: &str) -> Result<(), TlsError> {
         // Called as every handshake begins: forget the last one.
-        self.pending = None;
-        self.outcome = Err(CertError::NoProof);
+        self.forget_gateway();
         self.name.clear();
         self.name.push_str(hostname).map_err(|_| {
             self.outcome = Err(CertError::InvalidName);
@@ -213,6 +215,11 @@ impl<C: TlsClock> TlsVerifier<CipherSuite> for GatewayVerifier<'_, C> {
 }
 
 impl<C> GatewayCheck for GatewayVerifier<'_, C> {
+    fn forget_gateway(&mut self) {
+        self.pending = None;
+        self.outcome = Err(CertError::NoProof);
+    }
+
     fn gateway_check(&self) -> Result<(), CertError> {
         self.outcome
     }
@@ -285,6 +292,10 @@ where
 }
 
 impl<R, K, C> GatewayCheck for DeviceProvider<'_, R, K, C> {
+    fn forget_gateway(&mut self) {
+        self.verifier.forget_gateway();
+    }
+
     fn gateway_check(&self) -> Result<(), CertError> {
         self.verifier.gateway_check()
     }
@@ -541,6 +552,7 @@ where
         let attempt = async {
             let stream = transport.open().await.map_err(ConnectError::Transport)?;
             let mut tls = TlsConnection::new(stream, record_rx, record_tx);
+            provider.forget_gateway();
             let opened = tls.open(TlsContext::new(config, &mut *provider)).await;
             // Whatever embedded-tls concluded, the connection stands only if the
             // gateway proved who it is (module doc).
