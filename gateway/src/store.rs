@@ -862,17 +862,7 @@ impl Store {
                     q.until_ms.unwrap_or(i64::MAX),
                     limit
                 ],
-                |row| {
-                    let body: Vec<u8> = row.get(4)?;
-                    Ok(TelemetryRecord {
-                        device: device.clone(),
-                        boot_id: row.get::<_, i64>(0)? as u64,
-                        seq: row.get(1)?,
-                        time_ms: row.get(2)?,
-                        received_ms: row.get(3)?,
-                        values: body_to_json(&body),
-                    })
-                },
+                |row| telemetry_from_row(row, 0, device.clone()),
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -965,17 +955,29 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         peer_addr: r.get(7)?,
         boot_id: r.get::<_, Option<i64>>(8)?.map(|b| b as u64),
         connects: r.get(9)?,
-        latest: match r.get::<_, Option<Vec<u8>>>(14)? {
-            Some(body) => Some(TelemetryRecord {
-                device: r.get(0)?,
-                boot_id: r.get::<_, i64>(10)? as u64,
-                seq: r.get(11)?,
-                time_ms: r.get(12)?,
-                received_ms: r.get(13)?,
-                values: body_to_json(&body),
-            }),
-            None => None,
+        // The LEFT JOIN gives NULLs for a device without telemetry.
+        latest: match r.get_ref(14)? {
+            rusqlite::types::ValueRef::Null => None,
+            _ => Some(telemetry_from_row(r, 10, r.get(0)?)?),
         },
+    })
+}
+
+/// A telemetry record from the columns `boot_id, seq, time_ms, received_ms, body`
+/// starting at `at`.
+fn telemetry_from_row(
+    r: &rusqlite::Row<'_>,
+    at: usize,
+    device: String,
+) -> rusqlite::Result<TelemetryRecord> {
+    let body: Vec<u8> = r.get(at + 4)?;
+    Ok(TelemetryRecord {
+        device,
+        boot_id: r.get::<_, i64>(at)? as u64,
+        seq: r.get(at + 1)?,
+        time_ms: r.get(at + 2)?,
+        received_ms: r.get(at + 3)?,
+        values: body_to_json(&body),
     })
 }
 
