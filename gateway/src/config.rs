@@ -27,12 +27,28 @@ pub struct Config {
 
     /// Refuse TLS 1.2.
     pub tls13_only: bool,
+    /// When the CRL is past its next-update date, refuse every device handshake (fail
+    /// closed) instead of only warning. Off: a stale CRL is logged and shown by the
+    /// `gateway_crl_stale` metric, and its revocations still apply.
+    pub refuse_stale_crl: bool,
     /// Largest TLS record the gateway sends, header included (at least 1024), so that
     /// small devices can use a small TLS receive buffer. Unset: 16 KiB records.
     pub max_fragment_size: Option<usize>,
 
-    /// Most device connections at once; more are answered `Goodbye{Overload}`.
-    pub max_connections: usize,
+    /// Listen backlog of the device and API listeners: connections the kernel holds
+    /// until the gateway accepts them, so that a reconnect burst is not turned away.
+    pub listen_backlog: u32,
+    /// Most device connections past the TLS handshake at once; more are answered
+    /// `Goodbye{Overload}`. Unset: what the open-file limit leaves after the other
+    /// budgets (`max_handshakes`, `api_max_connections`, a reserve for the store).
+    pub max_connections: Option<usize>,
+    /// Most connections in their TLS handshake at once (not yet authenticated), from
+    /// all sources together; more are closed at once. A budget of its own, so that
+    /// unauthenticated connections never take the room of devices.
+    pub max_handshakes: usize,
+    /// Most connections in their TLS handshake at once from one source address (an
+    /// IPv6 /64 counts as one source); more are closed at once.
+    pub max_handshakes_per_source: usize,
     /// Time allowed for the TLS handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -78,6 +94,13 @@ pub struct Config {
     /// File holding the API bearer token; created with a random token on first start
     /// if missing. Unset: `DATA_DIR/api-token`.
     pub api_token_file: Option<PathBuf>,
+    /// Most operator API connections at once (WebSocket streams included); more are
+    /// closed at once.
+    pub api_max_connections: usize,
+    /// Time an API client has to send a request's headers, and the longest pause
+    /// allowed between requests on a kept-alive connection and inside a request body.
+    #[serde(with = "humantime_serde")]
+    pub api_header_timeout: Duration,
 
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
@@ -115,8 +138,12 @@ impl Default for Config {
             crl: None,
             data_dir: PathBuf::from("data"),
             tls13_only: false,
+            refuse_stale_crl: false,
             max_fragment_size: None,
-            max_connections: 19_000,
+            listen_backlog: 1024,
+            max_connections: None,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 64,
             handshake_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(30),
@@ -132,6 +159,8 @@ impl Default for Config {
             max_queued_commands: 1000,
             api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
+            api_max_connections: 128,
+            api_header_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
         }
     }
@@ -180,10 +209,12 @@ impl Config {
         })
     }
 
-    /// Checks ranges that the types cannot express.
+    /// Checks ranges that the types cannot express: a setting that cannot work stops
+    /// the gateway at start instead of refusing every device later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        use device_client::proto::{MAX_UPLINK_FRAME, MIN_MAX_FRAME};
+        use device_client::proto::MIN_MAX_FRAME;
         let invalid = |name, problem: String| Err(ConfigError::Invalid { name, problem });
+        // Above the largest valid frame is harmless: such frames fail to decode.
         if self.max_frame < MIN_MAX_FRAME {
             return invalid(
                 "max_frame",
@@ -204,20 +235,73 @@ impl Config {
                 ),
             );
         }
-        if self.max_connections == 0 {
-            return invalid("max_connections", "must be at least 1".into());
+        let at_least_one: [(&'static str, usize); 8] = [
+            ("max_connections", self.max_connections.unwrap_or(1)),
+            ("max_handshakes", self.max_handshakes),
+            ("max_handshakes_per_source", self.max_handshakes_per_source),
+            ("max_pending_records", self.max_pending_records),
+            ("max_commit_records", self.max_commit_records),
+            ("max_queued_commands", self.max_queued_commands),
+            ("api_max_connections", self.api_max_connections),
+            ("listen_backlog", self.listen_backlog as usize),
+        ];
+        for (name, value) in at_least_one {
+            if value == 0 {
+                return invalid(name, "must be at least 1".into());
+            }
         }
-        if self.heartbeat < Duration::from_secs(1) || self.heartbeat.as_secs() > 3600 {
-            return invalid("heartbeat", "must be between 1s and 1h".into());
+        if self.max_handshakes_per_source > self.max_handshakes {
+            return invalid(
+                "max_handshakes_per_source",
+                format!(
+                    "{} is above max_handshakes ({})",
+                    self.max_handshakes_per_source, self.max_handshakes
+                ),
+            );
         }
-        if self.max_pending_records == 0 || self.max_commit_records == 0 {
-            return invalid("max_pending_records", "limits must be at least 1".into());
+        if self.listen_backlog > 65_535 {
+            return invalid("listen_backlog", "must be at most 65535".into());
         }
-        if self.command_ttl.is_zero() {
-            return invalid("command_ttl", "must be positive".into());
+        // Timeouts: zero would refuse every device (or API client), and an hour-long
+        // handshake is a door held open for anyone.
+        let sec = Duration::from_secs(1);
+        let ms = Duration::from_millis(100);
+        let timeouts = [
+            ("handshake_timeout", self.handshake_timeout, ms, 600 * sec),
+            ("hello_timeout", self.hello_timeout, ms, 600 * sec),
+            ("write_timeout", self.write_timeout, ms, 600 * sec),
+            ("api_header_timeout", self.api_header_timeout, ms, 600 * sec),
+            ("heartbeat", self.heartbeat, sec, 3600 * sec),
+            ("command_ttl", self.command_ttl, sec, 365 * 86_400 * sec),
+        ];
+        for (name, value, min, max) in timeouts {
+            if value < min || value > max {
+                return invalid(
+                    name,
+                    format!(
+                        "{} is outside {}..={}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
         }
-        // Not an error: a smaller max_frame only refuses the largest valid records.
-        let _ = MAX_UPLINK_FRAME;
+        if let Some(r) = self.retention
+            && r < Duration::from_secs(60)
+        {
+            return invalid(
+                "retention",
+                format!(
+                    "{} would delete telemetry as it arrives; use at least 1m, or leave it \
+                     unset to keep telemetry by age",
+                    humantime::format_duration(r)
+                ),
+            );
+        }
+        if self.retention_max_rows == Some(0) {
+            return invalid("retention_max_rows", "must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -271,6 +355,141 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_by_name() {
+        let zero = Duration::ZERO;
+        let cases: Vec<(&str, Config)> = vec![
+            (
+                "handshake_timeout",
+                Config {
+                    handshake_timeout: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "hello_timeout",
+                Config {
+                    hello_timeout: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "write_timeout",
+                Config {
+                    write_timeout: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "api_header_timeout",
+                Config {
+                    api_header_timeout: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "heartbeat",
+                Config {
+                    heartbeat: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "command_ttl",
+                Config {
+                    command_ttl: zero,
+                    ..Config::default()
+                },
+            ),
+            (
+                "retention",
+                Config {
+                    retention: Some(zero),
+                    ..Config::default()
+                },
+            ),
+            (
+                "retention_max_rows",
+                Config {
+                    retention_max_rows: Some(0),
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_connections",
+                Config {
+                    max_connections: Some(0),
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_handshakes",
+                Config {
+                    max_handshakes: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_handshakes_per_source",
+                Config {
+                    max_handshakes: 10,
+                    max_handshakes_per_source: 11,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_pending_records",
+                Config {
+                    max_pending_records: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_commit_records",
+                Config {
+                    max_commit_records: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_queued_commands",
+                Config {
+                    max_queued_commands: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "api_max_connections",
+                Config {
+                    api_max_connections: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "listen_backlog",
+                Config {
+                    listen_backlog: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_frame",
+                Config {
+                    max_frame: 127,
+                    ..Config::default()
+                },
+            ),
+        ];
+        for (name, cfg) in cases {
+            match cfg.validate() {
+                Err(ConfigError::Invalid { name: n, problem }) => {
+                    assert_eq!(n, name, "{problem}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -153,6 +153,20 @@ pub struct Metrics {
     pub protocol_violations: AtomicU64,
     /// Connections refused for overload.
     pub overload_refusals: AtomicU64,
+    /// Connections in their TLS handshake now (not yet authenticated).
+    pub handshakes_in_progress: AtomicI64,
+    /// Connections closed before their handshake because `max_handshakes` was reached.
+    pub preauth_refused_budget: AtomicU64,
+    /// Connections closed before their handshake because their source address was at
+    /// `max_handshakes_per_source`.
+    pub preauth_refused_per_source: AtomicU64,
+    /// Operator API connections open now.
+    pub api_connections: AtomicI64,
+    /// Operator API connections closed at once because `api_max_connections` was
+    /// reached.
+    pub api_connections_refused: AtomicU64,
+    /// `CommandResult`s for commands not in flight on their session (ignored).
+    pub command_results_ignored: AtomicU64,
     /// Time from a record's arrival to its ack being queued.
     pub ack_latency: Histogram,
     /// Time from a batch's submission to its commit.
@@ -171,6 +185,12 @@ impl Default for Metrics {
             telemetry_duplicates: AtomicU64::new(0),
             protocol_violations: AtomicU64::new(0),
             overload_refusals: AtomicU64::new(0),
+            handshakes_in_progress: AtomicI64::new(0),
+            preauth_refused_budget: AtomicU64::new(0),
+            preauth_refused_per_source: AtomicU64::new(0),
+            api_connections: AtomicI64::new(0),
+            api_connections_refused: AtomicU64::new(0),
+            command_results_ignored: AtomicU64::new(0),
             ack_latency: Histogram::new(LATENCY_BUCKETS),
             commit_latency: Histogram::new(LATENCY_BUCKETS),
         }

@@ -18,8 +18,10 @@
 //! a bad device is closed with a typed reason and no other device notices.
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod events;
+mod loglimit;
 pub mod quickstart;
 pub mod registry;
 pub mod server;
@@ -28,12 +30,12 @@ pub mod store;
 pub mod tls;
 pub mod values;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use device_client::proto::{self, DeviceId};
-use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -61,8 +63,14 @@ pub struct Shared {
     events: broadcast::Sender<Arc<Event>>,
     /// Set once to make every task wind down.
     pub shutting_down: watch::Sender<bool>,
-    waiters: Mutex<Vec<(i64, oneshot::Sender<CommandRecord>)>>,
+    /// Device connections past the handshake at once (`max_connections`, or what the
+    /// open-file limit leaves: [`budget::plan`]).
+    pub max_connections: usize,
+    waiters: Mutex<HashMap<i64, Vec<oneshot::Sender<CommandRecord>>>>,
     refusals: Mutex<std::collections::VecDeque<events::Refused>>,
+    log_gates: loglimit::LogGates,
+    /// Whether the last look found the CRL stale (to warn once per change).
+    crl_stale: std::sync::atomic::AtomicBool,
 }
 
 /// Refused handshakes kept for `recent_refusals`.
@@ -100,18 +108,46 @@ impl Shared {
     /// A command changed state: publish it, and wake whoever waits for its end.
     pub fn command_changed(&self, rec: CommandRecord) {
         if rec.state.is_final() {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            let mut i = 0;
-            while i < waiters.len() {
-                if waiters.get(i).is_some_and(|(id, _)| *id == rec.id) {
-                    let (_, tx) = waiters.swap_remove(i);
-                    let _ = tx.send(rec.clone());
-                } else {
-                    i += 1;
-                }
+            let waiting = self
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&rec.id);
+            for tx in waiting.into_iter().flatten() {
+                let _ = tx.send(rec.clone());
             }
         }
         self.publish(|| Event::Command(rec));
+    }
+
+    /// Why the gateway cannot keep what it acknowledges right now, if it cannot: what
+    /// `/healthz` reports.
+    pub fn unhealthy(&self) -> Option<store::Failing> {
+        self.store.failing()
+    }
+
+    /// Looks at the CRL's next-update date: warns when it has passed (once, until a
+    /// fresh CRL is loaded), and returns whether it has.
+    pub fn check_crl(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let material = self.tls.current();
+        let stale = material.crl_stale(tls::unix_now());
+        let was = self.crl_stale.swap(stale, Ordering::Relaxed);
+        if stale && !was {
+            let policy = if self.config.refuse_stale_crl {
+                "every device is refused until it is (refuse_stale_crl)"
+            } else {
+                "its revocations still apply; set refuse_stale_crl to refuse devices instead"
+            };
+            warn!(
+                next_update = material.crl_next_update.unwrap_or_default(),
+                "the CRL is past its next update: re-sign it (certs crl --dir DIR) and \
+                 reload (SIGHUP); {policy}"
+            );
+        } else if was && !stale {
+            info!("the CRL is fresh again");
+        }
+        stale
     }
 }
 
@@ -195,12 +231,14 @@ impl Gateway {
     /// starts serving. Returns once devices can connect.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         config.validate()?;
+        let budgets = budget::plan(&config, budget::raise_open_file_limit())?;
         let tls = TlsState::new(TlsSettings {
             ca: config.ca.clone(),
             cert: config.cert.clone(),
             key: config.key.clone(),
             crl: config.crl.clone(),
             tls13_only: config.tls13_only,
+            refuse_stale_crl: config.refuse_stale_crl,
             max_fragment_size: config.max_fragment_size,
         })?;
         let (store, writer) = Store::open(store::StoreOptions {
@@ -209,13 +247,12 @@ impl Gateway {
             max_commit_records: config.max_commit_records,
             max_queued_commands: config.max_queued_commands,
         })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = server::bind(config.listen, config.listen_backlog).map_err(|source| {
+            StartError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -230,16 +267,26 @@ impl Gateway {
             metrics: Metrics::default(),
             events,
             shutting_down,
-            waiters: Mutex::new(Vec::new()),
+            max_connections: budgets.max_connections,
+            waiters: Mutex::new(HashMap::new()),
             refusals: Mutex::new(Default::default()),
+            log_gates: loglimit::LogGates::default(),
+            crl_stale: std::sync::atomic::AtomicBool::new(false),
         });
+        info!(
+            max_connections = budgets.max_connections,
+            max_handshakes = shared.config.max_handshakes,
+            api_max_connections = shared.config.api_max_connections,
+            open_files = budgets.open_files,
+            "connection budgets"
+        );
+        shared.check_crl();
         let (stop_tx, stop_rx) = watch::channel(false);
         let api_listener = match shared.config.api_listen {
             Some(addr) => {
                 let (token, token_created) =
                     api::load_or_create_token(&shared.config.token_path())?;
-                let l = TcpListener::bind(addr)
-                    .await
+                let l = server::bind(addr, shared.config.listen_backlog)
                     .map_err(|source| StartError::Bind { addr, source })?;
                 let bound = l
                     .local_addr()
@@ -268,15 +315,7 @@ impl Gateway {
             info!(addr = %info.addr, "operator API and dashboard listening");
             let router = api::router(gw.clone(), &info.token);
             gw.api = Some(info);
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let serve = axum::serve(l, router).with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "the operator API stopped");
-                }
-            })
+            tokio::spawn(api::serve(l, router, gw.shared.clone(), stop_rx.clone()))
         });
         // The router above holds a clone made before `api` was set; it needs only
         // the shared state, never the API address.
@@ -372,7 +411,9 @@ impl Gateway {
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((id, tx));
+            .entry(id)
+            .or_default()
+            .push(tx);
         // It may have ended before the waiter was registered.
         match self.shared.store.command(id).await? {
             Some(rec) if rec.state.is_final() => return Ok(rec),
@@ -380,12 +421,20 @@ impl Gateway {
             None => return Err(StoreError::NoSuchCommand(id).into()),
         }
         let out = tokio::time::timeout(wait, rx).await;
-        let mut waiters = self
-            .shared
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        waiters.retain(|(_, tx)| !tx.is_closed());
+        {
+            // Forget this waiter (and any other of this command that gave up).
+            let mut waiters = self
+                .shared
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = waiters.get_mut(&id) {
+                list.retain(|tx| !tx.is_closed());
+                if list.is_empty() {
+                    waiters.remove(&id);
+                }
+            }
+        }
         match out {
             Ok(Ok(rec)) => Ok(rec),
             _ => Err(CommandError::Timeout),
@@ -431,6 +480,7 @@ impl Gateway {
     /// material stays in force.
     pub fn reload_tls(&self) -> Result<Vec<String>, tls::TlsLoadError> {
         let material = self.shared.tls.reload()?;
+        self.shared.check_crl();
         let closed = self
             .shared
             .registry
@@ -462,13 +512,15 @@ impl Gateway {
     }
 }
 
-/// Background chores: expire commands every second, apply retention every minute.
+/// Background chores: expire commands and summarise rate-limited log lines every
+/// second; look at the CRL's age and apply retention every minute.
 async fn housekeeping(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
+        shared.log_gates.summarize(Instant::now());
         match shared.store.expire_commands().await {
             Ok(expired) => {
                 for rec in expired {
@@ -480,6 +532,7 @@ async fn housekeeping(shared: Arc<Shared>) {
             Err(e) => warn!(error = %e, "expiring commands failed"),
         }
         if n.is_multiple_of(60) {
+            shared.check_crl();
             let cfg = &shared.config;
             if cfg.retention.is_some() || cfg.retention_max_rows.is_some() {
                 match shared

@@ -88,12 +88,27 @@ struct Overrides {
     /// Refuse TLS 1.2.
     #[arg(long)]
     tls13_only: Option<bool>,
+    /// Refuse every device while the CRL is past its next-update date [default: false:
+    /// warn only].
+    #[arg(long)]
+    refuse_stale_crl: Option<bool>,
     /// Largest TLS record sent, header included (>= 1024), for small devices.
     #[arg(long)]
     max_fragment_size: Option<usize>,
-    /// Most device connections at once [default: 19000].
+    /// Listen backlog of the device and API listeners [default: 1024].
+    #[arg(long)]
+    listen_backlog: Option<u32>,
+    /// Most device connections past the TLS handshake at once [default: what the
+    /// open-file limit leaves after the other budgets].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Most connections in their TLS handshake at once [default: 1024].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
+    /// Most connections in their TLS handshake at once from one address (IPv6: one
+    /// /64) [default: 64].
+    #[arg(long)]
+    max_handshakes_per_source: Option<usize>,
     /// TLS handshake timeout, e.g. 10s.
     #[arg(long, value_parser = humantime::parse_duration)]
     handshake_timeout: Option<Duration>,
@@ -142,6 +157,13 @@ struct Overrides {
     /// File holding the API bearer token [default: DATA_DIR/api-token, made on first start].
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// Most operator API connections at once [default: 128].
+    #[arg(long)]
+    api_max_connections: Option<usize>,
+    /// Time for an API request's headers, and the longest idle pause on an API
+    /// connection, e.g. 10s [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    api_header_timeout: Option<Duration>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<LogFormat>,
@@ -159,7 +181,10 @@ impl Overrides {
             key,
             data_dir,
             tls13_only,
-            max_connections,
+            refuse_stale_crl,
+            listen_backlog,
+            max_handshakes,
+            max_handshakes_per_source,
             handshake_timeout,
             hello_timeout,
             heartbeat,
@@ -171,8 +196,13 @@ impl Overrides {
             max_commit_records,
             command_ttl,
             max_queued_commands,
+            api_max_connections,
+            api_header_timeout,
             log_format
         );
+        if self.max_connections.is_some() {
+            c.max_connections = self.max_connections;
+        }
         if self.crl.is_some() {
             c.crl = self.crl;
         }

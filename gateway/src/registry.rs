@@ -66,10 +66,20 @@ pub struct Entry {
     pub ended: oneshot::Receiver<()>,
 }
 
-/// Every live session.
+/// A connection past its TLS handshake that has not sent `Hello` yet.
+struct Unopened {
+    serial: Vec<u8>,
+    signals: Arc<Signals>,
+}
+
+/// Every live session, and every authenticated connection that has not opened one yet.
 #[derive(Default)]
 pub struct Registry {
     map: Mutex<HashMap<String, Entry>>,
+    /// By session number. Kept so that a reload can cut a connection between its
+    /// handshake and its `Hello` as well: a certificate revoked meanwhile must never
+    /// get a session (SECURITY.md, "Revocation").
+    unopened: Mutex<HashMap<u64, Unopened>>,
     next: AtomicU64,
 }
 
@@ -83,6 +93,22 @@ impl Registry {
         // The map stays consistent even if a holder panicked: every update is one insert
         // or remove.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_unopened(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Unopened>> {
+        // As `lock`: every update is one insert or remove.
+        self.unopened.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a connection that finished its handshake and has no session yet.
+    pub fn add_unopened(&self, session: u64, serial: Vec<u8>, signals: Arc<Signals>) {
+        self.lock_unopened()
+            .insert(session, Unopened { serial, signals });
+    }
+
+    /// Forgets a connection recorded by `add_unopened` (it opened a session, or ended).
+    pub fn remove_unopened(&self, session: u64) {
+        self.lock_unopened().remove(&session);
     }
 
     /// Registers a session for `device`, returning the session it replaces, if any.
@@ -142,14 +168,23 @@ impl Registry {
         }
     }
 
-    /// Closes the sessions whose certificate serial `revoked` says is revoked; returns
-    /// their device ids.
+    /// Closes the sessions, and the connections not yet past `Hello`, whose certificate
+    /// serial `revoked` says is revoked; returns the device ids of the sessions.
+    ///
+    /// A session registers itself, then checks the TLS material in force; a reload swaps
+    /// the material, then calls this. So a session starting during a reload is either
+    /// seen here or sees the new material itself (`session::open_session`).
     pub fn close_revoked(&self, revoked: impl Fn(&[u8]) -> bool) -> Vec<String> {
         let mut closed = Vec::new();
         for (device, e) in self.lock().iter() {
             if revoked(&e.serial) {
                 e.signals.close(GoodbyeReason::Revoked);
                 closed.push(device.clone());
+            }
+        }
+        for u in self.lock_unopened().values() {
+            if revoked(&u.serial) {
+                u.signals.close(GoodbyeReason::Revoked);
             }
         }
         closed

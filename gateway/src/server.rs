@@ -1,19 +1,39 @@
-//! The device listener: accept, connection cap, TLS handshake, then a session task.
+//! The device listener: accept, the pre-authentication budget, TLS handshake, the
+//! connection cap, then a session task.
 //!
-//! Shaped like mini-redis: one accept loop, a task per connection holding a semaphore
-//! permit, a shutdown signal every task watches, and a tracing span per connection.
+//! Shaped like mini-redis: one accept loop, a task per connection holding a permit, a
+//! shutdown signal every task watches, and a tracing span per connection.
+//!
+//! ```text
+//!  accept ─► pre-auth ticket? ──no──► close (counted: budget | per_source)
+//!               │ yes: max_handshakes in all, max_handshakes_per_source per address
+//!               ▼
+//!            TLS handshake (handshake_timeout) ─► identity (CN, CRL, expiry)
+//!               ▼
+//!            connection permit? ──no──► Goodbye{Overload}, close
+//!               │ yes: max_connections; the ticket is returned
+//!               ▼
+//!            session
+//! ```
+//!
+//! Unauthenticated connections draw from their own, smaller budget: a flood of
+//! half-open connections can fill it, but never takes the room of devices that have
+//! authenticated, and one source address can take only its share of it.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use device_client::proto::{Downlink, Goodbye, GoodbyeReason, MIN_MAX_FRAME};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Shared;
@@ -21,64 +41,172 @@ use crate::events::Refused;
 use crate::store::now_ms;
 use crate::tls::{self, Refusal};
 
-/// Connections over the cap that still get a `Goodbye{Overload}` (the rest are dropped
-/// at once): enough to tell a burst of devices to back off, small enough to bound the
-/// handshake work overload can cause.
-const OVERLOAD_REPLIES: usize = 64;
+/// Binds a listener with an explicit backlog (the runtime's own bind uses 128, which a
+/// reconnect burst of a few hundred devices overflows: each one then waits 1–3 s for
+/// its SYN to be sent again).
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As the runtime's bind does: a restarted gateway can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The next connection; a failed accept (out of file descriptors, say) is logged and
+/// tried again after a short pause, so a full process does not spin.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(e) => {
+                warn!(addr = ?listener.local_addr().ok(), error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Why a connection was closed before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreAuthRefusal {
+    /// `max_handshakes` connections are in their handshake.
+    Budget,
+    /// Its source is at `max_handshakes_per_source`.
+    PerSource,
+}
+
+impl PreAuthRefusal {
+    const fn as_str(self) -> &'static str {
+        match self {
+            PreAuthRefusal::Budget => "budget",
+            PreAuthRefusal::PerSource => "per_source",
+        }
+    }
+}
+
+/// The budget of connections that have not finished their handshake.
+struct PreAuth {
+    max_total: usize,
+    max_per_source: usize,
+    state: Mutex<PreAuthState>,
+}
+
+#[derive(Default)]
+struct PreAuthState {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in the pre-authentication budget, given back on drop.
+struct Ticket {
+    budget: Arc<PreAuth>,
+    source: IpAddr,
+    shared: Arc<Shared>,
+}
+
+/// The unit a per-source limit counts: an IPv4 address, or an IPv6 /64 (one host
+/// usually holds a whole /64, so counting single IPv6 addresses would limit nothing).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl PreAuth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthState> {
+        // Counters only, each update whole: consistent after a panic elsewhere.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr, shared: &Arc<Shared>) -> Result<Ticket, PreAuthRefusal> {
+        let source = source_of(ip);
+        let mut s = self.lock();
+        if s.total >= self.max_total {
+            return Err(PreAuthRefusal::Budget);
+        }
+        let n = s.by_source.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            return Err(PreAuthRefusal::PerSource);
+        }
+        *n += 1;
+        s.total += 1;
+        shared
+            .metrics
+            .handshakes_in_progress
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Ticket {
+            budget: self.clone(),
+            source,
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut s = self.budget.lock();
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_source.remove(&self.source);
+            }
+        }
+        self.shared
+            .metrics
+            .handshakes_in_progress
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Accepts connections until `shutdown` turns true, then waits for every session to
 /// say goodbye and end.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
-    let overload = Arc::new(Semaphore::new(OVERLOAD_REPLIES));
+    let permits = Arc::new(Semaphore::new(shared.max_connections));
+    let preauth = Arc::new(PreAuth {
+        max_total: shared.config.max_handshakes,
+        max_per_source: shared.config.max_handshakes_per_source,
+        state: Mutex::default(),
+    });
     let mut tasks = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
-            a = listener.accept() => a,
+            a = accept(&listener) => a,
             // Reap finished tasks so the set does not grow without bound.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: log, pause briefly, go on.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ticket = match preauth.admit(peer.ip(), &shared) {
+            Ok(t) => t,
+            Err(why) => {
+                let m = &shared.metrics;
+                match why {
+                    PreAuthRefusal::Budget => &m.preauth_refused_budget,
+                    PreAuthRefusal::PerSource => &m.preauth_refused_per_source,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                if shared.log_gates.preauth.admit(Instant::now()) {
+                    warn!(%peer, reason = why.as_str(), "connection closed before its handshake");
+                }
+                // Dropped unread: a reset, at no cost beyond the accept.
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let span = info_span!("conn", %peer, device = tracing::field::Empty);
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let shared = shared.clone();
-                tasks.spawn(
-                    async move {
-                        connection(shared, tcp, peer).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
-            }
-            Err(_) => {
-                shared
-                    .metrics
-                    .overload_refusals
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Ok(permit) = overload.clone().try_acquire_owned() {
-                    let shared = shared.clone();
-                    tasks.spawn(
-                        async move {
-                            refuse_overloaded(shared, tcp).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                }
-            }
-        }
+        let shared = shared.clone();
+        let permits = permits.clone();
+        tasks.spawn(connection(shared, tcp, peer, ticket, permits).instrument(span));
     }
     drop(listener);
     info!(
@@ -105,11 +233,21 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
     tasks.shutdown().await;
 }
 
-/// TLS handshake, identity, then the session.
-async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// TLS handshake and identity under a pre-authentication ticket, then a connection
+/// permit and the session.
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+    permits: Arc<Semaphore>,
+) {
     // Boxed so that its state (a whole TLS acceptor) is freed once the handshake is
     // done instead of staying in the connection's future for its whole life.
     let Some((stream, identity)) = Box::pin(handshake(&shared, tcp, peer)).await else {
+        return;
+    };
+    let Some((_permit, stream)) = admit(&shared, &permits, stream, ticket).await else {
         return;
     };
     tracing::Span::current().record("device", tracing::field::display(&identity.device));
@@ -119,19 +257,46 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
+type Stream = Box<TlsStream<TcpStream>>;
+
+/// Trades the pre-authentication ticket for a connection permit. At `max_connections`
+/// the device is told `Goodbye{Overload}` (still under its ticket, so the budgets
+/// bound these too) and `None` is returned.
+async fn admit(
+    shared: &Arc<Shared>,
+    permits: &Arc<Semaphore>,
+    stream: Stream,
+    ticket: Ticket,
+) -> Option<(OwnedSemaphorePermit, Stream)> {
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => {
+            drop(ticket);
+            Some((permit, stream))
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .overload_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            Box::pin(refuse_overloaded(shared, stream)).await;
+            drop(ticket);
+            None
+        }
+    }
+}
+
 async fn handshake(
     shared: &Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<(
-    Box<tokio_rustls::server::TlsStream<TcpStream>>,
-    tls::PeerIdentity,
-)> {
+) -> Option<(Stream, tls::PeerIdentity)> {
     let material = shared.tls.current();
     let acceptor = TlsAcceptor::from(material.config.clone());
     let refused = |reason: Refusal, detail: String| {
         shared.metrics.refused(reason);
-        warn!(%reason, %detail, "handshake refused");
+        if shared.log_gates.refused.admit(Instant::now()) {
+            warn!(%reason, %detail, "handshake refused");
+        }
         shared.refused(Refused {
             peer: peer.to_string(),
             reason: reason.as_str(),
@@ -161,7 +326,7 @@ async fn handshake(
     };
     // Checked against the material current *now*: a reload may have revoked the
     // certificate during the handshake.
-    match tls::identify(&cert, &shared.tls.current().revoked) {
+    match tls::identify(&cert, &shared.tls.current()) {
         Ok(id) => {
             shared.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
             // Boxed once here: moved by value, the TLS state (over 1 KB) would take a
@@ -175,14 +340,8 @@ async fn handshake(
     }
 }
 
-/// Over the connection cap: finish the handshake (so the device can read it), send
-/// `Goodbye{Overload}` and close.
-async fn refuse_overloaded(shared: Arc<Shared>, tcp: TcpStream) {
-    let acceptor = TlsAcceptor::from(shared.tls.current().config.clone());
-    let Ok(Ok(mut stream)) = timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await
-    else {
-        return;
-    };
+/// Over the connection cap: tell the device to come back later, and close.
+async fn refuse_overloaded(shared: &Arc<Shared>, mut stream: Stream) {
     let mut buf = [0u8; MIN_MAX_FRAME as usize];
     let bye = Downlink::Goodbye(Goodbye {
         reason: GoodbyeReason::Overload,
@@ -196,5 +355,7 @@ async fn refuse_overloaded(shared: Arc<Shared>, tcp: TcpStream) {
         })
         .await;
     }
-    warn!("connection refused: at max_connections");
+    if shared.log_gates.overload.admit(Instant::now()) {
+        warn!("connection refused: at max_connections");
+    }
 }

@@ -133,6 +133,9 @@ struct Open {
     last_seq: Option<Seq>,
     /// Highest seq acked.
     acked: Option<Seq>,
+    /// Highest replayed record at or below `welcome_acked` not acknowledged yet: such
+    /// a record is stored already, and is acknowledged without a commit (§8.2).
+    replayed: Option<Seq>,
     /// Commands sent and not answered.
     commands_in_flight: Vec<i64>,
     /// Records being filled while the other batch commits.
@@ -156,6 +159,14 @@ pub async fn run(
     let signals = Arc::new(Signals::default());
     let session_no = shared.registry.next_session();
     let device: Arc<str> = Arc::from(identity.device.as_str());
+    // Recorded first, checked second (as in `open_session`): a reload since the
+    // handshake either finds this connection or is seen here.
+    shared
+        .registry
+        .add_unopened(session_no, identity.serial.clone(), signals.clone());
+    if shared.tls.current().revoked.contains(&identity.serial) {
+        signals.close(GoodbyeReason::Revoked);
+    }
     let mut s = Session {
         shared: shared.clone(),
         stream,
@@ -203,6 +214,7 @@ pub async fn run(
             reason: Some(reason),
         });
     }
+    shared.registry.remove_unopened(session_no);
     // Tells a session that is taking over that everything of this one is committed.
     drop(ended_tx);
     debug!("session task done");
@@ -272,6 +284,7 @@ impl Session {
                 // A commit may have finished or records arrived: keep one batch at the
                 // store whenever there is something to commit.
                 end = self.submit_if_idle().await.err();
+                self.ack_replayed();
             }
             // Whatever happened, send what is queued (acks, pongs, a goodbye).
             if let Err(e) = self.flush().await {
@@ -452,6 +465,14 @@ impl Session {
         };
         entry.serial = self.identity.serial.clone();
         let session_no = entry.session;
+        // Checked against the material in force now: a certificate revoked since the
+        // handshake gets no session. A reload after this check still finds the
+        // connection, among the unopened ones until it is in the registry
+        // (`Registry::close_revoked`).
+        if shared.tls.current().revoked.contains(&self.identity.serial) {
+            self.goodbye(GoodbyeReason::Revoked);
+            return Err(End::Goodbye(GoodbyeReason::Revoked));
+        }
         let replaced = shared.registry.insert(&self.device, entry);
         // Registered first, checked second: either the shutdown's close_all saw this
         // entry, or this sees the flag it set before (server::run).
@@ -460,6 +481,8 @@ impl Session {
             self.goodbye(GoodbyeReason::Shutdown);
             return Err(End::Goodbye(GoodbyeReason::Shutdown));
         }
+        // In the registry now, so a reload from here on finds it there.
+        shared.registry.remove_unopened(session_no);
         if let Some(old) = replaced {
             info!("device connected again: replacing its older session");
             old.signals.close(GoodbyeReason::Replaced);
@@ -498,6 +521,7 @@ impl Session {
             welcome_acked: opened.last_acked,
             last_seq: None,
             acked: opened.last_acked,
+            replayed: None,
             commands_in_flight: Vec::new(),
             filling,
             committing: false,
@@ -590,7 +614,18 @@ impl Session {
             return;
         };
         let id = i64::from(r.id);
-        open.commands_in_flight.retain(|c| *c != id);
+        // Only a command sent on this session has a result to record (a re-sent one
+        // included: a new session sends every unanswered command again). Anything else
+        // costs no store work and no task, however many the device sends.
+        let Some(at) = open.commands_in_flight.iter().position(|c| *c == id) else {
+            self.shared
+                .metrics
+                .command_results_ignored
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(command = id, "result for a command not in flight: ignored");
+            return;
+        };
+        open.commands_in_flight.swap_remove(at);
         let device_key = open.device_key;
         let state = crate::store::state_for(r.status);
         let status = r.status.as_str().to_owned();
@@ -702,6 +737,22 @@ impl Session {
             open.spare = Some(batch);
         }
         Ok(())
+    }
+
+    /// Acknowledges replayed records that were stored before this session: one `Ack`
+    /// for all of them, whatever the number. They come before any new record of the
+    /// session, so this never acks past a record waiting for its commit.
+    fn ack_replayed(&mut self) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let Some(seq) = open.replayed.take() else {
+            return;
+        };
+        if open.acked.is_none_or(|a| seq > a) {
+            open.acked = Some(seq);
+        }
+        self.queue(&Downlink::Ack(Ack { seq }));
     }
 
     /// Resets the idle deadline: something arrived.
@@ -873,7 +924,9 @@ fn accept_telemetry(open: &mut Open, t: &Telemetry<'_>, body: &[u8]) -> Result<(
         return Err(Violation::SeqZero);
     }
     if open.last_seq.is_none() && open.welcome_acked.is_some_and(|a| t.seq <= a) {
-        // A replay of what `Welcome` said is stored already: harmless, ignored.
+        // A replay of what `Welcome` said is stored already: not stored again, but
+        // acknowledged, so the device can drop it from its ring (§8.2).
+        open.replayed = Some(open.replayed.map_or(t.seq, |r| r.max(t.seq)));
         return Ok(());
     }
     if let Some(prev) = open.last_seq

@@ -71,6 +71,52 @@ pub enum StoreError {
     CommitFailed(String),
 }
 
+/// Whether the store keeps what it is given, as its writer last found out: failing
+/// from a commit (or an operation) that SQLite refused until one that wrote something
+/// succeeds.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    failing: Mutex<Option<Failing>>,
+    failures: std::sync::atomic::AtomicU64,
+}
+
+/// Why the store is failing, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failing {
+    /// The last error.
+    pub reason: String,
+    /// When the failures began, ms since the epoch.
+    pub since_ms: i64,
+}
+
+impl StoreHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failing>> {
+        // One Option, replaced whole: consistent after a panic elsewhere.
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_failing(&self, reason: String) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut f = self.lock();
+        let since_ms = f.as_ref().map_or_else(now_ms, |f| f.since_ms);
+        *f = Some(Failing { reason, since_ms });
+    }
+
+    fn set_ok(&self) {
+        *self.lock() = None;
+    }
+
+    /// Commits or operations that failed since the start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Most read-only connections open at once (each holds three files in WAL mode); more
+/// readers wait for one.
+pub(crate) const MAX_READERS: usize = 8;
+
 /// How the store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -449,6 +495,9 @@ pub struct Store {
     tx: mpsc::Sender<Op>,
     path: Arc<PathBuf>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// At most [`MAX_READERS`] reads at once.
+    reading: Arc<tokio::sync::Semaphore>,
+    health: Arc<StoreHealth>,
 }
 
 /// The writer thread, to stop and join at shutdown.
@@ -528,35 +577,20 @@ impl Store {
         if let Some(dir) = opts.path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
+            private_dir(dir)?;
         }
-        let conn = Connection::open(&opts.path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(
-            None,
-            "synchronous",
-            if opts.danger_ack_before_fsync {
-                "NORMAL"
-            } else {
-                "FULL"
-            },
-        )?;
-        conn.execute_batch(SCHEMA)?;
-        migrate_unique_key(&conn)?;
-        // A previous run may have died with sessions open: nobody is online at start.
-        conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
+        private_files(&opts.path)?;
+        let conn = open_writer_connection(&opts.path, opts.danger_ack_before_fsync)?;
 
         // Room for a burst from every session without making them wait on the channel.
         let (tx, rx) = mpsc::channel(4096);
+        let health = Arc::new(StoreHealth::default());
         let writer = Writer {
             conn,
             synchronous_full: !opts.danger_ack_before_fsync,
             max_commit_records: opts.max_commit_records,
             max_queued_commands: opts.max_queued_commands,
+            health: health.clone(),
         };
         let handle = thread::Builder::new()
             .name("store-writer".into())
@@ -570,6 +604,8 @@ impl Store {
                 tx,
                 path: Arc::new(opts.path),
                 readers: Arc::new(Mutex::new(Vec::new())),
+                reading: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+                health,
             },
             WriterThread(Some(handle)),
         ))
@@ -578,6 +614,23 @@ impl Store {
     /// The SQLite file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Why the store is not keeping what it is given, if it is not: its last commit
+    /// failed (a full disk, an I/O error), or its writer stopped.
+    pub fn failing(&self) -> Option<Failing> {
+        if self.tx.is_closed() {
+            return Some(Failing {
+                reason: "the store is closed".into(),
+                since_ms: now_ms(),
+            });
+        }
+        self.health.lock().clone()
+    }
+
+    /// Commits or operations that failed since the start.
+    pub fn failures(&self) -> u64 {
+        self.health.failures()
     }
 
     /// [`submit`](Self::submit) without waiting: gives the batch back if the queue to
@@ -795,7 +848,15 @@ impl Store {
     ) -> Result<T, StoreError> {
         let readers = self.readers.clone();
         let path = self.path.clone();
+        // Bounded: each reader holds three files and a blocking thread.
+        let permit = self
+            .reading
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = readers.lock().ok().and_then(|mut p| p.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -810,7 +871,7 @@ impl Store {
             };
             let out = f(&conn);
             if let Ok(mut p) = readers.lock()
-                && p.len() < 8
+                && p.len() < MAX_READERS
             {
                 p.push(conn);
             }
@@ -1014,6 +1075,86 @@ fn command_by_id(c: &Connection, id: i64) -> Result<Option<CommandRecord>, Store
 
 /// Stores made before `boots` deduplicated telemetry with a unique index on
 /// `(device, boot_id, seq)`: fill `boots` from it and drop it (once, at open).
+/// The writer's connection: WAL, the schema (migrated), nobody online.
+fn open_writer_connection(
+    path: &Path,
+    danger_ack_before_fsync: bool,
+) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = if danger_ack_before_fsync {
+        "NORMAL"
+    } else {
+        "FULL"
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.execute_batch(SCHEMA)?;
+    migrate_unique_key(&conn)?;
+    // A previous run may have died with sessions open: nobody is online at start.
+    conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
+    Ok(conn)
+}
+
+/// Creates the data directory readable by this user only (0700). An existing one is
+/// left as the operator made it, with a warning if others can read it.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory is open to other users; chmod 700 it"
+            );
+        }
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)
+}
+
+/// Makes the store's files readable by this user only (0600): the database is created
+/// so before SQLite opens it, and SQLite gives its `-wal` and `-shm` files the
+/// database's mode. Files of an older, laxer version are tightened.
+fn private_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(io(db))?;
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    for f in [db.to_owned(), PathBuf::from(wal), PathBuf::from(shm)] {
+        match std::fs::metadata(&f) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io(&f))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&f)(e)),
+        }
+    }
+    Ok(())
+}
+
 fn migrate_unique_key(conn: &Connection) -> Result<(), StoreError> {
     let old: bool = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'telemetry_key'",
@@ -1041,16 +1182,44 @@ struct Writer {
     synchronous_full: bool,
     max_commit_records: usize,
     max_queued_commands: usize,
+    health: Arc<StoreHealth>,
 }
 
 /// What to do once the transaction holding an op has committed (or failed).
 enum Pending {
-    Batch(Box<Batch>, usize, oneshot::Sender<BatchDone>),
+    /// A telemetry batch and what inserting it gave (its own error, if it failed).
+    Batch(
+        Box<Batch>,
+        Result<usize, Arc<StoreError>>,
+        oneshot::Sender<BatchDone>,
+    ),
     Reply(Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>),
 }
 
-/// An op's answer, held back until its transaction commits: an answer must never claim
-/// something that a failed commit then lost.
+/// How one op went inside its savepoint.
+enum OpOutcome {
+    /// Done; kept if the transaction commits.
+    Done,
+    /// Refused for a reason of its own (a full queue, an unknown id): undone, and the
+    /// store is fine.
+    Refused,
+    /// SQLite failed (disk full, I/O error, a constraint): undone, and the store is not
+    /// keeping what it is given.
+    Failed(String),
+}
+
+impl OpOutcome {
+    fn of<T>(r: &Result<T, StoreError>) -> Self {
+        match r {
+            Ok(_) => OpOutcome::Done,
+            Err(e @ (StoreError::Sqlite(_) | StoreError::Io { .. })) => {
+                OpOutcome::Failed(e.to_string())
+            }
+            Err(_) => OpOutcome::Refused,
+        }
+    }
+}
+
 /// Sets `PRAGMA synchronous` to FULL (fsync at every commit) or NORMAL (fsync at
 /// checkpoints only). A failure leaves the previous mode, which is only slower or, for
 /// NORMAL, as durable as the next FULL commit.
@@ -1061,23 +1230,26 @@ fn set_synchronous(conn: &Connection, full: bool) {
     }
 }
 
+/// An op's answer, held back until its transaction commits: an answer must never claim
+/// something that a failed commit then lost.
 fn after<T: Send + 'static>(
     reply: oneshot::Sender<Result<T, StoreError>>,
     value: Result<T, StoreError>,
-) -> Pending {
-    Pending::Reply(Box::new(move |committed| {
+) -> (Pending, OpOutcome) {
+    let outcome = OpOutcome::of(&value);
+    let pending = Pending::Reply(Box::new(move |committed| {
         let out = match committed {
             Ok(()) => value,
             Err(e) => Err(StoreError::CommitFailed(e.to_string())),
         };
         let _ = reply.send(out);
-    }))
+    }));
+    (pending, outcome)
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut ops: Vec<Op> = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
         let mut stop = false;
         while !stop {
             let Some(first) = rx.blocking_recv() else {
@@ -1101,92 +1273,175 @@ impl Writer {
                 }
             }
             stop = matches!(ops.last(), Some(Op::Stop));
-            // A group of nothing but command hand-outs needs no fsync (at-least-once
-            // delivery, see `apply`): in WAL mode a commit without one becomes durable
-            // with the next commit that has one. It keeps the fsync off a command's
-            // round trip, where the result's commit would otherwise queue behind it.
-            let relaxed =
-                self.synchronous_full && ops.iter().all(|op| matches!(op, Op::TakeCommands { .. }));
-            if relaxed {
-                set_synchronous(&self.conn, false);
-            }
-            let committed = match self.conn.execute_batch("BEGIN IMMEDIATE") {
-                Ok(()) => {
-                    for op in ops.drain(..) {
-                        pending.push(self.apply(op));
+            self.commit_group(&mut ops);
+        }
+        self.health
+            .set_failing("the store's writer has stopped".into());
+    }
+
+    /// Applies `ops` in one transaction, each inside a savepoint of its own, commits
+    /// once, then answers each. An op that fails is undone alone and answers its error;
+    /// the others keep their work. If SQLite gives up the whole transaction, or the
+    /// commit fails, every op answers the failure: nothing is ever answered as done
+    /// that a failure then lost.
+    fn commit_group(&mut self, ops: &mut Vec<Op>) {
+        // A group of nothing but command hand-outs needs no fsync (at-least-once
+        // delivery, see `apply`): in WAL mode a commit without one becomes durable
+        // with the next commit that has one. It keeps the fsync off a command's
+        // round trip, where the result's commit would otherwise queue behind it.
+        let relaxed =
+            self.synchronous_full && ops.iter().all(|op| matches!(op, Op::TakeCommands { .. }));
+        if relaxed {
+            set_synchronous(&self.conn, false);
+        }
+        let changes_before = self.conn.total_changes();
+        let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
+        let mut op_failure: Option<String> = None;
+        let committed = match self.conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                let mut lost: Option<Arc<StoreError>> = None;
+                for op in ops.drain(..) {
+                    if lost.is_some() {
+                        pending.push(Self::refuse(op));
+                        continue;
                     }
-                    self.conn.execute_batch("COMMIT").map_err(|e| {
+                    let (p, outcome) = self.apply_in_savepoint(op, &mut lost);
+                    pending.push(p);
+                    if let OpOutcome::Failed(why) = outcome {
+                        tracing::error!(error = %why, "store operation failed; undone alone");
+                        op_failure.get_or_insert(why);
+                    }
+                }
+                match lost {
+                    Some(e) => {
+                        tracing::error!(error = %e, "store transaction lost");
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        Err(e)
+                    }
+                    None => self.conn.execute_batch("COMMIT").map_err(|e| {
                         tracing::error!(error = %e, "store commit failed");
                         let _ = self.conn.execute_batch("ROLLBACK");
                         Arc::new(StoreError::from(e))
-                    })
+                    }),
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "store could not begin a transaction");
-                    pending.extend(ops.drain(..).map(|op| match op {
-                        Op::Telemetry(b, reply) => Pending::Batch(b, 0, reply),
-                        other => Self::refuse(other),
-                    }));
-                    Err(Arc::new(StoreError::from(e)))
-                }
-            };
-            if relaxed {
-                set_synchronous(&self.conn, true);
             }
-            for p in pending.drain(..) {
-                match p {
-                    Pending::Batch(batch, inserted, reply) => {
-                        let result = committed.clone().map(|()| inserted);
-                        // The session may be gone; then nobody needs the ack.
-                        let _ = reply.send(BatchDone { batch, result });
-                    }
-                    Pending::Reply(f) => f(committed.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "store could not begin a transaction");
+                pending.extend(ops.drain(..).map(Self::refuse));
+                Err(Arc::new(StoreError::from(e)))
+            }
+        };
+        if relaxed {
+            set_synchronous(&self.conn, true);
+        }
+        match (&committed, op_failure) {
+            (Err(e), _) => self.health.set_failing(format!("commit failed: {e}")),
+            (Ok(()), Some(why)) => self.health.set_failing(why),
+            // Only a commit that wrote something shows the disk takes writes again.
+            (Ok(()), None) if self.conn.total_changes() > changes_before => self.health.set_ok(),
+            (Ok(()), None) => {}
+        }
+        for p in pending.drain(..) {
+            match p {
+                Pending::Batch(batch, inserted, reply) => {
+                    let result = match &committed {
+                        Ok(()) => inserted,
+                        Err(e) => Err(e.clone()),
+                    };
+                    // The session may be gone; then nobody needs the ack.
+                    let _ = reply.send(BatchDone { batch, result });
                 }
+                Pending::Reply(f) => f(committed.clone()),
             }
         }
     }
 
-    /// An op that could not even start: its reply carries the failure.
+    /// Applies one op inside a savepoint: on failure it is rolled back to it, so the
+    /// transaction holds either all of the op or none of it. Sets `lost` if SQLite
+    /// dropped the whole transaction (it may, after a full disk or an I/O error).
+    fn apply_in_savepoint(
+        &mut self,
+        op: Op,
+        lost: &mut Option<Arc<StoreError>>,
+    ) -> (Pending, OpOutcome) {
+        if let Err(e) = self
+            .conn
+            .prepare_cached("SAVEPOINT op")
+            .and_then(|mut s| s.execute([]))
+        {
+            let e = Arc::new(StoreError::from(e));
+            *lost = Some(e.clone());
+            return (Self::refuse(op), OpOutcome::Failed(e.to_string()));
+        }
+        let (pending, outcome) = self.apply(op);
+        let undo = !matches!(outcome, OpOutcome::Done);
+        let end = if undo {
+            self.conn
+                .prepare_cached("ROLLBACK TO op")
+                .and_then(|mut s| s.execute([]))
+                .and_then(|_| self.conn.prepare_cached("RELEASE op"))
+                .and_then(|mut s| s.execute([]))
+        } else {
+            self.conn
+                .prepare_cached("RELEASE op")
+                .and_then(|mut s| s.execute([]))
+        };
+        if let Err(e) = end {
+            *lost = Some(Arc::new(StoreError::from(e)));
+        } else if self.conn.is_autocommit() {
+            // No transaction any more: SQLite rolled it back as a whole.
+            *lost = Some(Arc::new(StoreError::CommitFailed(
+                "SQLite rolled back the transaction after an error".into(),
+            )));
+        }
+        (pending, outcome)
+    }
+
+    /// An op that was not applied: its reply carries the failure of its group.
     fn refuse(op: Op) -> Pending {
         match op {
-            Op::OpenSession { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::Enqueue { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::TakeCommands { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::Finish { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::Expire { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::Retention { reply, .. } => after(reply, Err(StoreError::Closed)),
-            Op::PutGroup { reply, .. } => after(reply, Err(StoreError::Closed)),
+            Op::OpenSession { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::Enqueue { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::TakeCommands { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::Finish { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::Expire { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::Retention { reply, .. } => after(reply, Err(StoreError::Closed)).0,
+            Op::PutGroup { reply, .. } => after(reply, Err(StoreError::Closed)).0,
             Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
                 let _ = reply.send(());
             })),
-            Op::Telemetry(b, reply) => Pending::Batch(b, 0, reply),
+            Op::Telemetry(b, reply) => Pending::Batch(b, Ok(0), reply),
             Op::CloseSession { .. } | Op::Stop => Pending::Reply(Box::new(|_| {})),
         }
     }
 
     /// Applies one op inside the open transaction; its reply waits for the commit.
-    fn apply(&mut self, op: Op) -> Pending {
+    fn apply(&mut self, op: Op) -> (Pending, OpOutcome) {
+        let nothing = || Pending::Reply(Box::new(|_| {}));
         match op {
-            Op::Telemetry(mut batch, reply) => {
-                let inserted = self.insert_batch(&mut batch).unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "telemetry insert failed");
-                    0
-                });
-                Pending::Batch(batch, inserted, reply)
-            }
+            Op::Telemetry(mut batch, reply) => match self.insert_batch(&mut batch) {
+                Ok(n) => (Pending::Batch(batch, Ok(n), reply), OpOutcome::Done),
+                Err(e) => {
+                    let why = e.to_string();
+                    let err = Arc::new(StoreError::from(e));
+                    (
+                        Pending::Batch(batch, Err(err), reply),
+                        OpOutcome::Failed(why),
+                    )
+                }
+            },
             Op::OpenSession {
                 info,
                 now_ms,
                 reply,
             } => after(reply, self.open_session(&info, now_ms)),
             Op::CloseSession { device_key, now_ms } => {
-                if let Err(e) = self.conn.execute(
+                let r = self.conn.execute(
                     "UPDATE devices SET online = 0, last_seen_ms = ?2 WHERE key = ?1",
                     params![device_key, now_ms],
-                ) {
-                    tracing::error!(error = %e, "recording a disconnect failed");
-                }
-                Pending::Reply(Box::new(|_| {}))
+                );
+                let outcome = OpOutcome::of(&r.map_err(StoreError::from));
+                (nothing(), outcome)
             }
             Op::Enqueue {
                 device,
@@ -1208,8 +1463,10 @@ impl Writer {
                 // commits otherwise). Safe because delivery is at least once: if this
                 // transaction is lost, the commands are still queued (or sent) and go
                 // out again; devices ignore a command id they have run (PROTOCOL.md).
-                let _ = reply.send(self.take_commands(device_key, now_ms, limit, include_sent));
-                Pending::Reply(Box::new(|_| {}))
+                let taken = self.take_commands(device_key, now_ms, limit, include_sent);
+                let outcome = OpOutcome::of(&taken);
+                let _ = reply.send(taken);
+                (nothing(), outcome)
             }
             Op::Finish {
                 device_key,
@@ -1235,15 +1492,18 @@ impl Writer {
                 max_rows,
                 reply,
             } => after(reply, self.retention(older_than_ms, max_rows)),
-            Op::Flush { reply } => Pending::Reply(Box::new(move |_| {
-                let _ = reply.send(());
-            })),
+            Op::Flush { reply } => (
+                Pending::Reply(Box::new(move |_| {
+                    let _ = reply.send(());
+                })),
+                OpOutcome::Done,
+            ),
             Op::PutGroup {
                 name,
                 devices,
                 reply,
             } => after(reply, self.put_group(&name, &devices)),
-            Op::Stop => Pending::Reply(Box::new(|_| {})),
+            Op::Stop => (nothing(), OpOutcome::Done),
         }
     }
 
@@ -1629,6 +1889,160 @@ mod tests {
         assert_eq!(recs.iter().find(|r| r.seq == 7).unwrap().values["v"], 7);
         writer.stop(&store).await;
         assert!(matches!(store.flush().await, Err(StoreError::Closed)));
+    }
+
+    /// A writer on a fresh file, with sessions open for `devices` (their keys).
+    fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer_connection(&dir.path().join("t.sqlite"), false).unwrap();
+        let mut w = Writer {
+            conn,
+            synchronous_full: true,
+            max_commit_records: 1000,
+            max_queued_commands: 10,
+            health: Arc::new(StoreHealth::default()),
+        };
+        let keys = devices
+            .iter()
+            .map(|d| {
+                let info = SessionInfo {
+                    device: (*d).into(),
+                    cert_serial: "01".into(),
+                    cert_not_after: 0,
+                    firmware: "fw".into(),
+                    peer_addr: "127.0.0.1:1".into(),
+                    boot_id: 1,
+                };
+                w.open_session(&info, 0).unwrap().device_key
+            })
+            .collect();
+        (dir, w, keys)
+    }
+
+    fn batch_of(key: i64, n: Seq, size: usize) -> Box<Batch> {
+        let mut b = Batch::new(key, 1);
+        for seq in 1..=n {
+            b.push(seq, 0, &vec![0u8; size]);
+        }
+        b
+    }
+
+    fn rows_of(w: &Writer, key: i64) -> i64 {
+        w.conn
+            .query_row(
+                "SELECT count(*) FROM telemetry WHERE device = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// Commits three batches as one group; returns their results.
+    fn commit_three(
+        w: &mut Writer,
+        batches: [Box<Batch>; 3],
+    ) -> Vec<Result<usize, Arc<StoreError>>> {
+        let mut rxs = Vec::new();
+        let mut ops = Vec::new();
+        for b in batches {
+            let (tx, rx) = oneshot::channel();
+            ops.push(Op::Telemetry(b, tx));
+            rxs.push(rx);
+        }
+        w.commit_group(&mut ops);
+        rxs.into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().result)
+            .collect()
+    }
+
+    /// One op of a group fails part-way (a trigger refuses its 100th record): it is
+    /// undone alone and answers its error; the ops before and after it in the same
+    /// transaction are kept and answer success.
+    #[test]
+    fn an_op_that_fails_part_way_is_undone_alone() {
+        let (_dir, mut w, keys) = writer_with(&["a", "b", "c"]);
+        w.conn
+            .execute_batch(&format!(
+                "CREATE TRIGGER inject BEFORE INSERT ON telemetry
+                  WHEN NEW.device = {} AND NEW.seq = 100
+                  BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
+                keys[1]
+            ))
+            .unwrap();
+        let out = commit_three(
+            &mut w,
+            [
+                batch_of(keys[0], 1, 10),
+                batch_of(keys[1], 200, 10),
+                batch_of(keys[2], 1, 10),
+            ],
+        );
+        assert_eq!(*out[0].as_ref().unwrap(), 1);
+        assert!(out[1].is_err(), "a batch not stored is never answered done");
+        assert_eq!(*out[2].as_ref().unwrap(), 1);
+        let rows: Vec<i64> = keys.iter().map(|k| rows_of(&w, *k)).collect();
+        assert_eq!(
+            rows,
+            [1, 0, 1],
+            "none of the failed batch, all of the others"
+        );
+        let mark: Option<i64> = w
+            .conn
+            .query_row(
+                "SELECT last_seq FROM boots WHERE device = ?1",
+                [keys[1]],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap();
+        assert_eq!(mark, None, "the failed batch raised no high-water mark");
+        assert!(w.health.lock().is_some(), "the store reports it is failing");
+    }
+
+    /// The file reaches its size limit in the middle of a group: SQLite gives up the
+    /// whole transaction, so every op of the group answers the failure (none is acked,
+    /// none is stored), and the store reports it until a commit succeeds again.
+    #[test]
+    fn a_full_disk_fails_the_whole_group_and_acks_nothing() {
+        let (_dir, mut w, keys) = writer_with(&["a", "b", "c"]);
+        let pages: i64 = w
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        w.conn
+            .pragma_update(None, "max_page_count", pages + 2)
+            .unwrap();
+        let out = commit_three(
+            &mut w,
+            [
+                batch_of(keys[0], 1, 10),
+                // ~200 KB: far past two free pages.
+                batch_of(keys[1], 200, 1000),
+                batch_of(keys[2], 1, 10),
+            ],
+        );
+        assert!(out.iter().all(Result::is_err), "{out:?}");
+        let rows: Vec<i64> = keys.iter().map(|k| rows_of(&w, *k)).collect();
+        assert_eq!(rows, [0, 0, 0]);
+        assert!(w.health.lock().is_some());
+
+        // Room again: the next commit that writes clears the failure.
+        w.conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        let out = commit_three(
+            &mut w,
+            [
+                batch_of(keys[0], 1, 10),
+                batch_of(keys[1], 200, 1000),
+                batch_of(keys[2], 1, 10),
+            ],
+        );
+        assert_eq!(
+            out.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            [1, 200, 1]
+        );
+        assert!(w.health.lock().is_none());
     }
 
     #[tokio::test]

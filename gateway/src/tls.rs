@@ -41,6 +41,8 @@ pub struct TlsSettings {
     pub crl: Option<PathBuf>,
     /// Refuse TLS 1.2.
     pub tls13_only: bool,
+    /// Refuse every device while the CRL is past its next-update date.
+    pub refuse_stale_crl: bool,
     /// Largest TLS record the gateway sends, header included (rustls
     /// `max_fragment_size`), so small devices can use a small TLS receive buffer.
     pub max_fragment_size: Option<usize>,
@@ -88,6 +90,11 @@ pub struct TlsMaterial {
     pub config: Arc<ServerConfig>,
     /// Serial numbers (big-endian bytes, as in the certificate) revoked by the CRL.
     pub revoked: HashSet<Vec<u8>>,
+    /// The earliest next-update date of the CRLs, seconds since the Unix epoch (`None`:
+    /// no CRL, or none that names one).
+    pub crl_next_update: Option<i64>,
+    /// Whether a stale CRL refuses every device (`refuse_stale_crl`).
+    refuse_stale_crl: bool,
 }
 
 impl TlsMaterial {
@@ -101,20 +108,24 @@ impl TlsMaterial {
             roots.add(ca)?;
         }
 
-        let (crls, revoked) = match &settings.crl {
+        let (crls, revoked, crl_next_update) = match &settings.crl {
             Some(path) => {
                 let crls = read_all::<CertificateRevocationListDer<'static>>(path, "X509 CRL")?;
-                let revoked = revoked_serials(path, &crls)?;
-                (crls, revoked)
+                let (revoked, next_update) = read_crls(path, &crls)?;
+                (crls, revoked, next_update)
             }
-            None => (Vec::new(), HashSet::new()),
+            None => (Vec::new(), HashSet::new(), None),
         };
 
-        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(crls)
-            // A device certificate is a leaf issued directly by the CA.
-            .only_check_end_entity_revocation()
-            .build()?;
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .with_crls(crls)
+                // A device certificate is a leaf issued directly by the CA.
+                .only_check_end_entity_revocation();
+        if settings.refuse_stale_crl {
+            builder = builder.enforce_revocation_expiration();
+        }
+        let webpki = builder.build()?;
         let verifier = Arc::new(IdentityVerifier { inner: webpki });
 
         let chain = read_all::<CertificateDer<'static>>(&settings.cert, "CERTIFICATE")?;
@@ -143,7 +154,15 @@ impl TlsMaterial {
         Ok(Self {
             config: Arc::new(config),
             revoked,
+            crl_next_update,
+            refuse_stale_crl: settings.refuse_stale_crl,
         })
+    }
+
+    /// Whether the CRL is past its next-update date at `now` (seconds since the epoch):
+    /// the CA should have published a newer one (`certs crl` re-signs it).
+    pub fn crl_stale(&self, now: i64) -> bool {
+        self.crl_next_update.is_some_and(|t| t < now)
     }
 }
 
@@ -242,11 +261,13 @@ fn read_all<T: PemObject>(path: &Path, what: &'static str) -> Result<Vec<T>, Tls
     Ok(items)
 }
 
-fn revoked_serials(
+/// The serials the CRLs revoke, and their earliest next-update date.
+fn read_crls(
     path: &Path,
     crls: &[CertificateRevocationListDer<'_>],
-) -> Result<HashSet<Vec<u8>>, TlsLoadError> {
+) -> Result<(HashSet<Vec<u8>>, Option<i64>), TlsLoadError> {
     let mut out = HashSet::new();
+    let mut next_update: Option<i64> = None;
     for crl in crls {
         let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl)
             .map_err(|e| TlsLoadError::Crl {
@@ -256,8 +277,12 @@ fn revoked_serials(
         for entry in parsed.iter_revoked_certificates() {
             out.insert(normalize_serial(entry.raw_serial()));
         }
+        if let Some(t) = parsed.next_update() {
+            let t = t.timestamp();
+            next_update = Some(next_update.map_or(t, |n| n.min(t)));
+        }
     }
-    Ok(out)
+    Ok((out, next_update))
 }
 
 /// Serial numbers are DER INTEGERs: a leading zero byte keeps a high bit positive. Strip
@@ -358,11 +383,13 @@ pub enum Refusal {
     Timeout,
     /// The connection failed at the TCP or TLS level (reset, garbage, alert).
     Transport,
+    /// The CRL is past its next-update date and `refuse_stale_crl` is on.
+    StaleCrl,
 }
 
 impl Refusal {
     /// Every reason, for metrics.
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::NoClientCert,
         Refusal::UnknownIssuer,
         Refusal::Expired,
@@ -373,6 +400,7 @@ impl Refusal {
         Refusal::Incompatible,
         Refusal::Timeout,
         Refusal::Transport,
+        Refusal::StaleCrl,
     ];
 
     /// Stable lowercase name.
@@ -388,6 +416,7 @@ impl Refusal {
             Refusal::Incompatible => "incompatible",
             Refusal::Timeout => "timeout",
             Refusal::Transport => "transport",
+            Refusal::StaleCrl => "stale_crl",
         }
     }
 
@@ -410,6 +439,8 @@ impl Refusal {
                     Refusal::NotValidYet
                 }
                 CertificateError::Revoked => Refusal::Revoked,
+                CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. } => Refusal::StaleCrl,
                 CertificateError::ApplicationVerificationFailure => Refusal::InvalidCommonName,
                 _ => Refusal::BadCertificate,
             },
@@ -429,16 +460,20 @@ impl std::fmt::Display for Refusal {
 /// subject does not hold exactly one valid CN (PROTOCOL.md §2.4).
 pub fn identify(
     cert: &CertificateDer<'_>,
-    revoked: &HashSet<Vec<u8>>,
+    material: &TlsMaterial,
 ) -> Result<PeerIdentity, Refusal> {
     let (device, serial, not_after) = common_name(cert)?;
     // The verifier already checked the CRL; this catches a session resumed or a
     // handshake that raced a reload.
-    if revoked.contains(&serial) {
+    if material.revoked.contains(&serial) {
         return Err(Refusal::Revoked);
     }
-    if not_after < unix_now() {
+    let now = unix_now();
+    if not_after < now {
         return Err(Refusal::Expired);
+    }
+    if material.refuse_stale_crl && material.crl_stale(now) {
+        return Err(Refusal::StaleCrl);
     }
     Ok(PeerIdentity {
         device,
@@ -447,7 +482,8 @@ pub fn identify(
     })
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -76,6 +76,16 @@ impl Pki {
         self.write_crl();
     }
 
+    /// Rewrites the CRL with a next-update date in the past (a CA that stopped
+    /// refreshing it), keeping its revocations.
+    pub fn write_stale_crl(&self) {
+        let crl = self
+            .ca
+            .crl(&self.revoked, self.crl_number + 1, Validity::expired())
+            .unwrap();
+        std::fs::write(self.dir.path().join("crl.pem"), &crl.pem).unwrap();
+    }
+
     fn write_crl(&mut self) {
         self.crl_number += 1;
         let crl = self
@@ -433,4 +443,88 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection (`Connection: close`), for tests that
+/// need no HTTP client crate: returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    try_http_get(addr, path, token)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// [`http_get`] that says what went wrong instead of panicking (a refused or closed
+/// connection, no answer within [`WAIT`]).
+pub async fn try_http_get(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    try_http(addr, "GET", path, token, None).await
+}
+
+/// `POST path` with a JSON body, as [`http_get`] does a GET.
+pub async fn http_post_json(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    try_http(addr, "POST", path, token, Some(&body.to_string()))
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> Result<(u16, String), String> {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = json.map_or(String::new(), |j| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{j}",
+            j.len()
+        )
+    });
+    let end = if json.is_some() { "" } else { "\r\n" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}{end}"
+    );
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        tcp.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .map_err(|_| "no HTTP response in time".to_owned())??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// The value of one Prometheus sample (`name` with its labels, as written), read from
+/// the gateway's `/metrics`; `None` if it is not there.
+pub async fn metric(gw: &Gateway, sample: &str) -> Option<f64> {
+    let api = gw.api().expect("the API runs");
+    let (status, text) = http_get(api.addr, "/metrics", Some(&api.token)).await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }

@@ -23,7 +23,21 @@ impl GatewayProcess {
     /// package pass `env!("CARGO_BIN_EXE_e2e-gateway")`, which is `gateway/src/main.rs`
     /// built here, so cargo rebuilds it whenever the gateway changes.
     pub async fn start(bin: &Path, args: &[String]) -> (Self, SocketAddr) {
-        let mut child = Command::new(bin)
+        Self::start_under(&[], bin, args).await
+    }
+
+    /// Like [`start`](Self::start), but run through `prefix` (a program and its
+    /// arguments that then runs the gateway, e.g. `prlimit --nofile=256 --`).
+    pub async fn start_under(prefix: &[&str], bin: &Path, args: &[String]) -> (Self, SocketAddr) {
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .arg("run")
             .args(args)
             .env("RUST_LOG", "info")
@@ -77,6 +91,18 @@ impl GatewayProcess {
                 panic!("no log line with {parts:?}; logs:\n{text}");
             }
         }
+    }
+
+    /// The operator API's address, from its log line.
+    pub async fn api_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_for(&["operator API and dashboard listening"])
+            .await;
+        line.split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
     /// Sends a signal.

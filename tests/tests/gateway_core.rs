@@ -451,7 +451,7 @@ async fn idle_sessions_time_out_and_shutdown_says_goodbye() {
 
 #[tokio::test]
 async fn overload_gets_goodbye_with_retry_after() {
-    let tg = TestGateway::start_with(|c| c.max_connections = 1).await;
+    let tg = TestGateway::start_with(|c| c.max_connections = Some(1)).await;
     let (_first, _) = tg.device("first-1", 1).await;
     let cert = tg.pki.device("second-1");
     let mut second = RawDevice::connect(tg.addr(), &tg.pki.ca, Some(&cert))

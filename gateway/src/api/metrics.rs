@@ -76,6 +76,73 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         "Connections refused at max_connections.",
         load(&m.overload_refusals),
     );
+    metric(
+        "gateway_handshakes_in_progress",
+        "gauge",
+        "Connections in their TLS handshake (not yet authenticated).",
+        m.handshakes_in_progress.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "gateway_max_connections",
+        "gauge",
+        "Device connections allowed past the handshake (max_connections in force).",
+        gw.shared().max_connections.to_string(),
+    );
+    metric(
+        "gateway_api_connections",
+        "gauge",
+        "Operator API connections open (WebSocket streams included).",
+        m.api_connections.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "gateway_api_connections_refused_total",
+        "counter",
+        "API connections closed at once at api_max_connections.",
+        load(&m.api_connections_refused),
+    );
+    metric(
+        "gateway_command_results_ignored_total",
+        "counter",
+        "Command results for commands not in flight on their session.",
+        load(&m.command_results_ignored),
+    );
+    let failing = gw.shared().unhealthy();
+    metric(
+        "gateway_store_healthy",
+        "gauge",
+        "1 while the store commits what it is given, 0 while commits fail.",
+        u8::from(failing.is_none()).to_string(),
+    );
+    metric(
+        "gateway_store_failures_total",
+        "counter",
+        "Store commits or operations that failed.",
+        gw.store().failures().to_string(),
+    );
+    let material = gw.shared().tls.current();
+    if let Some(t) = material.crl_next_update {
+        metric(
+            "gateway_crl_next_update_timestamp_seconds",
+            "gauge",
+            "The CRL's next-update date (the earliest, if several).",
+            t.to_string(),
+        );
+    }
+    metric(
+        "gateway_crl_stale",
+        "gauge",
+        "1 while the CRL is past its next-update date.",
+        u8::from(material.crl_stale(crate::tls::unix_now())).to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gateway_preauth_refusals_total Connections closed before their TLS \
+         handshake, by budget.\n# TYPE gateway_preauth_refusals_total counter\n\
+         gateway_preauth_refusals_total{{reason=\"budget\"}} {}\n\
+         gateway_preauth_refusals_total{{reason=\"per_source\"}} {}",
+        load(&m.preauth_refused_budget),
+        load(&m.preauth_refused_per_source),
+    );
     let _ = writeln!(
         out,
         "# HELP gateway_handshakes_refused_total TLS connections refused, by reason.\n\

@@ -13,13 +13,21 @@
 //! Every request under `/api/v1` and `/metrics` needs `Authorization: Bearer TOKEN`;
 //! the events WebSocket may pass the token as `?token=` because browsers cannot set
 //! headers on a WebSocket. Tokens are compared in constant time.
+//!
+//! Bounded like the device port: at most `api_max_connections` connections (WebSocket
+//! streams included; more are closed at once), `api_header_timeout` to send a request's
+//! headers or the next chunk of its body or, on a kept-alive connection, the next
+//! request; HTTP/1.1 only.
 
 mod metrics;
 mod token;
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -30,10 +38,15 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::warn;
 
 use crate::store::{CommandRecord, TelemetryQuery};
-use crate::{CommandError, Event, Gateway, StoreError};
+use crate::{CommandError, Event, Gateway, Shared, StoreError};
 use device_client::proto::DeviceId;
 
 pub use token::{TokenError, load_or_create_token};
@@ -43,8 +56,15 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Longest a request may wait for a command result.
-const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest a request may wait for a command result, in seconds.
+const MAX_WAIT_S: f64 = 60.0;
+
+/// Commands of a group queued at once (each is a store operation; the rest wait).
+const GROUP_CONCURRENCY: usize = 64;
+
+/// Time allowed to send one event to a WebSocket client before it is dropped: a client
+/// that does not read must not hold a connection slot forever.
+const WS_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct Api {
@@ -105,12 +125,158 @@ pub fn router(gw: Gateway, token: &str) -> Router {
         authed = authed.route(path, handler);
     }
     let authed = authed.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let body_timeout = state.0.gw.shared().config.api_header_timeout;
     Router::new()
         .route("/", get(dashboard))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .merge(authed)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
         .with_state(state)
+}
+
+/// `200 ok` while the gateway keeps what it acknowledges; `503` with the JSON error
+/// object (`code: store_failing`, the reason and since when) while it cannot.
+async fn healthz(State(ApiState(api)): State<ApiState>) -> Response {
+    match api.gw.shared().unhealthy() {
+        None => "ok".into_response(),
+        Some(f) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "error": format!("the store cannot keep telemetry: {}", f.reason),
+                "code": "store_failing",
+                "since_ms": f.since_ms,
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// A connection's TCP stream holding its slot of `api_max_connections`: the slot is
+/// freed when the stream is, so a WebSocket (which takes the stream over from HTTP)
+/// keeps its slot for as long as it is open.
+struct Slotted {
+    tcp: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Slotted {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .api_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Slotted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Serves the API on `listener` until `stop` turns true, within the connection cap and
+/// the header timeout (module docs). Then lets requests in progress finish, for up to
+/// 10 s.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(shared.config.api_max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            a = crate::server::accept(&listener) => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .api_connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            if shared.log_gates.api.admit(Instant::now()) {
+                warn!(%peer, "API connection refused: at api_max_connections");
+            }
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        shared
+            .metrics
+            .api_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let io = Slotted {
+            tcp,
+            _slot: slot,
+            shared: shared.clone(),
+        };
+        conns.spawn(serve_connection(
+            io,
+            router.clone(),
+            shared.config.api_header_timeout,
+            stop.clone(),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, conns.join_next()).await {}
+    conns.shutdown().await;
+}
+
+/// One API connection: HTTP/1.1 with upgrades, until it closes or `stop` turns true.
+async fn serve_connection(
+    io: Slotted,
+    router: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "API connection ended");
+    }
 }
 
 async fn require_token(
@@ -316,13 +482,14 @@ impl CommandBody {
     }
 
     fn wait(&self) -> Result<Duration, ApiError> {
-        if self.wait_s.is_finite() && self.wait_s >= 0.0 {
-            Ok(Duration::from_secs_f64(self.wait_s).min(MAX_WAIT))
+        // Checked before converting: a float out of `Duration`'s range panics there.
+        if self.wait_s.is_finite() && (0.0..=MAX_WAIT_S).contains(&self.wait_s) {
+            Ok(Duration::from_secs_f64(self.wait_s))
         } else {
             Err(api_error(
                 StatusCode::BAD_REQUEST,
                 "bad_wait",
-                "wait_s must be a number of seconds >= 0 (at most 60)",
+                "wait_s must be a number of seconds from 0 to 60",
             ))
         }
     }
@@ -348,31 +515,44 @@ async fn send_and_wait(
     device: &str,
     body: &CommandBody,
 ) -> Result<(StatusCode, CommandRecord), ApiError> {
-    known_device(api, device).await?;
     let ttl = body.ttl()?;
     let wait = body.wait()?;
-    let rec = api
-        .gw
+    let rec = send(api, device, body, ttl).await?;
+    Ok(wait_for(api, rec, tokio::time::Instant::now() + wait).await)
+}
+
+/// Checks the device is known and queues the command.
+async fn send(
+    api: &Api,
+    device: &str,
+    body: &CommandBody,
+    ttl: Option<Duration>,
+) -> Result<CommandRecord, ApiError> {
+    known_device(api, device).await?;
+    api.gw
         .send_command(device, &body.name, &body.args, ttl)
         .await
-        .map_err(command_error)?;
+        .map_err(command_error)
+}
+
+/// Waits until `deadline` for a queued command to end: 200 with its final record, or
+/// 202 with the record as it stands.
+async fn wait_for(
+    api: &Api,
+    rec: CommandRecord,
+    deadline: tokio::time::Instant,
+) -> (StatusCode, CommandRecord) {
+    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
     if wait.is_zero() {
-        return Ok((StatusCode::ACCEPTED, rec));
+        return (StatusCode::ACCEPTED, rec);
     }
     match api.gw.wait_command(rec.id, wait).await {
-        Ok(done) => Ok((StatusCode::OK, done)),
-        Err(CommandError::Timeout) => {
-            let now = api
-                .gw
-                .store()
-                .command(rec.id)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(rec);
-            Ok((StatusCode::ACCEPTED, now))
+        Ok(done) => (StatusCode::OK, done),
+        Err(_) => {
+            // The record as it stands now (or as queued, if the store cannot say).
+            let now = api.gw.store().command(rec.id).await.ok().flatten();
+            (StatusCode::ACCEPTED, now.unwrap_or(rec))
         }
-        Err(e) => Err(command_error(e)),
     }
 }
 
@@ -487,6 +667,12 @@ async fn post_group_command(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
     };
+    // Checked once, before any work: a bad number is the request's fault, not a
+    // member's.
+    let (ttl, wait) = match body.ttl().and_then(|t| Ok((t, body.wait()?))) {
+        Ok(tw) => tw,
+        Err(e) => return e.into_response(),
+    };
     let members = match api.gw.store().group(&name).await {
         Ok(Some(m)) => m,
         Ok(None) => {
@@ -498,30 +684,32 @@ async fn post_group_command(
         }
         Err(e) => return store_error(e).into_response(),
     };
-    let body = Arc::new(body);
-    // One receipt per device, sent and awaited concurrently.
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, device) in members.into_iter().enumerate() {
-        let api = api.clone();
-        let body = body.clone();
-        tasks.spawn(async move {
-            let receipt = match send_and_wait(&api, &device, &body).await {
-                Ok((status, rec)) => json!({
-                    "device": device, "status": status.as_u16(), "command": rec
-                }),
-                Err(e) => json!({
-                    "device": device, "status": e.status.as_u16(), "code": e.code, "error": e.message
-                }),
-            };
-            (i, receipt)
-        });
+    let deadline = tokio::time::Instant::now() + wait;
+    // Queued a few at a time in this task (a group may have 100,000 members: no task
+    // and no store operation per member at once), then all waited for together until
+    // one deadline.
+    let queued: Vec<Result<CommandRecord, ApiError>> = {
+        use futures_util::StreamExt;
+        let (api, body) = (&api, &body);
+        futures_util::stream::iter(members.iter().cloned())
+            .map(|device| async move { send(api, &device, body, ttl).await })
+            .buffered(GROUP_CONCURRENCY)
+            .collect()
+            .await
+    };
+    let mut receipts = Vec::with_capacity(members.len());
+    for (device, queued) in members.iter().zip(queued) {
+        let receipt = match queued {
+            Ok(rec) => {
+                let (status, rec) = wait_for(&api, rec, deadline).await;
+                json!({"device": device, "status": status.as_u16(), "command": rec})
+            }
+            Err(e) => json!({
+                "device": device, "status": e.status.as_u16(), "code": e.code, "error": e.message
+            }),
+        };
+        receipts.push(receipt);
     }
-    let mut receipts = Vec::new();
-    while let Some(Ok(r)) = tasks.join_next().await {
-        receipts.push(r);
-    }
-    receipts.sort_by_key(|(i, _)| *i);
-    let receipts: Vec<Json> = receipts.into_iter().map(|(_, r)| r).collect();
     axum::Json(json!({"group": name, "receipts": receipts})).into_response()
 }
 
@@ -623,7 +811,8 @@ async fn stream_events(api: Api, mut socket: WebSocket, filter: Filter) {
                 return;
             }
         };
-        if socket.send(Message::Text(text.into())).await.is_err() {
+        let sent = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into())));
+        if !matches!(sent.await, Ok(Ok(()))) {
             return;
         }
     }

@@ -35,6 +35,7 @@ fn main() {
         key: pki.path("gateway.key.pem"),
         crl: Some(pki.path("crl.pem")),
         tls13_only: false,
+        refuse_stale_crl: false,
         max_fragment_size: None,
     })
     .expect("load the gateway's TLS material");
@@ -126,7 +127,7 @@ fn handshake(material: &TlsMaterial, client: &Arc<ClientConfig>) -> (Duration, H
         .and_then(|c| c.first())
         .cloned()
         .expect("a client certificate");
-    identify(&cert, &material.revoked).expect("a valid device identity");
+    identify(&cert, material).expect("a valid device identity");
     spent += start.elapsed();
     (
         spent,
