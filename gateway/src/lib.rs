@@ -21,6 +21,7 @@ pub mod api;
 pub mod budget;
 pub mod config;
 pub mod events;
+pub mod inbound;
 mod loglimit;
 pub mod quickstart;
 pub mod registry;

@@ -24,9 +24,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use device_client::proto::{
-    self, Ack, Command, CommandResult, DecodeError, Downlink, FrameError, Goodbye, GoodbyeReason,
-    Hello, MAX_DOWNLINK_FRAME, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Telemetry, Uplink,
-    Welcome,
+    self, Ack, Command, CommandResult, Downlink, Goodbye, GoodbyeReason, MAX_DOWNLINK_FRAME,
+    MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Uplink, Welcome,
 };
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -37,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::events::Event;
+use crate::inbound::{Frame, HelloFields, Inbound, Stop};
 use crate::registry::{Entry, Signals};
 use crate::store::{Batch, BatchDone, SessionInfo, StoreError, now_ms};
 use crate::tls::PeerIdentity;
@@ -51,37 +51,7 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
-/// A device broke the protocol (PROTOCOL.md §9).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Violation {
-    /// Bad frame header.
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
-    /// Undecodable body.
-    #[error("message: {0}")]
-    Decode(#[from] DecodeError),
-    /// A message other than `Hello` came first.
-    #[error("{0} before Hello")]
-    BeforeHello(&'static str),
-    /// `Hello` came twice.
-    #[error("second Hello")]
-    SecondHello,
-    /// `Hello.max_frame` is below the protocol minimum.
-    #[error("Hello.max_frame {0} is below {MIN_MAX_FRAME}")]
-    MaxFrameTooSmall(u16),
-    /// `Telemetry.seq` is 0.
-    #[error("telemetry seq 0")]
-    SeqZero,
-    /// `Telemetry.seq` did not grow.
-    #[error("telemetry seq {got} after {prev}")]
-    SeqNotIncreasing {
-        /// The previous seq.
-        prev: Seq,
-        /// The offending one.
-        got: Seq,
-    },
-}
+pub use crate::inbound::Violation;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +80,17 @@ pub enum End {
     Store(String),
 }
 
+impl From<Stop> for End {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Violation(v) => End::Violation(v),
+            Stop::UnsupportedVersion(_) => End::Goodbye(GoodbyeReason::UnsupportedVersion),
+            // Never after the first stop: the session ends at it.
+            Stop::Stopped => End::PeerClosed,
+        }
+    }
+}
+
 impl End {
     fn label(&self) -> String {
         match self {
@@ -127,15 +108,8 @@ impl End {
 struct Open {
     device_key: i64,
     peer_max_frame: usize,
-    /// `Welcome.last_acked`: records at or below it are already stored.
-    welcome_acked: Option<Seq>,
-    /// Last seq accepted on this session.
-    last_seq: Option<Seq>,
     /// Highest seq acked.
     acked: Option<Seq>,
-    /// Highest replayed record at or below `welcome_acked` not acknowledged yet: such
-    /// a record is stored already, and is acknowledged without a commit (§8.2).
-    replayed: Option<Seq>,
     /// Commands sent and not answered.
     commands_in_flight: Vec<i64>,
     /// Records being filled while the other batch commits.
@@ -173,7 +147,7 @@ pub async fn run(
         device: device.clone(),
         peer,
         identity,
-        rbuf: Vec::new(),
+        inbound: Inbound::new(shared.config.max_frame),
         wbuf: Vec::new(),
         open: None,
         commit: None,
@@ -226,8 +200,8 @@ struct Session {
     device: Arc<str>,
     peer: SocketAddr,
     identity: PeerIdentity,
-    /// A partial frame left over from the last read (usually empty).
-    rbuf: Vec<u8>,
+    /// The reading half: frames and the protocol's rules.
+    inbound: Inbound,
     /// Frames waiting to be written.
     wbuf: Vec<u8>,
     open: Option<Open>,
@@ -384,76 +358,41 @@ impl Session {
     /// Handles the frames in `fresh` (after any leftover partial frame). Returns the
     /// fields of a `Hello` if one arrived: opening the session needs awaits.
     fn ingest(&mut self, fresh: &[u8]) -> Result<Option<HelloFields>, End> {
-        let max_frame = usize::from(self.shared.config.max_frame);
-        let mut hello = None;
-        // Work from the leftover if there is one, else straight from `fresh`.
-        let mut joined;
-        let data: &[u8] = if self.rbuf.is_empty() {
-            fresh
-        } else {
-            joined = std::mem::take(&mut self.rbuf);
-            joined.extend_from_slice(fresh);
-            &joined
-        };
-        let mut rest = data;
-        while let Some(frame) = proto::split_frame(rest, max_frame).map_err(Violation::from)? {
-            if let Some(h) = self.handle_frame(frame.body)? {
-                if hello.is_some() || self.open.is_some() {
-                    return Err(Violation::SecondHello.into());
-                }
-                hello = Some(h);
-            }
-            rest = rest.get(frame.len..).unwrap_or_default();
-            if hello.is_some() {
-                // Nothing after Hello is handled until the session is open; keep it.
-                break;
-            }
+        // Taken out for the call, so that handling a frame can use the rest of the
+        // session; `Inbound::new` allocates nothing.
+        let mut inbound = std::mem::replace(&mut self.inbound, Inbound::new(0));
+        let out = inbound.feed(fresh, |frame| self.on_frame(frame));
+        self.inbound = inbound;
+        if let Err(End::Goodbye(GoodbyeReason::UnsupportedVersion)) = &out {
+            self.goodbye(GoodbyeReason::UnsupportedVersion);
         }
-        self.rbuf.clear();
-        self.rbuf.extend_from_slice(rest);
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 4096 {
-            // A large frame passed; do not keep its buffer for an idle session.
-            self.rbuf = Vec::new();
-        }
-        Ok(hello)
+        out
     }
 
-    fn handle_frame(&mut self, body: &[u8]) -> Result<Option<HelloFields>, End> {
-        if self.open.is_none()
-            && let Some(v) = proto::peek_version(body)
-            && v < PROTOCOL_VERSION
-        {
-            self.goodbye(GoodbyeReason::UnsupportedVersion);
-            return Err(End::Goodbye(GoodbyeReason::UnsupportedVersion));
-        }
-        let msg = proto::decode_uplink(body).map_err(Violation::from)?;
-        let Some(open) = self.open.as_mut() else {
-            return match msg {
-                Uplink::Hello(h) => Ok(Some(HelloFields::from(&h)?)),
-                Uplink::Telemetry(_) => Err(Violation::BeforeHello("Telemetry").into()),
-                Uplink::CommandResult(_) => Err(Violation::BeforeHello("CommandResult").into()),
-                Uplink::Ping(_) => Err(Violation::BeforeHello("Ping").into()),
-            };
-        };
-        match msg {
-            Uplink::Hello(_) => Err(Violation::SecondHello.into()),
-            Uplink::Telemetry(t) => {
-                accept_telemetry(open, &t, body)?;
+    /// A frame of the open session, its rules already checked (`Inbound`).
+    fn on_frame(&mut self, frame: Frame<'_>) -> Result<(), End> {
+        match frame {
+            Frame::Telemetry { seq, time_ms, body } => {
+                // `Inbound` hands out frames of open sessions only.
+                let Some(open) = self.open.as_mut() else {
+                    return Ok(());
+                };
+                let time_ms = time_ms
+                    .and_then(|t| i64::try_from(t).ok())
+                    .unwrap_or_else(now_ms);
+                if open.filling.is_empty() && open.oldest_unacked.is_none() {
+                    open.oldest_unacked = Some(Instant::now());
+                }
+                open.filling.push(seq, time_ms, body);
                 self.shared
                     .metrics
                     .telemetry_received
                     .fetch_add(1, Ordering::Relaxed);
-                Ok(None)
             }
-            Uplink::CommandResult(r) => {
-                self.command_result(&r);
-                Ok(None)
-            }
-            Uplink::Ping(p) => {
-                self.queue(&Downlink::Pong(Pong { nonce: p.nonce }));
-                Ok(None)
-            }
+            Frame::CommandResult(r) => self.command_result(&r),
+            Frame::Ping(nonce) => self.queue(&Downlink::Pong(Pong { nonce })),
         }
+        Ok(())
     }
 
     /// `Hello` arrived: take over from an older session, register, answer `Welcome`.
@@ -518,10 +457,7 @@ impl Session {
         self.open = Some(Open {
             device_key: opened.device_key,
             peer_max_frame: usize::from(h.max_frame),
-            welcome_acked: opened.last_acked,
-            last_seq: None,
             acked: opened.last_acked,
-            replayed: None,
             commands_in_flight: Vec::new(),
             filling,
             committing: false,
@@ -538,10 +474,8 @@ impl Session {
         });
         self.touch();
         // Frames that came in the same read as Hello.
-        let leftover = std::mem::take(&mut self.rbuf);
-        if !leftover.is_empty() && self.ingest(&leftover)?.is_some() {
-            return Err(Violation::SecondHello.into());
-        }
+        self.inbound.opened(opened.last_acked);
+        self.ingest(&[])?;
         // Re-deliver commands a previous session may have lost.
         self.send_commands(true).await
     }
@@ -746,7 +680,7 @@ impl Session {
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let Some(seq) = open.replayed.take() else {
+        let Some(seq) = self.inbound.take_replayed() else {
             return;
         };
         if open.acked.is_none_or(|a| seq > a) {
@@ -896,52 +830,4 @@ impl Session {
         }
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
-}
-
-/// The fields of `Hello` a session keeps (the message borrows the read buffer).
-struct HelloFields {
-    boot_id: u64,
-    firmware: String,
-    max_frame: u16,
-}
-
-impl HelloFields {
-    fn from(h: &Hello<'_>) -> Result<Self, End> {
-        if h.max_frame < MIN_MAX_FRAME {
-            return Err(Violation::MaxFrameTooSmall(h.max_frame).into());
-        }
-        Ok(Self {
-            boot_id: h.boot_id,
-            firmware: h.firmware.as_str().to_owned(),
-            max_frame: h.max_frame,
-        })
-    }
-}
-
-/// Checks a record's seq and adds it to the filling batch.
-fn accept_telemetry(open: &mut Open, t: &Telemetry<'_>, body: &[u8]) -> Result<(), Violation> {
-    if t.seq == 0 {
-        return Err(Violation::SeqZero);
-    }
-    if open.last_seq.is_none() && open.welcome_acked.is_some_and(|a| t.seq <= a) {
-        // A replay of what `Welcome` said is stored already: not stored again, but
-        // acknowledged, so the device can drop it from its ring (§8.2).
-        open.replayed = Some(open.replayed.map_or(t.seq, |r| r.max(t.seq)));
-        return Ok(());
-    }
-    if let Some(prev) = open.last_seq
-        && t.seq <= prev
-    {
-        return Err(Violation::SeqNotIncreasing { prev, got: t.seq });
-    }
-    open.last_seq = Some(t.seq);
-    let time_ms = t
-        .time_ms
-        .and_then(|t| i64::try_from(t).ok())
-        .unwrap_or_else(now_ms);
-    if open.filling.is_empty() && open.oldest_unacked.is_none() {
-        open.oldest_unacked = Some(Instant::now());
-    }
-    open.filling.push(t.seq, time_ms, body);
-    Ok(())
 }
