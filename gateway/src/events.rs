@@ -155,8 +155,9 @@ pub struct Metrics {
     pub overload_refusals: AtomicU64,
     /// Connections in their TLS handshake now (not yet authenticated).
     pub handshakes_in_progress: AtomicI64,
-    /// Connections closed before their handshake because `max_handshakes` was reached.
-    pub preauth_refused_budget: AtomicU64,
+    /// Connections closed in their handshake to make room for a new one, because
+    /// `max_handshakes` were in progress and they had waited longest.
+    pub preauth_evicted: AtomicU64,
     /// Connections closed before their handshake because their source address was at
     /// `max_handshakes_per_source`.
     pub preauth_refused_per_source: AtomicU64,
@@ -186,7 +187,7 @@ impl Default for Metrics {
             protocol_violations: AtomicU64::new(0),
             overload_refusals: AtomicU64::new(0),
             handshakes_in_progress: AtomicI64::new(0),
-            preauth_refused_budget: AtomicU64::new(0),
+            preauth_evicted: AtomicU64::new(0),
             preauth_refused_per_source: AtomicU64::new(0),
             api_connections: AtomicI64::new(0),
             api_connections_refused: AtomicU64::new(0),

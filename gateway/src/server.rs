@@ -5,8 +5,8 @@
 //! shutdown signal every task watches, and a tracing span per connection.
 //!
 //! ```text
-//!  accept ─► pre-auth ticket? ──no──► close (counted: budget | per_source)
-//!               │ yes: max_handshakes in all, max_handshakes_per_source per address
+//!  accept ─► pre-auth ticket? ──no──► close (source at max_handshakes_per_source)
+//!               │ yes; at max_handshakes the oldest handshake is closed to make room
 //!               ▼
 //!            TLS handshake (handshake_timeout) ─► identity (CN, CRL, expiry)
 //!               ▼
@@ -17,10 +17,11 @@
 //! ```
 //!
 //! Unauthenticated connections draw from their own, smaller budget: a flood of
-//! half-open connections can fill it, but never takes the room of devices that have
-//! authenticated, and one source address can take only its share of it.
+//! half-open connections never takes the room of devices that have authenticated, one
+//! source address can take only its share of it, and a full budget makes room for a
+//! new connection by closing the one that has waited longest (see `PreAuth`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -29,7 +30,7 @@ use std::time::Instant;
 use device_client::proto::{Downlink, Goodbye, GoodbyeReason, MIN_MAX_FRAME};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
@@ -73,22 +74,43 @@ pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 /// Why a connection was closed before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PreAuthRefusal {
-    /// `max_handshakes` connections are in their handshake.
-    Budget,
     /// Its source is at `max_handshakes_per_source`.
     PerSource,
+    /// `max_handshakes` were in their handshake, and this one had waited longest.
+    Evicted,
 }
 
 impl PreAuthRefusal {
     const fn as_str(self) -> &'static str {
         match self {
-            PreAuthRefusal::Budget => "budget",
             PreAuthRefusal::PerSource => "per_source",
+            PreAuthRefusal::Evicted => "evicted",
+        }
+    }
+
+    fn count(self, shared: &Shared, peer: Option<SocketAddr>) {
+        let m = &shared.metrics;
+        match self {
+            PreAuthRefusal::PerSource => &m.preauth_refused_per_source,
+            PreAuthRefusal::Evicted => &m.preauth_evicted,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        if shared.log_gates.preauth.admit(Instant::now()) {
+            let reason = self.as_str();
+            match peer {
+                Some(peer) => warn!(%peer, reason, "connection closed before its handshake"),
+                None => warn!(reason, "connection closed before its handshake"),
+            }
         }
     }
 }
 
 /// The budget of connections that have not finished their handshake.
+///
+/// When it is full, a new connection takes the place of the one that has waited
+/// longest: a device's handshake takes milliseconds, so to keep devices out an attacker
+/// must open connections faster than devices finish theirs (about 100,000 a second with
+/// the default budget), instead of simply holding 1,024 of them open.
 struct PreAuth {
     max_total: usize,
     max_per_source: usize,
@@ -97,14 +119,36 @@ struct PreAuth {
 
 #[derive(Default)]
 struct PreAuthState {
-    total: usize,
+    /// By admission number: the first is the one that has waited longest.
+    admitted: BTreeMap<u64, Admitted>,
+    next: u64,
     by_source: HashMap<IpAddr, usize>,
+}
+
+/// A connection in the budget, as the budget sees it.
+struct Admitted {
+    source: IpAddr,
+    /// Fired to close the connection to make room.
+    evict: oneshot::Sender<()>,
+}
+
+impl PreAuthState {
+    fn release(&mut self, source: IpAddr) {
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
 }
 
 /// A connection's place in the pre-authentication budget, given back on drop.
 struct Ticket {
     budget: Arc<PreAuth>,
-    source: IpAddr,
+    number: u64,
+    /// Resolves if the budget closed this connection to make room.
+    evicted: Option<oneshot::Receiver<()>>,
     shared: Arc<Shared>,
 }
 
@@ -122,48 +166,76 @@ fn source_of(ip: IpAddr) -> IpAddr {
 
 impl PreAuth {
     fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthState> {
-        // Counters only, each update whole: consistent after a panic elsewhere.
+        // Counters and a map, each update whole: consistent after a panic elsewhere.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr, shared: &Arc<Shared>) -> Result<Ticket, PreAuthRefusal> {
         let source = source_of(ip);
         let mut s = self.lock();
-        if s.total >= self.max_total {
-            return Err(PreAuthRefusal::Budget);
-        }
-        let n = s.by_source.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
+        // Checked first: a source at its limit never pushes out anyone else.
+        if s.by_source
+            .get(&source)
+            .is_some_and(|n| *n >= self.max_per_source)
+        {
             return Err(PreAuthRefusal::PerSource);
         }
-        *n += 1;
-        s.total += 1;
+        if s.admitted.len() >= self.max_total
+            && let Some((_, oldest)) = s.admitted.pop_first()
+        {
+            s.release(oldest.source);
+            // Its place is taken now; the connection closes when its task sees this.
+            let _ = oldest.evict.send(());
+            shared
+                .metrics
+                .handshakes_in_progress
+                .fetch_sub(1, Ordering::Relaxed);
+            PreAuthRefusal::Evicted.count(shared, None);
+        }
+        let (evict, evicted) = oneshot::channel();
+        let number = s.next;
+        s.next += 1;
+        s.admitted.insert(number, Admitted { source, evict });
+        *s.by_source.entry(source).or_insert(0) += 1;
         shared
             .metrics
             .handshakes_in_progress
             .fetch_add(1, Ordering::Relaxed);
         Ok(Ticket {
             budget: self.clone(),
-            source,
+            number,
+            evicted: Some(evicted),
             shared: shared.clone(),
         })
+    }
+}
+
+impl Ticket {
+    /// Resolves once the budget has closed this connection to make room; never
+    /// otherwise.
+    async fn evicted(&mut self) {
+        if let Some(rx) = self.evicted.as_mut()
+            && rx.await.is_ok()
+        {
+            return;
+        }
+        // The sender is gone only with our own entry: never evicted now.
+        self.evicted = None;
+        std::future::pending().await
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut s = self.budget.lock();
-        s.total = s.total.saturating_sub(1);
-        if let Some(n) = s.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                s.by_source.remove(&self.source);
-            }
+        // Not there if it was evicted: its place was given back then.
+        if let Some(a) = s.admitted.remove(&self.number) {
+            s.release(a.source);
+            self.shared
+                .metrics
+                .handshakes_in_progress
+                .fetch_sub(1, Ordering::Relaxed);
         }
-        self.shared
-            .metrics
-            .handshakes_in_progress
-            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -188,15 +260,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
         let ticket = match preauth.admit(peer.ip(), &shared) {
             Ok(t) => t,
             Err(why) => {
-                let m = &shared.metrics;
-                match why {
-                    PreAuthRefusal::Budget => &m.preauth_refused_budget,
-                    PreAuthRefusal::PerSource => &m.preauth_refused_per_source,
-                }
-                .fetch_add(1, Ordering::Relaxed);
-                if shared.log_gates.preauth.admit(Instant::now()) {
-                    warn!(%peer, reason = why.as_str(), "connection closed before its handshake");
-                }
+                why.count(&shared, Some(peer));
                 // Dropped unread: a reset, at no cost beyond the accept.
                 drop(tcp);
                 continue;
@@ -239,12 +303,16 @@ async fn connection(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-    ticket: Ticket,
+    mut ticket: Ticket,
     permits: Arc<Semaphore>,
 ) {
     // Boxed so that its state (a whole TLS acceptor) is freed once the handshake is
     // done instead of staying in the connection's future for its whole life.
-    let Some((stream, identity)) = Box::pin(handshake(&shared, tcp, peer)).await else {
+    let handshake = tokio::select! {
+        hs = Box::pin(handshake(&shared, tcp, peer)) => hs,
+        () = ticket.evicted() => None,
+    };
+    let Some((stream, identity)) = handshake else {
         return;
     };
     let Some((_permit, stream)) = admit(&shared, &permits, stream, ticket).await else {
@@ -266,7 +334,7 @@ async fn admit(
     shared: &Arc<Shared>,
     permits: &Arc<Semaphore>,
     stream: Stream,
-    ticket: Ticket,
+    mut ticket: Ticket,
 ) -> Option<(OwnedSemaphorePermit, Stream)> {
     match permits.clone().try_acquire_owned() {
         Ok(permit) => {
@@ -278,8 +346,10 @@ async fn admit(
                 .metrics
                 .overload_refusals
                 .fetch_add(1, Ordering::Relaxed);
-            Box::pin(refuse_overloaded(shared, stream)).await;
-            drop(ticket);
+            tokio::select! {
+                () = Box::pin(refuse_overloaded(shared, stream)) => {}
+                () = ticket.evicted() => {}
+            }
             None
         }
     }

@@ -115,6 +115,54 @@ async fn half_open_connections_from_one_address_do_not_lock_devices_out() {
         "the attacker's connections over the per-source budget are counted: {per_source}"
     );
     drop(held);
+    budget_is_given_back(&tg).await;
+}
+
+/// Defect 2, from many addresses: half-open connections from more sources than the
+/// per-source limit can stop fill the whole pre-authentication budget; a device that
+/// connects then takes the place of the one that has waited longest, instead of being
+/// turned away until the attackers' handshakes time out.
+#[tokio::test]
+async fn half_open_connections_from_many_addresses_make_room_for_devices() {
+    let tg = TestGateway::start_with(|c| {
+        c.max_handshakes = 50;
+        c.max_handshakes_per_source = 10;
+    })
+    .await;
+    let mut held = Vec::new();
+    for source in 2..12u8 {
+        for _ in 0..10 {
+            if let Ok(mut tcp) = connect_from([127, 0, 0, source], tg.addr()).await {
+                let _ = tcp.write_all(&PARTIAL_CLIENT_HELLO).await;
+                held.push(tcp);
+            }
+        }
+    }
+    for i in 0..10 {
+        let (mut dev, _) = tg.device(&format!("crowded-{i}"), 1).await;
+        dev.telemetry(1).await.unwrap();
+        dev.wait_ack(1).await;
+    }
+    let evicted = metric(&tg.gw, "gateway_preauth_refusals_total{reason=\"evicted\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(evicted >= 10.0, "evicted {evicted}");
+    drop(held);
+    budget_is_given_back(&tg).await;
+}
+
+/// Once the attacker is gone, every place in the pre-authentication budget is free
+/// again: nothing leaked through evictions and refusals.
+async fn budget_is_given_back(tg: &TestGateway) {
+    eventually("the handshake budget to be free again", || async {
+        (tg.gw
+            .metrics()
+            .handshakes_in_progress
+            .load(Ordering::Relaxed)
+            == 0)
+            .then_some(())
+    })
+    .await;
 }
 
 /// The listen backlog of a socket bound to `port`, as the kernel reports it (`ss`:

@@ -136,12 +136,13 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
     );
     let _ = writeln!(
         out,
-        "# HELP gateway_preauth_refusals_total Connections closed before their TLS \
-         handshake, by budget.\n# TYPE gateway_preauth_refusals_total counter\n\
-         gateway_preauth_refusals_total{{reason=\"budget\"}} {}\n\
-         gateway_preauth_refusals_total{{reason=\"per_source\"}} {}",
-        load(&m.preauth_refused_budget),
+        "# HELP gateway_preauth_refusals_total Connections closed before finishing their \
+         TLS handshake: their source at max_handshakes_per_source, or evicted at \
+         max_handshakes.\n# TYPE gateway_preauth_refusals_total counter\n\
+         gateway_preauth_refusals_total{{reason=\"per_source\"}} {}\n\
+         gateway_preauth_refusals_total{{reason=\"evicted\"}} {}",
         load(&m.preauth_refused_per_source),
+        load(&m.preauth_evicted),
     );
     let _ = writeln!(
         out,
