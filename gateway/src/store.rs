@@ -72,11 +72,13 @@ pub enum StoreError {
 }
 
 /// Whether the store keeps what it is given, as its writer last found out: failing
-/// from a commit (or an operation) that SQLite refused until one that wrote something
-/// succeeds.
+/// from a commit (or an operation) that SQLite refused until a commit of the same kind
+/// succeeds — after telemetry failed, one that stores telemetry (a disk with room for
+/// a one-page update may still have none for a batch); otherwise any that writes.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
-    failing: Mutex<Option<Failing>>,
+    /// The failure, and whether telemetry failed.
+    failing: Mutex<Option<(Failing, bool)>>,
     failures: std::sync::atomic::AtomicU64,
 }
 
@@ -90,21 +92,39 @@ pub struct Failing {
 }
 
 impl StoreHealth {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failing>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Failing, bool)>> {
         // One Option, replaced whole: consistent after a panic elsewhere.
         self.failing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_failing(&self, reason: String) {
+    /// A commit or an operation failed; `telemetry`: telemetry was among what failed.
+    fn set_failing(&self, reason: String, telemetry: bool) {
         self.failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut f = self.lock();
-        let since_ms = f.as_ref().map_or_else(now_ms, |f| f.since_ms);
-        *f = Some(Failing { reason, since_ms });
+        let (since_ms, was_telemetry) = f
+            .as_ref()
+            .map_or_else(|| (now_ms(), false), |(f, t)| (f.since_ms, *t));
+        *f = Some((Failing { reason, since_ms }, telemetry || was_telemetry));
     }
 
-    fn set_ok(&self) {
-        *self.lock() = None;
+    /// A commit succeeded: `stored_telemetry` if it held telemetry, `wrote` if it
+    /// changed anything.
+    fn committed(&self, stored_telemetry: bool, wrote: bool) {
+        let mut f = self.lock();
+        let recovered = match &*f {
+            Some((_, true)) => stored_telemetry,
+            Some((_, false)) => wrote,
+            None => false,
+        };
+        if recovered {
+            *f = None;
+        }
+    }
+
+    /// Why the store is failing, if it is.
+    fn failing(&self) -> Option<Failing> {
+        self.lock().as_ref().map(|(f, _)| f.clone())
     }
 
     /// Commits or operations that failed since the start.
@@ -625,7 +645,7 @@ impl Store {
                 since_ms: now_ms(),
             });
         }
-        self.health.lock().clone()
+        self.health.failing()
     }
 
     /// Commits or operations that failed since the start.
@@ -1276,7 +1296,7 @@ impl Writer {
             self.commit_group(&mut ops);
         }
         self.health
-            .set_failing("the store's writer has stopped".into());
+            .set_failing("the store's writer has stopped".into(), true);
     }
 
     /// Applies `ops` in one transaction, each inside a savepoint of its own, commits
@@ -1295,8 +1315,11 @@ impl Writer {
             set_synchronous(&self.conn, false);
         }
         let changes_before = self.conn.total_changes();
+        let has_telemetry = ops.iter().any(|op| matches!(op, Op::Telemetry(..)));
         let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
+        // The first failed op, and whether a telemetry op failed / succeeded.
         let mut op_failure: Option<String> = None;
+        let (mut telemetry_failed, mut telemetry_done) = (false, false);
         let committed = match self.conn.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
                 let mut lost: Option<Arc<StoreError>> = None;
@@ -1305,11 +1328,17 @@ impl Writer {
                         pending.push(Self::refuse(op));
                         continue;
                     }
+                    let is_telemetry = matches!(op, Op::Telemetry(..));
                     let (p, outcome) = self.apply_in_savepoint(op, &mut lost);
                     pending.push(p);
-                    if let OpOutcome::Failed(why) = outcome {
-                        tracing::error!(error = %why, "store operation failed; undone alone");
-                        op_failure.get_or_insert(why);
+                    match outcome {
+                        OpOutcome::Failed(why) => {
+                            tracing::error!(error = %why, "store operation failed; undone alone");
+                            op_failure.get_or_insert(why);
+                            telemetry_failed |= is_telemetry;
+                        }
+                        OpOutcome::Done => telemetry_done |= is_telemetry,
+                        OpOutcome::Refused => {}
                     }
                 }
                 match lost {
@@ -1335,11 +1364,13 @@ impl Writer {
             set_synchronous(&self.conn, true);
         }
         match (&committed, op_failure) {
-            (Err(e), _) => self.health.set_failing(format!("commit failed: {e}")),
-            (Ok(()), Some(why)) => self.health.set_failing(why),
-            // Only a commit that wrote something shows the disk takes writes again.
-            (Ok(()), None) if self.conn.total_changes() > changes_before => self.health.set_ok(),
-            (Ok(()), None) => {}
+            (Err(e), _) => self
+                .health
+                .set_failing(format!("commit failed: {e}"), has_telemetry),
+            (Ok(()), Some(why)) => self.health.set_failing(why, telemetry_failed),
+            (Ok(()), None) => self
+                .health
+                .committed(telemetry_done, self.conn.total_changes() > changes_before),
         }
         for p in pending.drain(..) {
             match p {
@@ -1996,7 +2027,10 @@ mod tests {
             .optional()
             .unwrap();
         assert_eq!(mark, None, "the failed batch raised no high-water mark");
-        assert!(w.health.lock().is_some(), "the store reports it is failing");
+        assert!(
+            w.health.failing().is_some(),
+            "the store reports it is failing"
+        );
     }
 
     /// The file reaches its size limit in the middle of a group: SQLite gives up the
@@ -2024,12 +2058,18 @@ mod tests {
         assert!(out.iter().all(Result::is_err), "{out:?}");
         let rows: Vec<i64> = keys.iter().map(|k| rows_of(&w, *k)).collect();
         assert_eq!(rows, [0, 0, 0]);
-        assert!(w.health.lock().is_some());
+        assert!(w.health.failing().is_some());
 
-        // Room again: the next commit that writes clears the failure.
+        // Room again. A one-page update does not show that telemetry can be stored
+        // again; the next commit of telemetry does.
         w.conn
             .pragma_update(None, "max_page_count", 1_000_000)
             .unwrap();
+        w.commit_group(&mut vec![Op::CloseSession {
+            device_key: keys[0],
+            now_ms: 1,
+        }]);
+        assert!(w.health.failing().is_some(), "still failing for telemetry");
         let out = commit_three(
             &mut w,
             [
@@ -2042,7 +2082,7 @@ mod tests {
             out.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
             [1, 200, 1]
         );
-        assert!(w.health.lock().is_none());
+        assert!(w.health.failing().is_none());
     }
 
     #[tokio::test]
