@@ -2,8 +2,8 @@
 //! and a command relay, behind one library handle, [`Gateway`].
 //!
 //! ```text
-//!  devices ══TLS══► server (accept, cap, handshake, identity = cert CN)
-//!                     │ one task per connection
+//!  devices ══TLS══► server (accept, handshake budget, handshake, identity = cert CN,
+//!                     │        connection cap)           one task per connection
 //!                     ▼
 //!                   session ── Batch ──► store writer ── group commit ──► SQLite (WAL)
 //!                     ▲  │  ◄── BatchDone (then Ack) ──┘                      ▲
@@ -15,7 +15,9 @@
 //! Guarantees (PROTOCOL.md §8): a record is acked only after the commit that holds it;
 //! it is stored once however often it is replayed; commands are delivered at least once
 //! and expire by their time to live. Every input from a device is bounded and checked:
-//! a bad device is closed with a typed reason and no other device notices.
+//! a bad device is closed with a typed reason and no other device notices. Devices,
+//! handshakes in progress and API clients have budgets of their own that fit the
+//! open-file limit together (`budget`); docs/SECURITY.md has the threat model.
 
 pub mod api;
 pub mod budget;
