@@ -293,6 +293,31 @@ fn hello_and_welcome_carry_the_version_in_byte_two() {
 }
 
 #[test]
+fn peek_version_reads_a_long_variant_index_as_the_decoder_does() {
+    // Found by fuzzing (fuzz/, target `frame`): variant index 0 spelled `80 00`, a
+    // longer varint that decoders accept (PROTOCOL.md §4). The body decodes as a Hello
+    // of version 0, so `peek_version` must say 0 too: a gateway that read no version
+    // here would skip its Goodbye{UnsupportedVersion} and open a session for a version
+    // it does not speak.
+    let hello = [0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
+    let Ok(Uplink::Hello(h)) = decode_uplink(&hello) else {
+        panic!("a Hello with a two-byte variant index")
+    };
+    assert_eq!(h.version, 0);
+    assert_eq!(peek_version(&hello), Some(0));
+    // The longest varint a u32 variant index may take (5 bytes), in a Welcome.
+    let welcome = [0x80, 0x80, 0x80, 0x80, 0x00, 7, 30, 0, 0, 0x80, 0x01];
+    let Ok(Downlink::Welcome(w)) = decode_downlink(&welcome) else {
+        panic!("a Welcome with a five-byte variant index")
+    };
+    assert_eq!(peek_version(&welcome), Some(w.version));
+    // One byte longer is not a varint the decoder reads: no version either.
+    let too_long = [0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 7, 30, 0, 0, 0x80, 0x01];
+    assert!(decode_downlink(&too_long).is_err());
+    assert_eq!(peek_version(&too_long), None);
+}
+
+#[test]
 fn largest_messages_fit_the_type_derived_buffers() {
     // A command with the most arguments, each with the longest name and string, is the
     // largest downlink message; it must fit MAX_DOWNLINK_FRAME exactly.

@@ -333,6 +333,17 @@ mod tests {
         }))
     }
 
+    /// A version-0 `Hello` whose variant index is `80 00` instead of `00`.
+    fn long_index_hello() -> Vec<u8> {
+        let body = [&[0x80][..], &hello(0)[2..]].concat();
+        let Ok(Uplink::Hello(h)) = proto::decode_uplink(&body) else {
+            panic!("the decoder takes the longer index");
+        };
+        assert_eq!(h.version, 0);
+        let len = u16::try_from(body.len()).unwrap().to_be_bytes();
+        [&len[..], &body].concat()
+    }
+
     /// Feeds `bytes` in pieces of `step` bytes, opening the session at `Hello`;
     /// returns what came out, or the stop.
     fn run(bytes: &[u8], step: usize, welcome_acked: Option<Seq>) -> (Vec<String>, Option<Stop>) {
@@ -401,6 +412,9 @@ mod tests {
         let cases: Vec<(Vec<u8>, Stop)> = vec![
             (telemetry(1), Violation::BeforeHello("Telemetry").into()),
             (hello(0), Stop::UnsupportedVersion(0)),
+            // The same old Hello with its variant index spelled as a longer varint,
+            // which the decoder accepts: the version check must not be skipped.
+            (long_index_hello(), Stop::UnsupportedVersion(0)),
             ([hello(1), hello(1)].concat(), Violation::SecondHello.into()),
             ([hello(1), telemetry(0)].concat(), Violation::SeqZero.into()),
             (

@@ -156,8 +156,15 @@ pub fn frame_header(body_len: usize) -> Option<[u8; HEADER_LEN]> {
 ///
 /// Every protocol version keeps both messages as variant 0 with the version as the first
 /// field (one byte), so this works across versions.
+///
+/// It reads what the decoder reads: the variant index is a varint, written `00`, but a
+/// decoder also takes 0 spelled longer, `80 00` up to `80 80 80 80 00` (the five bytes
+/// of a `u32`, PROTOCOL.md §4). Reading only `00` here would let a `Hello` spelled so
+/// past the gateway's version check (§10), and the decoder would then take it.
 pub fn peek_version(body: &[u8]) -> Option<u8> {
-    match body {
+    // At most four continuation bytes before the final `00` of a u32 varint.
+    let continued = body.iter().take(4).take_while(|b| **b == 0x80).count();
+    match body.get(continued..)? {
         [0, version, ..] => Some(*version),
         _ => None,
     }
