@@ -146,9 +146,11 @@ impl TlsMaterial {
             .with_single_cert(chain, key)?;
         config.max_fragment_size = settings.max_fragment_size;
         // Stateless TLS 1.3 tickets make a reconnect cheap and cost the gateway no
-        // memory. A resumed session skips the verifier, so `identify` checks expiry and
-        // the revoked set again; and a reload builds a new ticketer, so no ticket issued
-        // before a revocation outlives it.
+        // memory (TLS 1.2 devices resume by session id instead, from rustls's cache of
+        // 256 sessions per configuration). A resumed session skips the verifier, so
+        // `identify` checks expiry and the revoked set again; and a reload builds a new
+        // configuration (a new ticketer, an empty cache), so no session resumed before
+        // a revocation outlives it.
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
         config.send_tls13_tickets = 1;
         Ok(Self {
