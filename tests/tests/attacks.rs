@@ -201,7 +201,24 @@ async fn api_connections_that_do_not_finish_a_request_are_closed() {
         .await
         .unwrap();
     let mut silent = TcpStream::connect(api).await.unwrap();
-    for (what, conn) in [("half a request", &mut half), ("nothing", &mut silent)] {
+    // Headers complete, then a body that stops after 10 of the 100 bytes it announced.
+    let mut stalled = TcpStream::connect(api).await.unwrap();
+    let token = &tg.gw.api().unwrap().token;
+    stalled
+        .write_all(
+            format!(
+                "POST /api/v1/groups/g HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"devices\""
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    for (what, conn) in [
+        ("half a request", &mut half),
+        ("nothing", &mut silent),
+        ("a tenth of a body", &mut stalled),
+    ] {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut buf)).await;
         assert!(
