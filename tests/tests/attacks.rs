@@ -207,7 +207,7 @@ async fn api_connections_that_do_not_finish_a_request_are_closed() {
     stalled
         .write_all(
             format!(
-                "POST /api/v1/groups/g HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                "PUT /api/v1/groups/g HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
                  Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"devices\""
             )
             .as_bytes(),
