@@ -178,15 +178,16 @@ impl Inbound {
             self.rbuf.extend_from_slice(fresh);
             return Ok(None);
         }
-        // Work from the leftover if there is one, else straight from `fresh`.
-        let mut joined;
-        let data: &[u8] = if self.rbuf.is_empty() {
-            fresh
-        } else {
-            joined = std::mem::take(&mut self.rbuf);
-            joined.extend_from_slice(fresh);
-            &joined
-        };
+        // Work straight from `fresh` if nothing is held; else append it to what is
+        // held and work from there. Only what is left over is kept (moved to the front),
+        // so a device sending a frame a byte at a time costs one append per byte, not a
+        // copy of the whole partial frame.
+        let mut held = std::mem::take(&mut self.rbuf);
+        let from_held = !held.is_empty();
+        if from_held {
+            held.extend_from_slice(fresh);
+        }
+        let data: &[u8] = if from_held { &held } else { fresh };
         let mut rest = data;
         let mut hello = None;
         let outcome = loop {
@@ -212,15 +213,19 @@ impl Inbound {
         };
         if let Err(e) = outcome {
             self.state = State::Stopped;
-            self.rbuf = Vec::new();
             return Err(e);
         }
-        self.rbuf.clear();
-        self.rbuf.extend_from_slice(rest);
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 4096 {
-            // A large frame passed; do not keep its buffer for an idle session.
-            self.rbuf = Vec::new();
+        let consumed = data.len() - rest.len();
+        if from_held {
+            held.drain(..consumed);
+        } else {
+            held.extend_from_slice(fresh.get(consumed..).unwrap_or_default());
         }
+        if held.is_empty() && held.capacity() > 4096 {
+            // A large frame passed; do not keep its buffer for an idle session.
+            held = Vec::new();
+        }
+        self.rbuf = held;
         Ok(hello)
     }
 
