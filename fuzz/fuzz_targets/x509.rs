@@ -241,7 +241,10 @@ fuzz_target!(|data: &[u8]| {
                 "anchor without the CA's subject"
             );
             // The key's x coordinate: the anchor may spell the point compressed.
-            assert!(contains(data, &f.ca_key[1..33]), "anchor without the CA's key");
+            assert!(
+                contains(data, &f.ca_key[1..33]),
+                "anchor without the CA's key"
+            );
         }
     }
 
