@@ -97,7 +97,7 @@ fn find_sslyze() -> Option<PathBuf> {
 fn sslyze_or_skip() -> Option<PathBuf> {
     let found = find_sslyze();
     if found.is_none() {
-        let how = format!("python3 -m pip install sslyze=={PINNED}");
+        let how = format!("pipx install sslyze=={PINNED}, or pip install it in a venv");
         assert!(
             !std::env::var("REQUIRE_SSLYZE").is_ok_and(|v| v == "1"),
             "REQUIRE_SSLYZE=1 but sslyze is not on the PATH; install it with `{how}`"
