@@ -528,3 +528,27 @@ pub async fn metric(gw: &Gateway, sample: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The first bytes of a TLS record that announces a 512-byte ClientHello and never
+/// delivers it: the cheapest way to hold a connection in its handshake.
+pub const PARTIAL_CLIENT_HELLO: [u8; 6] = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+
+/// Opens `n` connections to `to` from the loopback address `from`, each left in its
+/// handshake after [`PARTIAL_CLIENT_HELLO`]; returns those that connected within a
+/// second each. (The gateway may close some at once, or its backlog may be full: an
+/// attacker does not care, nor does a test of what devices see meanwhile.)
+pub async fn hold_half_open(from: [u8; 4], to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let connect = async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(SocketAddr::from((from, 0)))?;
+            s.connect(to).await
+        };
+        if let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
+            let _ = tcp.write_all(&PARTIAL_CLIENT_HELLO).await;
+            held.push(tcp);
+        }
+    }
+    held
+}

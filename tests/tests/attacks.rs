@@ -7,20 +7,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use device_client::proto::{self, CommandStatus, GoodbyeReason, Hello, Text, Uplink};
 use e2e::logs::LogCapture;
-use e2e::{Down, RawDevice, TestGateway, WAIT, eventually, http_get, http_post_json, metric};
+use e2e::{
+    Down, RawDevice, TestGateway, WAIT, eventually, hold_half_open, http_get, http_post_json,
+    metric,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-/// The first bytes of a TLS record that announces a 512-byte ClientHello and never
-/// delivers it: the cheapest way to hold a connection in its handshake.
-const PARTIAL_CLIENT_HELLO: [u8; 6] = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+use tokio::net::TcpStream;
 
 fn hello_msg() -> Uplink<'static> {
     Uplink::Hello(Hello {
@@ -75,28 +73,13 @@ async fn a_connection_revoked_before_its_hello_gets_no_session() {
     );
 }
 
-/// Opens a TCP connection to `to` from the loopback address `from`.
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpSocket::new_v4()?;
-    s.bind(SocketAddr::from((from, 0)))?;
-    s.connect(to).await
-}
-
 /// Defect 2: thousands of half-open connections from one address leave room for
 /// devices. The attacker (127.0.0.2) outnumbers the connection cap; devices come from
 /// 127.0.0.1.
 #[tokio::test]
 async fn half_open_connections_from_one_address_do_not_lock_devices_out() {
     let tg = TestGateway::start_with(|c| c.max_connections = Some(1_000)).await;
-    let mut held = Vec::new();
-    for _ in 0..2_500 {
-        // The gateway may close a connection over its budget at once: that is the
-        // point, and not an error for the attacker's loop.
-        if let Ok(mut tcp) = connect_from([127, 0, 0, 2], tg.addr()).await {
-            let _ = tcp.write_all(&PARTIAL_CLIENT_HELLO).await;
-            held.push(tcp);
-        }
-    }
+    let held = hold_half_open([127, 0, 0, 2], tg.addr(), 2_500).await;
     // Connections are accepted in order: by the time these devices are, every one of
     // the attacker's has been.
     for i in 0..20 {
@@ -131,12 +114,7 @@ async fn half_open_connections_from_many_addresses_make_room_for_devices() {
     .await;
     let mut held = Vec::new();
     for source in 2..12u8 {
-        for _ in 0..10 {
-            if let Ok(mut tcp) = connect_from([127, 0, 0, source], tg.addr()).await {
-                let _ = tcp.write_all(&PARTIAL_CLIENT_HELLO).await;
-                held.push(tcp);
-            }
-        }
+        held.extend(hold_half_open([127, 0, 0, source], tg.addr(), 10).await);
     }
     for i in 0..10 {
         let (mut dev, _) = tg.device(&format!("crowded-{i}"), 1).await;

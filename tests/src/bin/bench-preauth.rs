@@ -19,35 +19,15 @@
 //! the time to `Welcome` (median, p99, max) of those that did within 15 s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use e2e::{RawDevice, TestGateway};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
-
-const PARTIAL_CLIENT_HELLO: [u8; 6] = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
-
-async fn half_open(from: [u8; 4], to: SocketAddr) -> Option<TcpStream> {
-    let s = TcpSocket::new_v4().ok()?;
-    s.bind(SocketAddr::from((from, 0))).ok()?;
-    let mut tcp = tokio::time::timeout(Duration::from_secs(1), s.connect(to))
-        .await
-        .ok()?
-        .ok()?;
-    let _ = tcp.write_all(&PARTIAL_CLIENT_HELLO).await;
-    Some(tcp)
-}
 
 async fn scenario(name: &str, sources: u8, per_source: usize, devices: usize) {
     let tg = TestGateway::start().await;
     let mut held = Vec::new();
     for i in 0..sources {
-        for _ in 0..per_source {
-            if let Some(c) = half_open([127, 0, 0, 2 + i], tg.addr()).await {
-                held.push(c);
-            }
-        }
+        held.extend(e2e::hold_half_open([127, 0, 0, 2 + i], tg.addr(), per_source).await);
     }
     let mut times = Vec::new();
     for i in 0..devices {
@@ -81,7 +61,7 @@ async fn scenario(name: &str, sources: u8, per_source: usize, devices: usize) {
             .await
             .unwrap_or(0.0);
     println!(
-        "{{\"scenario\":\"{name}\",\"half_open_held\":{},\"attacker_closed\":{closed},\
+        "{{\"scenario\":\"{name}\",\"half_open_opened\":{},\"attacker_closed\":{closed},\
          \"devices\":{devices},\"connected\":{},\"welcome_ms_p50\":{:.2},\
          \"welcome_ms_p99\":{:.2},\"welcome_ms_max\":{:.2}}}",
         held.len(),
