@@ -227,21 +227,19 @@ impl Ca {
     /// DNS name, optionally with a leading `*.`); duplicates are dropped. Subject CN: the
     /// first of `names`, or `gateway`. Extended key usage: serverAuth.
     pub fn issue_gateway(&self, names: &[String], validity: Validity) -> Result<Issued, Error> {
-        let mut sans: Vec<SanType> = Vec::new();
-        let all = GATEWAY_DEFAULT_NAMES
-            .iter()
-            .copied()
-            .chain(names.iter().map(String::as_str));
-        for name in all {
-            let san = gateway_san(name)?;
-            if !sans.iter().any(|s| same_san(s, &san)) {
-                sans.push(san);
-            }
-        }
-        let cn = names.first().map_or(GATEWAY_DEFAULT_CN, String::as_str);
-        let mut params = leaf_params(cn, validity, ExtendedKeyUsagePurpose::ServerAuth);
-        params.subject_alt_names = sans;
-        self.issue(params, validity)
+        self.issue(gateway_params(names, validity)?, validity, new_key()?)
+    }
+
+    /// Like [`Ca::issue_gateway`], for an existing private key (PKCS#8 PEM, ECDSA
+    /// P-256): renews the certificate and keeps the key.
+    pub fn issue_gateway_with_key(
+        &self,
+        names: &[String],
+        key_pem: &str,
+        validity: Validity,
+    ) -> Result<Issued, Error> {
+        let params = gateway_params(names, validity)?;
+        self.issue(params, validity, leaf_key(key_pem, "gateway key")?)
     }
 
     /// Issues a device's TLS client certificate with subject `CN=id`.
@@ -250,11 +248,22 @@ impl Ca {
     /// [`DeviceId::new`]): the gateway takes the CN as the device's identity.
     /// Extended key usage: clientAuth.
     pub fn issue_device(&self, id: &str, validity: Validity) -> Result<Issued, Error> {
-        DeviceId::new(id).map_err(|source| Error::InvalidDeviceId {
-            id: id.to_owned(),
-            source,
-        })?;
+        check_device_id(id)?;
         self.danger_issue_client_cert_with_raw_cn(id, validity)
+    }
+
+    /// Like [`Ca::issue_device`], for an existing private key (PKCS#8 PEM, ECDSA P-256):
+    /// renews the certificate and keeps the key (for a device that cannot take a new
+    /// one).
+    pub fn issue_device_with_key(
+        &self,
+        id: &str,
+        key_pem: &str,
+        validity: Validity,
+    ) -> Result<Issued, Error> {
+        check_device_id(id)?;
+        let params = leaf_params(id, validity, ExtendedKeyUsagePurpose::ClientAuth);
+        self.issue(params, validity, leaf_key(key_pem, "device key")?)
     }
 
     /// **For tests only.** Issues a client certificate with subject `CN=cn` *without*
@@ -267,11 +276,15 @@ impl Ca {
         validity: Validity,
     ) -> Result<Issued, Error> {
         let params = leaf_params(cn, validity, ExtendedKeyUsagePurpose::ClientAuth);
-        self.issue(params, validity)
+        self.issue(params, validity, new_key()?)
     }
 
-    fn issue(&self, mut params: CertificateParams, validity: Validity) -> Result<Issued, Error> {
-        let key = new_key()?;
+    fn issue(
+        &self,
+        mut params: CertificateParams,
+        validity: Validity,
+        key: KeyPair,
+    ) -> Result<Issued, Error> {
         let serial = Serial::random()?;
         params.serial_number = Some(serial.to_rcgen());
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -333,6 +346,40 @@ impl Ca {
 
 fn new_key() -> Result<KeyPair, Error> {
     Ok(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?)
+}
+
+/// An end-entity key to sign a renewed certificate for. Only P-256, the one curve the
+/// protocol allows (PROTOCOL.md §1), whatever else the PEM might hold.
+fn leaf_key(key_pem: &str, what: &'static str) -> Result<KeyPair, Error> {
+    KeyPair::from_pkcs8_pem_and_sign_algo(key_pem, &PKCS_ECDSA_P256_SHA256)
+        .map_err(|_| Error::UnsupportedKey { what })
+}
+
+fn check_device_id(id: &str) -> Result<(), Error> {
+    DeviceId::new(id).map_err(|source| Error::InvalidDeviceId {
+        id: id.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// The gateway certificate's profile (see [`Ca::issue_gateway`]).
+fn gateway_params(names: &[String], validity: Validity) -> Result<CertificateParams, Error> {
+    let mut sans: Vec<SanType> = Vec::new();
+    let all = GATEWAY_DEFAULT_NAMES
+        .iter()
+        .copied()
+        .chain(names.iter().map(String::as_str));
+    for name in all {
+        let san = gateway_san(name)?;
+        if !sans.iter().any(|s| same_san(s, &san)) {
+            sans.push(san);
+        }
+    }
+    let cn = names.first().map_or(GATEWAY_DEFAULT_CN, String::as_str);
+    let mut params = leaf_params(cn, validity, ExtendedKeyUsagePurpose::ServerAuth);
+    params.subject_alt_names = sans;
+    Ok(params)
 }
 
 fn common_name_dn(cn: &str) -> DistinguishedName {
@@ -687,6 +734,40 @@ mod tests {
         let a = ca.issue_device("a", Validity::days(1)).unwrap();
         let b = ca.issue_device("a", Validity::days(1)).unwrap();
         assert_ne!(a.serial, b.serial);
+    }
+
+    #[test]
+    fn renewing_with_the_same_key() {
+        let ca = ca();
+        let old = ca.issue_device("a", Validity::days(1)).unwrap();
+        let new = ca
+            .issue_device_with_key("a", &old.key_pem, Validity::days(2))
+            .unwrap();
+        assert_ne!(new.serial, old.serial);
+        assert_eq!(new.key_sec1_der, old.key_sec1_der);
+        let (old_cert, new_cert) = (parse(&old.cert_der), parse(&new.cert_der));
+        assert_eq!(new_cert.public_key().raw, old_cert.public_key().raw);
+        assert_eq!(new_cert.subject().as_raw(), old_cert.subject().as_raw());
+        ca.verify_issued(&new.cert_der).unwrap();
+
+        let gw = ca
+            .issue_gateway(&["gw.example".into()], Validity::days(1))
+            .unwrap();
+        let again = ca
+            .issue_gateway_with_key(&["gw.example".into()], &gw.key_pem, Validity::days(1))
+            .unwrap();
+        assert_eq!(
+            parse(&again.cert_der).public_key().raw,
+            parse(&gw.cert_der).public_key().raw
+        );
+        assert!(matches!(
+            ca.issue_device_with_key("a", "not a key", Validity::days(1)),
+            Err(Error::UnsupportedKey { .. })
+        ));
+        assert!(matches!(
+            ca.issue_device_with_key("bad id", &old.key_pem, Validity::days(1)),
+            Err(Error::InvalidDeviceId { .. })
+        ));
     }
 
     #[test]

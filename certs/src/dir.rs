@@ -23,7 +23,7 @@ use device_client::proto::DeviceId;
 use time::OffsetDateTime;
 
 use crate::inspect::{verify_crl_signed_by, verify_signed_by};
-use crate::{Ca, CertInfo, Crl, Error, RevokedEntry, Serial, Validity};
+use crate::{Ca, CertInfo, Crl, Error, Issued, RevokedEntry, Serial, Validity};
 
 /// Default validity of a new CA, in days (about 10 years).
 pub const DEFAULT_CA_DAYS: u16 = 3650;
@@ -38,8 +38,14 @@ pub const DEFAULT_CA_NAME: &str = "IoT Gateway CA";
 
 /// `DIR/ca.pem`.
 pub const CA_CERT_FILE: &str = "ca.pem";
-/// `DIR/ca.key.pem`.
+/// `DIR/ca/`: what only the CA needs (its private key), mode 0700, kept apart from the
+/// files the gateway and the devices read so that it can be moved offline whole.
+pub const CA_PRIVATE_DIR: &str = "ca";
+/// `DIR/ca/ca.key.pem`. Directories made before `DIR/ca/` existed hold it as
+/// `DIR/ca.key.pem` ([`LEGACY_CA_KEY_FILE`]); both are read.
 pub const CA_KEY_FILE: &str = "ca.key.pem";
+/// `DIR/ca.key.pem`: where the CA key was kept before `DIR/ca/`, still read.
+pub const LEGACY_CA_KEY_FILE: &str = "ca.key.pem";
 /// `DIR/gateway.pem`.
 pub const GATEWAY_CERT_FILE: &str = "gateway.pem";
 /// `DIR/gateway.key.pem`.
@@ -59,6 +65,8 @@ pub const DEVICE_KEY_DER: &str = "key.der";
 
 /// Mode of private key files.
 pub const KEY_MODE: u32 = 0o600;
+/// Mode of `DIR/ca/`.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 /// Mode of certificate and CRL files.
 pub const PUBLIC_MODE: u32 = 0o644;
 
@@ -75,6 +83,14 @@ pub enum DirError {
         /// The PKI directory.
         dir: PathBuf,
         /// The CA file that is missing.
+        missing: PathBuf,
+    },
+    /// The directory holds a CA certificate but not its private key (moved offline?).
+    #[error("{} holds no CA private key: {} is missing", dir.display(), missing.display())]
+    NoCaKey {
+        /// The PKI directory.
+        dir: PathBuf,
+        /// Where the key belongs.
         missing: PathBuf,
     },
     /// The directory already holds (part of) a CA.
@@ -226,6 +242,37 @@ pub struct DeviceIssued {
     pub replaced: Option<Serial>,
 }
 
+/// What [`PkiDir::renew_device`] / [`PkiDir::renew_gateway`] wrote (no key material).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Renewed {
+    /// The subject CN, the same as before (the device id, or the gateway's first name).
+    pub common_name: String,
+    /// The device's directory, or `gateway.pem`.
+    pub path: PathBuf,
+    /// Serial of the new certificate.
+    pub serial: Serial,
+    /// Validity of the new certificate.
+    pub validity: Validity,
+    /// Serial of the certificate it replaced. Not revoked: it stays valid until
+    /// `old_validity` ends unless revoked.
+    pub old_serial: Serial,
+    /// Validity of the certificate it replaced.
+    pub old_validity: Validity,
+    /// Whether the private key was kept (only the certificate changed).
+    pub kept_key: bool,
+}
+
+/// What [`PkiDir::list`] read: the devices and the CRL.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Listing {
+    /// Every device, sorted by id (see [`PkiDir::list_devices`]).
+    pub devices: Vec<DeviceRecord>,
+    /// The CRL in `crl.pem`, checked against `ca.pem`; `None` if there is none.
+    pub crl: Option<Crl>,
+}
+
 /// What [`PkiDir::issue_devices`] did.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -326,9 +373,29 @@ impl PkiDir {
         self.root.join(CA_CERT_FILE)
     }
 
-    /// `DIR/ca.key.pem`.
+    /// `DIR/ca/`, the CA's private directory.
+    pub fn ca_private_dir(&self) -> PathBuf {
+        self.root.join(CA_PRIVATE_DIR)
+    }
+
+    /// `DIR/ca/ca.key.pem`: where `init` writes the CA key. (A directory made by an
+    /// earlier version has it at [`PkiDir::legacy_ca_key_path`];
+    /// [`PkiDir::find_ca_key`] says which one is there.)
     pub fn ca_key_path(&self) -> PathBuf {
-        self.root.join(CA_KEY_FILE)
+        self.ca_private_dir().join(CA_KEY_FILE)
+    }
+
+    /// `DIR/ca.key.pem`, where earlier versions kept the CA key.
+    pub fn legacy_ca_key_path(&self) -> PathBuf {
+        self.root.join(LEGACY_CA_KEY_FILE)
+    }
+
+    /// The CA key file this directory has: `DIR/ca/ca.key.pem`, else the legacy
+    /// `DIR/ca.key.pem`; `None` if neither exists (e.g. `DIR/ca/` was moved offline).
+    pub fn find_ca_key(&self) -> Option<PathBuf> {
+        [self.ca_key_path(), self.legacy_ca_key_path()]
+            .into_iter()
+            .find(|p| exists(p))
     }
 
     /// `DIR/gateway.pem`.
@@ -359,10 +426,14 @@ impl PkiDir {
 
     /// Creates the directory if needed, a CA, the gateway certificate and an empty CRL.
     ///
-    /// Refuses if any of the five files exists, unless `options.force`; then it
-    /// replaces them (each file atomically, keys first) and reports how many device
-    /// directories the old CA left behind. Without `force`, a failure midway removes
-    /// the files this call already placed.
+    /// The CA key goes to `DIR/ca/ca.key.pem` (`DIR/ca/` mode 0700), apart from what
+    /// the gateway reads, so that `DIR/ca/` can be moved offline as a whole.
+    ///
+    /// Refuses if any of the five files exists (or a CA key at the legacy place),
+    /// unless `options.force`; then it replaces them (each file atomically, keys
+    /// first), removes a legacy `DIR/ca.key.pem` (the replaced CA's key) and reports
+    /// how many device directories the old CA left behind. Without `force`, a failure
+    /// midway removes the files this call already placed.
     pub fn init(&self, options: &InitOptions) -> Result<Initialized, DirError> {
         let files = [
             self.ca_key_path(),
@@ -371,9 +442,17 @@ impl PkiDir {
             self.gateway_cert_path(),
             self.crl_path(),
         ];
+        let legacy_key = self.legacy_ca_key_path();
         if !options.force {
             // Report ca.pem first: it is the file people know.
-            let check_order = [1, 0, 3, 2, 4].map(|i| &files[i]);
+            let check_order = [
+                &files[1],
+                &files[0],
+                &legacy_key,
+                &files[3],
+                &files[2],
+                &files[4],
+            ];
             if let Some(existing) = check_order.into_iter().find(|p| exists(p)) {
                 return Err(DirError::CaExists {
                     dir: self.root.clone(),
@@ -388,6 +467,8 @@ impl PkiDir {
         let gateway = ca.issue_gateway(&options.gateway_names, gateway_validity)?;
         let crl = ca.crl(&[], 1, options.crl_validity)?;
         fs::create_dir_all(&self.root).map_err(io_err("create directory", &self.root))?;
+        let private_dir = self.ca_private_dir();
+        let made_private_dir = create_private_dir(&private_dir)?;
 
         let ca_key = ca.key_pem();
         let contents: [(&[u8], u32); 5] = [
@@ -397,20 +478,34 @@ impl PkiDir {
             (gateway.cert_pem.as_bytes(), PUBLIC_MODE),
             (crl.pem.as_bytes(), PUBLIC_MODE),
         ];
-        let mut staged = Vec::with_capacity(files.len());
-        for (path, (bytes, mode)) in files.iter().zip(contents) {
-            staged.push(Staged::new(path, bytes, mode)?);
-        }
-        for (i, file) in staged.into_iter().enumerate() {
-            if let Err(e) = file.commit(options.force) {
-                if !options.force {
-                    // These did not exist before this call: take them back out.
-                    for placed in files.iter().take(i) {
-                        let _ = fs::remove_file(placed);
-                    }
-                }
-                return Err(e);
+        // On failure: how many files were placed, and why it failed.
+        let placed: Result<(), (usize, DirError)> = (|| {
+            let mut staged = Vec::with_capacity(files.len());
+            for (path, (bytes, mode)) in files.iter().zip(contents) {
+                staged.push(Staged::new(path, bytes, mode).map_err(|e| (0, e))?);
             }
+            for (i, file) in staged.into_iter().enumerate() {
+                file.commit(options.force).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        })();
+        if let Err((i, e)) = placed {
+            if !options.force {
+                // These did not exist before this call: take them back out.
+                for placed in files.iter().take(i) {
+                    let _ = fs::remove_file(placed);
+                }
+                if made_private_dir {
+                    let _ = fs::remove_dir(&private_dir);
+                }
+            }
+            return Err(e);
+        }
+        sync_dir(&private_dir)?;
+        if options.force && exists(&legacy_key) {
+            // The replaced CA's key: left there it would be a second, stale CA key.
+            fs::remove_file(&legacy_key)
+                .map_err(io_err("remove the replaced CA key", &legacy_key))?;
         }
         sync_dir(&self.root)?;
         let stale_devices = if options.force {
@@ -426,33 +521,45 @@ impl PkiDir {
         })
     }
 
-    /// Loads the CA from `ca.pem` and `ca.key.pem`.
+    /// Loads the CA from `ca.pem` and its key in `DIR/ca/ca.key.pem` (or, in a
+    /// directory made by an earlier version, `DIR/ca.key.pem`).
     pub fn load_ca(&self) -> Result<Ca, DirError> {
-        self.check_initialized()?;
+        self.check_ca_cert()?;
+        let key = self.find_ca_key().ok_or_else(|| DirError::NoCaKey {
+            dir: self.root.clone(),
+            missing: self.ca_key_path(),
+        })?;
+        self.load_ca_with_key(&key)
+    }
+
+    /// Loads the CA from `ca.pem` and the key at `key_path`: for a CA key kept
+    /// elsewhere (offline, on removable media).
+    pub fn load_ca_with_key(&self, key_path: &Path) -> Result<Ca, DirError> {
+        self.check_ca_cert()?;
         let cert_path = self.ca_cert_path();
-        let key_path = self.ca_key_path();
         let cert = read_to_string(&cert_path)?;
-        let key = read_to_string(&key_path)?;
+        let key = read_to_string(key_path)?;
         Ca::from_pem(&cert, &key).map_err(|source| DirError::BadFile {
             path: match source {
-                Error::UnsupportedKey { .. } | Error::KeyMismatch => key_path,
+                Error::UnsupportedKey { .. } | Error::KeyMismatch => key_path.to_path_buf(),
                 _ => cert_path,
             },
             source,
         })
     }
 
-    fn check_initialized(&self) -> Result<(), DirError> {
+    /// The directory exists and holds `ca.pem` (all that reading needs; signing also
+    /// needs the key, which [`PkiDir::load_ca`] looks for).
+    fn check_ca_cert(&self) -> Result<(), DirError> {
         if !self.root.is_dir() {
             return Err(DirError::Missing(self.root.clone()));
         }
-        for path in [self.ca_cert_path(), self.ca_key_path()] {
-            if !exists(&path) {
-                return Err(DirError::NoCa {
-                    dir: self.root.clone(),
-                    missing: path,
-                });
-            }
+        let path = self.ca_cert_path();
+        if !exists(&path) {
+            return Err(DirError::NoCa {
+                dir: self.root.clone(),
+                missing: path,
+            });
         }
         Ok(())
     }
@@ -474,17 +581,114 @@ impl PkiDir {
         }
         let validity = validity.clamped_to(&ca.validity())?;
         let gateway = ca.issue_gateway(names, validity)?;
-        let key = Staged::new(&key_path, gateway.key_pem.as_bytes(), KEY_MODE)?;
+        self.place_gateway(&gateway, true, replace)?;
+        Ok((gateway.serial, validity))
+    }
+
+    /// Writes `gateway.key.pem` (if `with_key`), then `gateway.pem`.
+    fn place_gateway(
+        &self,
+        gateway: &Issued,
+        with_key: bool,
+        replace: bool,
+    ) -> Result<(), DirError> {
+        let (key_path, cert_path) = (self.gateway_key_path(), self.gateway_cert_path());
         let cert = Staged::new(&cert_path, gateway.cert_pem.as_bytes(), PUBLIC_MODE)?;
-        key.commit(replace)?;
+        if with_key {
+            Staged::new(&key_path, gateway.key_pem.as_bytes(), KEY_MODE)?.commit(replace)?;
+        }
         if let Err(e) = cert.commit(replace) {
-            if !replace {
+            if with_key && !replace {
                 let _ = fs::remove_file(&key_path);
             }
             return Err(e);
         }
-        sync_dir(&self.root)?;
-        Ok((gateway.serial, validity))
+        sync_dir(&self.root)
+    }
+
+    /// Renews the gateway certificate: a new one with the same subject CN and names
+    /// (read from `gateway.pem`), a new serial, `validity` (cut to the CA's), and a new
+    /// key unless `keep_key` (then only `gateway.pem` is rewritten, signed for the key
+    /// in `gateway.key.pem`).
+    ///
+    /// The old certificate is not revoked: the CRL lists device certificates only, so
+    /// it stays valid until it expires.
+    pub fn renew_gateway(
+        &self,
+        ca: &Ca,
+        validity: Validity,
+        keep_key: bool,
+    ) -> Result<Renewed, DirError> {
+        self.check_ca_cert()?;
+        let cert_path = self.gateway_cert_path();
+        let old = read_cert_info(&cert_path)?;
+        let names = gateway_names_of(&old);
+        let validity = validity.clamped_to(&ca.validity())?;
+        let issued = if keep_key {
+            let key_path = self.gateway_key_path();
+            let key_pem = read_to_string(&key_path)?;
+            ca.issue_gateway_with_key(&names, &key_pem, validity)
+                .map_err(|source| bad_key(source, &key_path))?
+        } else {
+            ca.issue_gateway(&names, validity)?
+        };
+        self.place_gateway(&issued, !keep_key, true)?;
+        Ok(Renewed {
+            common_name: names
+                .first()
+                .map_or(crate::GATEWAY_DEFAULT_CN, String::as_str)
+                .to_owned(),
+            path: cert_path,
+            serial: issued.serial,
+            validity,
+            old_serial: old.serial,
+            old_validity: old.validity,
+            kept_key: keep_key,
+        })
+    }
+
+    /// Renews a device's certificate: a new one for the same id (CN), with a new
+    /// serial, `validity` (cut to the CA's), and a new key unless `keep_key` (then it is
+    /// signed for the key in `devices/<id>/key.pem`). The device's four files are
+    /// replaced at once, as [`Existing::Replace`] does.
+    ///
+    /// The old certificate is not revoked: it stays valid until it expires, so the
+    /// device keeps connecting until it has the new one; revoke it by serial then.
+    pub fn renew_device(
+        &self,
+        ca: &Ca,
+        id: &str,
+        validity: Validity,
+        keep_key: bool,
+    ) -> Result<Renewed, DirError> {
+        let path = self.device_path(id)?;
+        if !exists(&path) {
+            return Err(DirError::NoSuchDevice {
+                id: id.to_owned(),
+                path,
+            });
+        }
+        let old = read_cert_info(&path.join(DEVICE_CERT_PEM))?;
+        let validity = validity.clamped_to(&ca.validity())?;
+        let issued = if keep_key {
+            let key_path = path.join(DEVICE_KEY_PEM);
+            let key_pem = read_to_string(&key_path)?;
+            ca.issue_device_with_key(id, &key_pem, validity)
+                .map_err(|source| bad_key(source, &key_path))?
+        } else {
+            ca.issue_device(id, validity)?
+        };
+        let placed = self.place_device(id, &issued, true)?;
+        sync_dir(&self.devices_path())?;
+        Ok(Renewed {
+            common_name: id.to_owned(),
+            path: placed.path,
+            serial: placed.serial,
+            validity,
+            old_serial: old.serial,
+            old_validity: old.validity,
+            kept_key: keep_key,
+        })
     }
 
     /// Issues one device certificate into `devices/<id>/`. The validity is cut to the
@@ -617,6 +821,18 @@ impl PkiDir {
         replace: bool,
     ) -> Result<DeviceIssued, DirError> {
         let issued = ca.issue_device(id, validity)?;
+        self.place_device(id, &issued, replace)
+    }
+
+    /// Writes a device's four files and moves its directory into place (see the
+    /// module docs); `replace` swaps out an existing directory.
+    fn place_device(
+        &self,
+        id: &str,
+        issued: &Issued,
+        replace: bool,
+    ) -> Result<DeviceIssued, DirError> {
+        let validity = issued.validity;
         let devices = self.devices_path();
         let dest = devices.join(id);
         let tmp = devices.join(temp_name(id, "tmp")?);
@@ -644,7 +860,7 @@ impl PkiDir {
             Ok(replaced) => Ok(DeviceIssued {
                 id: id.to_owned(),
                 path: dest,
-                serial: issued.serial,
+                serial: issued.serial.clone(),
                 validity,
                 replaced: replaced.flatten(),
             }),
@@ -706,7 +922,7 @@ impl PkiDir {
         serial: Serial,
         crl_validity: Validity,
     ) -> Result<Revocation, DirError> {
-        self.check_initialized()?;
+        self.check_ca_cert()?;
         let current = self.read_crl(ca)?;
         if let Some(crl) = current.as_ref().filter(|crl| crl.contains(&serial)) {
             return Ok(Revocation {
@@ -730,7 +946,7 @@ impl PkiDir {
     /// Re-signs `crl.pem` with a fresh validity period and the next CRL number, keeping
     /// its revocations (or writes an empty one if there is none).
     pub fn refresh_crl(&self, ca: &Ca, crl_validity: Validity) -> Result<Crl, DirError> {
-        self.check_initialized()?;
+        self.check_ca_cert()?;
         let (entries, number) = self
             .read_crl(ca)?
             .map_or((Vec::new(), 0), |c| (c.revoked, c.number));
@@ -759,7 +975,13 @@ impl PkiDir {
     /// Needs only `ca.pem` (not the CA key). Entries of `devices/` that are not device
     /// ids (e.g. leftover temporary directories) are skipped.
     pub fn list_devices(&self) -> Result<Vec<DeviceRecord>, DirError> {
-        self.check_initialized()?;
+        Ok(self.list()?.devices)
+    }
+
+    /// [`PkiDir::list_devices`], and the CRL they were checked against (its next
+    /// update is when the gateway needs a fresh one). Needs only `ca.pem`.
+    pub fn list(&self) -> Result<Listing, DirError> {
+        self.check_ca_cert()?;
         let ca_path = self.ca_cert_path();
         let ca_der =
             crate::inspect::cert_der_from_pem(&read_to_string(&ca_path)?).map_err(|source| {
@@ -769,17 +991,21 @@ impl PkiDir {
                 }
             })?;
         let crl_path = self.crl_path();
-        let revoked: HashSet<Serial> = if exists(&crl_path) {
+        let crl = if exists(&crl_path) {
             let crl = Crl::from_pem(&read_to_string(&crl_path)?)
                 .and_then(|crl| verify_crl_signed_by(&crl.der, &ca_der).map(|()| crl))
                 .map_err(|source| DirError::BadFile {
                     path: crl_path.clone(),
                     source,
                 })?;
-            crl.revoked.into_iter().map(|e| e.serial).collect()
+            Some(crl)
         } else {
-            HashSet::new()
+            None
         };
+        let revoked: HashSet<&Serial> = crl
+            .iter()
+            .flat_map(|crl| crl.revoked.iter().map(|e| &e.serial))
+            .collect();
         let now = OffsetDateTime::now_utc();
         let mut records = Vec::new();
         for id in self.device_dirs()? {
@@ -800,7 +1026,10 @@ impl PkiDir {
                 id,
             });
         }
-        Ok(records)
+        Ok(Listing {
+            devices: records,
+            crl,
+        })
     }
 
     /// Names of the device directories, sorted; skips anything that is not a device id.
@@ -835,6 +1064,77 @@ fn check_id(id: &str) -> Result<(), DirError> {
         source,
     })?;
     Ok(())
+}
+
+/// The certificate in the PEM file at `path`.
+fn read_cert_info(path: &Path) -> Result<CertInfo, DirError> {
+    CertInfo::from_pem(&read_to_string(path)?).map_err(|source| DirError::BadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A key file that would not do is the file's fault; anything else is the request's.
+fn bad_key(source: Error, key_path: &Path) -> DirError {
+    match source {
+        Error::UnsupportedKey { .. } => DirError::BadFile {
+            path: key_path.to_path_buf(),
+            source,
+        },
+        other => DirError::Pki(other),
+    }
+}
+
+/// The `names` that make [`Ca::issue_gateway`] issue a certificate with `old`'s subject
+/// CN and names: the CN first (it becomes the CN again) unless it is the default one,
+/// then the names beyond the defaults every gateway certificate carries.
+fn gateway_names_of(old: &CertInfo) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |name: &str| {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            names.push(name.to_owned());
+        }
+    };
+    if let Some(cn) = old
+        .common_name
+        .as_deref()
+        .filter(|cn| *cn != crate::GATEWAY_DEFAULT_CN)
+    {
+        add(cn);
+    }
+    for san in &old.subject_alt_names {
+        if !crate::GATEWAY_DEFAULT_NAMES
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(san))
+        {
+            add(san);
+        }
+    }
+    names
+}
+
+/// Creates `path` with mode 0700 if it does not exist (and says whether it did);
+/// an existing one is set to 0700, as it holds the CA key.
+fn create_private_dir(path: &Path) -> Result<bool, DirError> {
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(PRIVATE_DIR_MODE);
+    }
+    match builder.create(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+                    .map_err(io_err("set the mode of", path))?;
+            }
+            Ok(false)
+        }
+        Err(e) => Err(io_err("create directory", path)(e)),
+    }
 }
 
 /// Whether anything (file, directory, dangling symlink) is at `path`.
@@ -1020,8 +1320,9 @@ mod tests {
         assert_eq!(
             tree(dir.root()),
             [
-                "ca.key.pem",
+                "ca",
                 "ca.pem",
+                "ca/ca.key.pem",
                 "crl.pem",
                 "gateway.key.pem",
                 "gateway.pem"
@@ -1039,6 +1340,7 @@ mod tests {
         #[cfg(unix)]
         {
             assert_eq!(mode(&dir.ca_key_path()), 0o600);
+            assert_eq!(mode(&dir.ca_private_dir()), 0o700);
             assert_eq!(mode(&dir.gateway_key_path()), 0o600);
         }
     }
@@ -1051,7 +1353,7 @@ mod tests {
         let err = dir.init(&InitOptions::default()).unwrap_err();
         assert!(matches!(err, DirError::CaExists { .. }), "{err}");
         assert_eq!(fs::read(dir.ca_key_path()).unwrap(), before);
-        assert_eq!(tree(dir.root()).len(), 5, "no temporary files left");
+        assert_eq!(tree(dir.root()).len(), 6, "no temporary files left");
 
         let made = dir
             .init(&InitOptions {
@@ -1061,7 +1363,189 @@ mod tests {
             .unwrap();
         assert_ne!(fs::read(dir.ca_key_path()).unwrap(), before);
         assert_eq!(made.stale_devices, 0);
-        assert_eq!(tree(dir.root()).len(), 5);
+        assert_eq!(tree(dir.root()).len(), 6);
+    }
+
+    /// A directory made before `DIR/ca/` existed keeps working where it is.
+    #[test]
+    fn the_legacy_ca_key_place_is_still_read() {
+        let (_tmp, dir) = fresh();
+        let ca = init(&dir);
+        fs::rename(dir.ca_key_path(), dir.legacy_ca_key_path()).unwrap();
+        fs::remove_dir(dir.ca_private_dir()).unwrap();
+        assert_eq!(dir.find_ca_key(), Some(dir.legacy_ca_key_path()));
+        let loaded = dir.load_ca().unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        dir.issue_device(&loaded, "a", Validity::days(1), Existing::Refuse)
+            .unwrap();
+        // It is a CA: init refuses, and --force leaves one key, in the new place.
+        assert!(matches!(
+            dir.init(&InitOptions::default()),
+            Err(DirError::CaExists { .. })
+        ));
+        let ca_pem = fs::read(dir.ca_cert_path()).unwrap();
+        fs::remove_file(dir.ca_cert_path()).unwrap();
+        let err = dir.init(&InitOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, DirError::CaExists { existing, .. } if existing == &dir.legacy_ca_key_path()),
+            "{err}"
+        );
+        fs::write(dir.ca_cert_path(), ca_pem).unwrap();
+        dir.init(&InitOptions {
+            force: true,
+            ..InitOptions::default()
+        })
+        .unwrap();
+        assert!(!dir.legacy_ca_key_path().exists());
+        assert_eq!(dir.find_ca_key(), Some(dir.ca_key_path()));
+        dir.load_ca().unwrap();
+    }
+
+    /// With `DIR/ca/` moved offline, reading works; signing needs the key's new place.
+    #[test]
+    fn the_ca_key_can_live_elsewhere() {
+        let (tmp, dir) = fresh();
+        let ca = init(&dir);
+        dir.issue_device(&ca, "a", Validity::days(1), Existing::Refuse)
+            .unwrap();
+        let offline = tmp.path().join("usb-stick");
+        fs::rename(dir.ca_private_dir(), &offline).unwrap();
+
+        assert_eq!(dir.list_devices().unwrap().len(), 1);
+        let err = dir.load_ca().unwrap_err();
+        assert!(
+            matches!(&err, DirError::NoCaKey { missing, .. } if missing == &dir.ca_key_path()),
+            "{err}"
+        );
+        let loaded = dir.load_ca_with_key(&offline.join(CA_KEY_FILE)).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        dir.revoke_device(&loaded, "a", Validity::days(1)).unwrap();
+        assert!(dir.list_devices().unwrap()[0].revoked);
+
+        // Another CA's key is refused, naming the key file.
+        let (_tmp2, other) = fresh();
+        init(&other);
+        let err = dir.load_ca_with_key(&other.ca_key_path()).unwrap_err();
+        assert!(
+            matches!(&err, DirError::BadFile { path, source: Error::KeyMismatch } if path == &other.ca_key_path()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn renew_device_keeps_the_id_and_changes_serial_and_key() {
+        let (_tmp, dir) = fresh();
+        let ca = init(&dir);
+        let first = dir
+            .issue_device(&ca, "a", Validity::days(10), Existing::Refuse)
+            .unwrap()
+            .unwrap();
+        let key_before = fs::read(dir.devices_path().join("a/key.der")).unwrap();
+
+        let renewed = dir
+            .renew_device(&ca, "a", Validity::days(20), false)
+            .unwrap();
+        assert_eq!(renewed.common_name, "a");
+        assert_eq!(renewed.old_serial, first.serial);
+        assert_eq!(renewed.old_validity, first.validity);
+        assert_ne!(renewed.serial, first.serial);
+        assert!(!renewed.kept_key);
+        let key_after = fs::read(dir.devices_path().join("a/key.der")).unwrap();
+        assert_ne!(key_after, key_before, "a new key");
+        let records = dir.list_devices().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].serial, renewed.serial);
+        assert_eq!(records[0].common_name.as_deref(), Some("a"));
+        assert!(records[0].signed_by_ca && !records[0].revoked);
+        assert_eq!(tree(&dir.devices_path()).len(), 5, "no leftovers");
+
+        let kept = dir
+            .renew_device(&ca, "a", Validity::days(20), true)
+            .unwrap();
+        assert!(kept.kept_key);
+        assert_ne!(kept.serial, renewed.serial);
+        assert_eq!(
+            fs::read(dir.devices_path().join("a/key.der")).unwrap(),
+            key_after
+        );
+        let cert = fs::read(dir.devices_path().join("a/cert.der")).unwrap();
+        ca.verify_issued(&cert).unwrap();
+
+        assert!(matches!(
+            dir.renew_device(&ca, "nobody", Validity::days(1), false),
+            Err(DirError::NoSuchDevice { .. })
+        ));
+        fs::write(dir.devices_path().join("a/key.pem"), "garbage").unwrap();
+        assert!(matches!(
+            dir.renew_device(&ca, "a", Validity::days(1), true),
+            Err(DirError::BadFile {
+                source: Error::UnsupportedKey { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn renew_gateway_keeps_its_names() {
+        let (_tmp, dir) = fresh();
+        let made = dir
+            .init(&InitOptions {
+                gateway_names: vec!["gw.example".into(), "10.0.0.7".into()],
+                ..InitOptions::default()
+            })
+            .unwrap();
+        let info = |dir: &PkiDir| {
+            CertInfo::from_pem(&fs::read_to_string(dir.gateway_cert_path()).unwrap()).unwrap()
+        };
+        let before = info(&dir);
+        let key_before = fs::read(dir.gateway_key_path()).unwrap();
+        let renewed = dir
+            .renew_gateway(&made.ca, Validity::days(30), false)
+            .unwrap();
+        let after = info(&dir);
+        assert_eq!(renewed.common_name, "gw.example");
+        assert_eq!(renewed.old_serial, made.gateway_serial);
+        assert_eq!(after.serial, renewed.serial);
+        assert_ne!(after.serial, before.serial);
+        assert_eq!(after.common_name, before.common_name);
+        assert_eq!(after.subject_alt_names, before.subject_alt_names);
+        assert_ne!(fs::read(dir.gateway_key_path()).unwrap(), key_before);
+
+        let key_now = fs::read(dir.gateway_key_path()).unwrap();
+        dir.renew_gateway(&made.ca, Validity::days(30), true)
+            .unwrap();
+        assert_eq!(fs::read(dir.gateway_key_path()).unwrap(), key_now);
+        assert_eq!(info(&dir).subject_alt_names, before.subject_alt_names);
+
+        // The default gateway (no names) stays the default one.
+        let (_tmp2, plain) = fresh();
+        let ca = init(&plain);
+        plain.renew_gateway(&ca, Validity::days(1), false).unwrap();
+        let plain_info = info(&plain);
+        assert_eq!(plain_info.common_name.as_deref(), Some("gateway"));
+        assert_eq!(
+            plain_info.subject_alt_names,
+            ["localhost", "127.0.0.1", "::1"]
+        );
+    }
+
+    #[test]
+    fn refresh_moves_the_next_update_and_keeps_the_revocations() {
+        let (_tmp, dir) = fresh();
+        let ca = init(&dir);
+        for id in ["a", "b"] {
+            dir.issue_device(&ca, id, Validity::days(1), Existing::Refuse)
+                .unwrap();
+            dir.revoke_device(&ca, id, Validity::days(1)).unwrap();
+        }
+        let before = dir.list().unwrap().crl.unwrap();
+        let refreshed = dir.refresh_crl(&ca, Validity::days(30)).unwrap();
+        let after = dir.list().unwrap().crl.unwrap();
+        assert_eq!(after, refreshed);
+        assert_eq!(after.number, before.number + 1);
+        assert_eq!(after.revoked, before.revoked, "same serials and dates");
+        let (b, a) = (before.next_update.unwrap(), after.next_update.unwrap());
+        assert!(a - b >= time::Duration::days(29), "{b} -> {a}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Reading back what a certificate says: CN, serial, validity.
 
+use std::net::IpAddr;
+
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::X509Certificate;
 
 use crate::{Error, Serial, Validity};
@@ -18,6 +21,9 @@ pub struct CertInfo {
     pub validity: Validity,
     /// Whether `basicConstraints` says CA:TRUE.
     pub is_ca: bool,
+    /// The DNS names and IP addresses of the subject alternative name extension, in
+    /// its order (IP addresses as `127.0.0.1`, `::1`); other kinds of names are left out.
+    pub subject_alt_names: Vec<String>,
 }
 
 impl CertInfo {
@@ -41,6 +47,7 @@ impl CertInfo {
                 .ok()
                 .flatten()
                 .is_some_and(|bc| bc.value.ca),
+            subject_alt_names: subject_alt_names(&cert),
         })
     }
 
@@ -48,6 +55,29 @@ impl CertInfo {
     pub fn from_pem(pem: &str) -> Result<Self, Error> {
         Self::from_der(&cert_der_from_pem(pem)?)
     }
+}
+
+fn subject_alt_names(cert: &X509Certificate<'_>) -> Vec<String> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The DER of the first `CERTIFICATE` block in `pem`.
@@ -115,6 +145,15 @@ mod tests {
         assert_eq!(info.validity, dev.validity);
         assert_eq!(CertInfo::from_der(&dev.cert_der).unwrap(), info);
         assert!(CertInfo::from_pem(ca.cert_pem()).unwrap().is_ca);
+        assert!(info.subject_alt_names.is_empty());
+        let gw = ca
+            .issue_gateway(&["gw.example".into(), "10.0.0.7".into()], Validity::days(3))
+            .unwrap();
+        let gw = CertInfo::from_der(&gw.cert_der).unwrap();
+        assert_eq!(
+            gw.subject_alt_names,
+            ["localhost", "127.0.0.1", "::1", "gw.example", "10.0.0.7"]
+        );
     }
 
     #[test]

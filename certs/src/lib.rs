@@ -4,9 +4,9 @@
 //!
 //! ```text
 //!                        ┌──────────────────────────────┐
-//!                        │ CA  (self-signed, CA:TRUE,   │  ca.pem      trust anchor for
-//!                        │      pathlen:0, keyCertSign, │              gateway and devices
-//!                        │      cRLSign)                │  ca.key.pem  0600, stays offline
+//!                        │ CA  (self-signed, CA:TRUE,   │  ca.pem         trust anchor for
+//!                        │      pathlen:0, keyCertSign, │                 gateway and devices
+//!                        │      cRLSign)                │  ca/ca.key.pem  0600, goes offline
 //!                        └──────┬───────────┬──────────┬┘
 //!              signs            │           │          │          signs
 //!        ┌──────────────────────┘           │          └────────────────────────┐
@@ -42,8 +42,9 @@
 //!
 //! ```text
 //! DIR/
+//!   ca/                  what only the CA needs: move it offline 0700
+//!     ca.key.pem         CA private key, PKCS#8 PEM              0600
 //!   ca.pem               CA certificate                          0644
-//!   ca.key.pem           CA private key, PKCS#8 PEM              0600
 //!   gateway.pem          gateway certificate                     0644
 //!   gateway.key.pem      gateway private key, PKCS#8 PEM         0600
 //!   crl.pem              CRL signed by the CA (empty at init)    0644
@@ -54,6 +55,12 @@
 //!       key.pem          device private key, PKCS#8 PEM          0600
 //!       key.der          device private key, SEC1 DER            0600
 //! ```
+//!
+//! The gateway reads `ca.pem`, `crl.pem`, `gateway.pem` and `gateway.key.pem`; a device
+//! needs `ca.pem` and its `devices/<id>/`. Nothing but signing (issuing, renewing,
+//! revoking, re-signing the CRL) needs the CA key, so `DIR/ca/` can live offline and be
+//! brought back (or named with `--ca-key`) to sign. Directories made before `DIR/ca/`
+//! keep their key at `DIR/ca.key.pem`, which is still read.
 //!
 //! Files are written to a temporary name and renamed into place, and a device's
 //! directory is assembled under a temporary name and renamed as a whole, so a reader

@@ -1,6 +1,8 @@
 //! `certs`: makes and maintains the gateway's PKI directory. All logic is in the
 //! library (`certs::dir`); this file parses arguments and prints results and hints.
 
+use std::fmt;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -8,30 +10,38 @@ use std::time::Instant;
 use anyhow::Context as _;
 use certs::dir::{
     DEFAULT_CA_DAYS, DEFAULT_CA_NAME, DEFAULT_CRL_DAYS, DEFAULT_LEAF_DAYS, DirError, Existing,
-    InitOptions, PkiDir, sequential_ids,
+    InitOptions, PkiDir, Renewed, sequential_ids,
 };
-use certs::{Error, GATEWAY_DEFAULT_NAMES, Serial, Validity};
+use certs::{Ca, Crl, Error, GATEWAY_DEFAULT_NAMES, Serial, Validity};
 use clap::{Args, Parser, Subcommand};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 const AFTER_HELP: &str = "\
 Layout of DIR:
-  ca.pem, ca.key.pem            the CA (key mode 0600: keep it safe)
+  ca.pem                        the CA certificate: the trust anchor
+  ca/ca.key.pem                 the CA private key (DIR/ca/ mode 0700, key 0600):
+                                only signing needs it; move DIR/ca/ offline
   gateway.pem, gateway.key.pem  the gateway's TLS server certificate and key
   crl.pem                       revoked device serials, signed by the CA
   devices/ID/cert.pem, cert.der the device's client certificate (CN = ID)
   devices/ID/key.pem            its private key, PKCS#8 PEM (rustls, openssl)
   devices/ID/key.der            the same key, SEC1 DER (embedded-tls)
+The gateway reads ca.pem, crl.pem, gateway.pem and gateway.key.pem; a device needs
+ca.pem and its devices/ID/. (Directories made before DIR/ca/ existed keep the CA key
+at DIR/ca.key.pem; it is still read there.)
 
 Examples:
   certs init --dir pki --gateway-name gw.example.com --gateway-name 192.168.1.10
   certs device --dir pki sensor-01
   certs devices --dir pki --prefix sim- --count 1000     # sim-0000 ... sim-0999
+  certs renew --dir pki sensor-01
   certs revoke --dir pki sensor-01
+  certs crl --dir pki --refresh
   certs list --dir pki --json
 
---dir can also be set with the CERTS_DIR environment variable.";
+--dir can also be set with the CERTS_DIR environment variable, --ca-key with
+CERTS_CA_KEY.";
 
 /// Make the IoT gateway's PKI: a CA, the gateway's TLS certificate, device client
 /// certificates (CN = device id) and a CRL. Everything is ECDSA P-256.
@@ -49,11 +59,32 @@ struct DirArg {
     dir: PathBuf,
 }
 
+#[derive(Args)]
+struct CaKeyArg {
+    /// The CA private key, if it is not in DIR/ca/ (e.g. kept offline on removable
+    /// media).
+    #[arg(long, value_name = "PATH", env = "CERTS_CA_KEY")]
+    ca_key: Option<PathBuf>,
+}
+
+impl CaKeyArg {
+    fn load(&self, pki: &PkiDir) -> Result<Ca, DirError> {
+        match &self.ca_key {
+            Some(path) => pki.load_ca_with_key(path),
+            None => pki.load_ca(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create DIR (if needed) with a new CA, the gateway certificate and an empty CRL.
     #[command(after_help = "\
-Writes DIR/ca.pem, DIR/ca.key.pem, DIR/gateway.pem, DIR/gateway.key.pem, DIR/crl.pem.
+Writes DIR/ca.pem, DIR/ca/ca.key.pem, DIR/gateway.pem, DIR/gateway.key.pem, DIR/crl.pem.
+The gateway needs only ca.pem, crl.pem, gateway.pem and gateway.key.pem; the CA key in
+DIR/ca/ is needed only to sign (issue, renew, revoke, re-sign the CRL): move DIR/ca/
+offline and bring it back, or name the key with --ca-key, when you sign.
+
 The gateway certificate is always valid for localhost, 127.0.0.1 and ::1; add the names
 devices use to reach the gateway with --gateway-name.
 
@@ -99,6 +130,8 @@ Example:
         /// Replace the existing gateway.pem and gateway.key.pem.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
     },
     /// Issue one device certificate and key into DIR/devices/ID/.
     #[command(after_help = "\
@@ -118,9 +151,12 @@ Example:
         days: u16,
         /// Replace an existing device's key and certificate. The old certificate stays
         /// valid until it expires unless you revoke it (`certs revoke` first, or later
-        /// with `certs revoke --serial`).
+        /// with `certs revoke --serial`). To keep the device and its history, see
+        /// `certs renew`.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
     },
     /// Issue many device certificates at once (e.g. for simulated devices).
     #[command(after_help = "\
@@ -155,6 +191,43 @@ Examples:
         /// Replace existing devices' keys and certificates.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
+    },
+    /// Renew a device's certificate (or the gateway's): same CN, new serial and key.
+    #[command(after_help = "\
+The new certificate has the same subject (CN = ID; for the gateway, the same names), a
+new serial number, a new validity period and, unless --keep-key, a new private key.
+The files are replaced in place: DIR/devices/ID/ (all four files at once), or
+DIR/gateway.pem and DIR/gateway.key.pem.
+
+The previous certificate is NOT revoked: it stays valid until it expires, so a device
+still holding it keeps connecting until it has the new one. Then revoke the old one
+with the command this prints (`certs revoke --serial OLD`). The gateway loads a renewed
+gateway certificate on SIGHUP.
+
+Examples:
+  certs renew --dir pki sensor-01
+  certs renew --dir pki sensor-01 --days 365 --keep-key
+  certs renew --dir pki --gateway")]
+    Renew {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The device to renew.
+        #[arg(value_name = "ID", required_unless_present = "gateway")]
+        id: Option<String>,
+        /// Renew the gateway certificate (same names) instead of a device's.
+        #[arg(long, conflicts_with = "id")]
+        gateway: bool,
+        /// Validity in days (cut to the CA's).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
+        days: u16,
+        /// Keep the private key and issue only a new certificate for it (for a device
+        /// whose key cannot change, e.g. one generated in its secure element).
+        #[arg(long)]
+        keep_key: bool,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
     },
     /// Revoke a device's certificate: add its serial to DIR/crl.pem.
     #[command(after_help = "\
@@ -176,32 +249,47 @@ Examples:
         /// Time until the new CRL's nextUpdate, in days.
         #[arg(long, value_name = "N", default_value_t = DEFAULT_CRL_DAYS, value_parser = days_parser())]
         crl_days: u16,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
     },
-    /// Re-sign DIR/crl.pem with a fresh validity period, keeping its revocations.
+    /// Re-sign DIR/crl.pem with a new nextUpdate, keeping its revocations.
     #[command(after_help = "\
-OpenSSL refuses a CRL after its nextUpdate; run this before then (every `revoke` also
-re-signs it).
+The CRL keeps every revoked serial (and its revocation date) and gets the next CRL
+number, thisUpdate = now and nextUpdate = now + --days. OpenSSL refuses a CRL after its
+nextUpdate; run this before then (every `revoke` also re-signs it). `certs list` shows
+the current nextUpdate. The gateway reloads crl.pem on SIGHUP.
 
 Example:
-  certs crl --dir pki --crl-days 30")]
+  certs crl --dir pki --refresh --days 30")]
     Crl {
         #[command(flatten)]
         dir: DirArg,
+        /// Re-sign the CRL. This is what `certs crl` does; the flag only says so.
+        #[arg(long)]
+        refresh: bool,
         /// Time until the CRL's nextUpdate, in days.
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_CRL_DAYS, value_parser = days_parser())]
+        #[arg(long = "days", visible_alias = "crl-days", value_name = "N", default_value_t = DEFAULT_CRL_DAYS, value_parser = days_parser())]
         crl_days: u16,
+        #[command(flatten)]
+        ca_key: CaKeyArg,
     },
-    /// List device certificates: id, serial, expiry, status.
+    /// List device certificates (id, serial, expiry, status) and the CRL's next update.
     #[command(after_help = "\
 Status is `valid`, `revoked`, `expired`, or `other-ca` (signed by a CA this directory no
-longer has, e.g. after `init --force`).
+longer has, e.g. after `init --force`). Needs only ca.pem and crl.pem, not the CA key.
+
+--json prints one object:
+  {\"crl\": {\"number\", \"this_update\", \"next_update\", \"expired\", \"revoked_serials\"} or null,
+   \"devices\": [{\"id\", \"common_name\", \"serial\", \"not_before\", \"not_after\",
+                \"revoked\", \"expired\", \"signed_by_ca\", \"status\"}, ...]}
+Times are RFC 3339, serials upper-case hex.
 
 Example:
   certs list --dir pki --json")]
     List {
         #[command(flatten)]
         dir: DirArg,
-        /// Print a JSON array instead of a table.
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -214,7 +302,10 @@ fn days_parser() -> clap::builder::RangedI64ValueParser<u16> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let hint_for = HintContext::of(&cli.command);
-    match run(cli.command) {
+    let mut out = Stdout::new();
+    let result = run(cli.command, &mut out)
+        .and_then(|()| out.flush().context("cannot write to standard output"));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             print_error(&err);
@@ -222,27 +313,88 @@ fn main() -> ExitCode {
                 .downcast_ref::<DirError>()
                 .and_then(|e| hint(e, &hint_for))
             {
-                eprintln!("hint: {hint}");
+                warn(format_args!("hint: {hint}"));
             }
             ExitCode::FAILURE
         }
     }
 }
 
+/// Standard output that may go away: `certs list | head -1` closes the pipe after one
+/// line. Then the rest of the report has no reader, which is no failure of the command
+/// (its work is done, or its listing was cut short on purpose): writes after a broken
+/// pipe are dropped, and the command finishes and exits as it would have. Other write
+/// errors (a full disk under `> file`) are errors.
+///
+/// Rust ignores SIGPIPE, so a closed pipe shows up here as `BrokenPipe`; `println!`
+/// would panic on it.
+struct Stdout {
+    inner: io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl Stdout {
+    fn new() -> Self {
+        Self {
+            inner: io::stdout().lock(),
+            closed: false,
+        }
+    }
+
+    fn absorb(&mut self, result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        match self.inner.write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(buf.len())
+            }
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.inner.flush();
+        self.absorb(result)
+    }
+}
+
+/// One line to standard error. A closed standard error is ignored (`eprintln!` would
+/// panic): there is nobody left to tell, and the exit status still says how it went.
+fn warn(line: fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
 fn print_error(err: &anyhow::Error) {
     let mut shown = err.to_string();
-    eprintln!("error: {shown}");
+    warn(format_args!("error: {shown}"));
     // Our messages usually embed their cause already; print only causes that add something.
     for cause in err.chain().skip(1) {
         let text = cause.to_string();
         if !shown.contains(&text) {
-            eprintln!("  caused by: {text}");
+            warn(format_args!("  caused by: {text}"));
             shown.push_str(&text);
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
         Command::Init {
             dir,
@@ -263,12 +415,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 force,
             })?;
             let names = display_names(&gateway_names);
-            println!(
+            writeln!(
+                out,
                 "Created CA {:?} in {}, valid until {}",
                 made.ca.common_name(),
                 pki.root().display(),
                 date(made.ca.validity().not_after())
-            );
+            )?;
             let rows = [
                 (
                     pki.ca_cert_path(),
@@ -276,7 +429,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 (
                     pki.ca_key_path(),
-                    "CA private key (mode 0600): keep it safe, ideally offline".to_owned(),
+                    "CA private key (mode 0600, in a 0700 directory)".to_owned(),
                 ),
                 (
                     pki.gateway_cert_path(),
@@ -302,44 +455,54 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .max()
                 .unwrap_or(0);
             for (path, what) in rows {
-                println!("  {:width$}  {what}", path.display().to_string());
+                writeln!(out, "  {:width$}  {what}", path.display().to_string())?;
             }
             if made.stale_devices > 0 {
-                eprintln!(
+                warn(format_args!(
                     "warning: the {} device certificate(s) under {} were issued by the old CA and are no longer trusted; re-issue them with `certs device --force` or `certs devices --force`",
                     made.stale_devices,
                     pki.devices_path().display()
-                );
+                ));
             }
-            println!("Next: certs device --dir {} <ID>", shell_path(pki.root()));
+            let root = shell_path(pki.root());
+            writeln!(
+                out,
+                "The gateway needs only {root}/ca.pem, crl.pem, gateway.pem and gateway.key.pem. \
+                 Only signing needs the CA key: move {root}/ca/ offline when you are done, and \
+                 bring it back (or pass --ca-key PATH) to issue, renew or revoke."
+            )?;
+            writeln!(out, "Next: certs device --dir {root} <ID>")?;
         }
         Command::Gateway {
             dir,
             gateway_names,
             days,
             force,
+            ca_key,
         } => {
             let pki = PkiDir::new(dir.dir);
-            let ca = pki.load_ca()?;
+            let ca = ca_key.load(&pki)?;
             let (serial, validity) =
                 pki.issue_gateway(&ca, &gateway_names, Validity::days(days), force)?;
             let names = display_names(&gateway_names);
-            println!(
+            writeln!(
+                out,
                 "Issued gateway certificate for {} (serial {serial}, valid until {}): {}, {}",
                 names.join(", "),
                 date(validity.not_after()),
                 pki.gateway_cert_path().display(),
                 pki.gateway_key_path().display()
-            );
+            )?;
         }
         Command::Device {
             dir,
             id,
             days,
             force,
+            ca_key,
         } => {
             let pki = PkiDir::new(dir.dir);
-            let ca = pki.load_ca()?;
+            let ca = ca_key.load(&pki)?;
             let existing = if force {
                 Existing::Replace
             } else {
@@ -348,19 +511,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             let issued = pki
                 .issue_device(&ca, &id, Validity::days(days), existing)?
                 .context("the device exists")?;
-            println!(
+            writeln!(
+                out,
                 "Issued device {} (serial {}, valid until {}): {}/{{cert.pem,cert.der,key.pem,key.der}}",
                 issued.id,
                 issued.serial,
                 date(issued.validity.not_after()),
                 issued.path.display()
-            );
+            )?;
             let revoked = revoked_serials(&pki, &ca);
             if let Some(old) = issued.replaced.filter(|old| !revoked.contains(old)) {
-                eprintln!(
+                warn(format_args!(
                     "warning: the replaced certificate (serial {old}) stays valid until it expires; to revoke it: certs revoke --dir {} --serial {old}",
                     shell_path(pki.root())
-                );
+                ));
             }
         }
         Command::Devices {
@@ -371,9 +535,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             days,
             skip_existing,
             force,
+            ca_key,
         } => {
             let pki = PkiDir::new(dir.dir);
-            let ca = pki.load_ca()?;
+            let ca = ca_key.load(&pki)?;
             let ids = sequential_ids(&prefix, start, count).map_err(DirError::from)?;
             let existing = match (skip_existing, force) {
                 (true, _) => Existing::Skip,
@@ -383,7 +548,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let step = (ids.len() / 10).max(1);
             let progress = |done: usize, total: usize| {
                 if total >= 100 && (done.is_multiple_of(step) || done == total) {
-                    eprintln!("issued {done}/{total}");
+                    warn(format_args!("issued {done}/{total}"));
                 }
             };
             let began = Instant::now();
@@ -392,7 +557,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ids.first().map_or("", String::as_str),
                 ids.last().map_or("", String::as_str),
             );
-            println!(
+            writeln!(
+                out,
                 "Issued {} device certificate(s) ({first} ... {last}) in {:.1} s under {}{}",
                 report.issued,
                 began.elapsed().as_secs_f64(),
@@ -402,7 +568,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            )?;
             let revoked = revoked_serials(&pki, &ca);
             let replaced: Vec<_> = report
                 .replaced
@@ -410,24 +576,49 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .filter(|(_, old)| !revoked.contains(old))
                 .collect();
             if !replaced.is_empty() {
-                eprintln!(
+                warn(format_args!(
                     "warning: {} replaced certificate(s) stay valid until they expire; revoke each with `certs revoke --dir {} --serial HEX`. Old serials:",
                     replaced.len(),
                     shell_path(pki.root())
-                );
+                ));
                 for (id, serial) in replaced {
-                    eprintln!("  {id} {serial}");
+                    warn(format_args!("  {id} {serial}"));
                 }
             }
+        }
+        Command::Renew {
+            dir,
+            id,
+            gateway,
+            days,
+            keep_key,
+            ca_key,
+        } => {
+            let pki = PkiDir::new(dir.dir);
+            let ca = ca_key.load(&pki)?;
+            let validity = Validity::days(days);
+            let (what, renewed) = match (gateway, id) {
+                (true, _) => (
+                    "gateway certificate".to_owned(),
+                    pki.renew_gateway(&ca, validity, keep_key)?,
+                ),
+                (false, Some(id)) => (
+                    format!("device {id}"),
+                    pki.renew_device(&ca, &id, validity, keep_key)?,
+                ),
+                (false, None) => anyhow::bail!("give a device ID or --gateway"),
+            };
+            report_renewal(out, &pki, &what, gateway, &renewed)?;
         }
         Command::Revoke {
             dir,
             id,
             serial,
             crl_days,
+            ca_key,
         } => {
             let pki = PkiDir::new(dir.dir);
-            let ca = pki.load_ca()?;
+            let ca = ca_key.load(&pki)?;
             let crl_validity = Validity::days(crl_days);
             let (what, revocation) = match (id, serial) {
                 (_, Some(hex)) => {
@@ -444,35 +635,46 @@ fn run(command: Command) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give a device ID or --serial HEX"),
             };
             if revocation.newly_revoked {
-                println!(
+                writeln!(
+                    out,
                     "Revoked {what}: {} now lists {} serial(s), CRL number {}",
                     pki.crl_path().display(),
                     revocation.revoked_count,
                     revocation.crl_number
-                );
+                )?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "{what} was already revoked in {} (CRL number {}); nothing changed",
                     pki.crl_path().display(),
                     revocation.crl_number
-                );
+                )?;
             }
         }
-        Command::Crl { dir, crl_days } => {
+        Command::Crl {
+            dir,
+            // Re-signing is what this command does, with or without the flag.
+            refresh: _,
+            crl_days,
+            ca_key,
+        } => {
             let pki = PkiDir::new(dir.dir);
-            let ca = pki.load_ca()?;
+            let ca = ca_key.load(&pki)?;
             let crl = pki.refresh_crl(&ca, Validity::days(crl_days))?;
-            println!(
+            writeln!(
+                out,
                 "Re-signed {}: CRL number {}, {} revoked serial(s), next update {}",
                 pki.crl_path().display(),
                 crl.number,
                 crl.revoked.len(),
                 crl.next_update.map_or_else(|| "-".to_owned(), date)
-            );
+            )?;
         }
         Command::List { dir, json } => {
             let pki = PkiDir::new(dir.dir);
-            let records = pki.list_devices()?;
+            let listing = pki.list()?;
+            let records = &listing.devices;
+            let now = OffsetDateTime::now_utc();
             if json {
                 let rows: Vec<JsonRecord<'_>> = records
                     .iter()
@@ -488,28 +690,133 @@ fn run(command: Command) -> anyhow::Result<()> {
                         status: status(r),
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                let crl = listing.crl.as_ref().map(|crl| JsonCrl {
+                    number: crl.number,
+                    this_update: date(crl.this_update),
+                    next_update: crl.next_update.map(date),
+                    expired: crl_expired(crl, now),
+                    revoked_serials: crl.revoked.iter().map(|e| e.serial.to_hex()).collect(),
+                });
+                serde_json::to_writer_pretty(&mut *out, &JsonListing { crl, devices: rows })?;
+                writeln!(out)?;
             } else {
                 let width = records.iter().map(|r| r.id.len()).max().unwrap_or(2).max(2);
-                println!("{:width$}  {:32}  {:20}  STATUS", "ID", "SERIAL", "EXPIRES");
-                for r in &records {
+                writeln!(
+                    out,
+                    "{:width$}  {:32}  {:20}  STATUS",
+                    "ID", "SERIAL", "EXPIRES"
+                )?;
+                for r in records {
                     let mut status = status(r);
                     if r.common_name.as_deref() != Some(r.id.as_str()) {
                         status.push_str(", CN differs from id");
                     }
-                    println!(
+                    writeln!(
+                        out,
                         "{:width$}  {:32}  {:20}  {status}",
                         r.id,
                         r.serial.to_hex(),
                         date(r.validity.not_after())
-                    );
+                    )?;
                 }
                 let revoked = records.iter().filter(|r| r.revoked).count();
-                println!("{} device(s), {revoked} revoked", records.len());
+                writeln!(out, "{} device(s), {revoked} revoked", records.len())?;
+                writeln!(out, "{}", crl_line(&pki, listing.crl.as_ref(), now))?;
             }
         }
     }
     Ok(())
+}
+
+/// What `renew` prints: the new certificate, and what to do about the old one.
+fn report_renewal(
+    out: &mut impl Write,
+    pki: &PkiDir,
+    what: &str,
+    gateway: bool,
+    r: &Renewed,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "Renewed {what} (CN {}): serial {}, valid until {}, {}: {}",
+        r.common_name,
+        r.serial,
+        date(r.validity.not_after()),
+        if r.kept_key { "same key" } else { "new key" },
+        r.path.display()
+    )?;
+    if gateway {
+        writeln!(
+            out,
+            "The previous gateway certificate (serial {}) stays valid until {}; send the gateway SIGHUP to use the new one.",
+            r.old_serial,
+            date(r.old_validity.not_after())
+        )
+    } else {
+        writeln!(
+            out,
+            "The previous certificate (serial {}) stays valid until {} unless revoked; once the device has the new one: certs revoke --dir {} --serial {}",
+            r.old_serial,
+            date(r.old_validity.not_after()),
+            shell_path(pki.root()),
+            r.old_serial
+        )
+    }
+}
+
+/// Whether OpenSSL (and a strict gateway) would refuse the CRL as out of date now.
+fn crl_expired(crl: &Crl, now: OffsetDateTime) -> bool {
+    crl.next_update.is_some_and(|next| next < now)
+}
+
+/// The CRL's state in one line, for `certs list`.
+fn crl_line(pki: &PkiDir, crl: Option<&Crl>, now: OffsetDateTime) -> String {
+    let dir = shell_path(pki.root());
+    let Some(crl) = crl else {
+        return format!(
+            "CRL: none ({} is missing); `certs crl --dir {dir} --refresh` writes one",
+            pki.crl_path().display()
+        );
+    };
+    let head = format!(
+        "CRL: number {}, {} revoked serial(s)",
+        crl.number,
+        crl.revoked.len()
+    );
+    match crl.next_update {
+        None => format!("{head}, no next update"),
+        Some(next) if next < now => format!(
+            "{head}, next update {} HAS PASSED: re-sign it with `certs crl --dir {dir} --refresh`",
+            date(next)
+        ),
+        Some(next) => format!(
+            "{head}, next update {} (in {} days; `certs crl --dir {dir} --refresh` re-signs it)",
+            date(next),
+            (next - now).whole_days()
+        ),
+    }
+}
+
+/// `certs list --json`.
+#[derive(serde::Serialize)]
+struct JsonListing<'a> {
+    /// `null` if there is no crl.pem.
+    crl: Option<JsonCrl>,
+    devices: Vec<JsonRecord<'a>>,
+}
+
+/// The CRL in `certs list --json`.
+#[derive(serde::Serialize)]
+struct JsonCrl {
+    number: u64,
+    /// RFC 3339.
+    this_update: String,
+    /// RFC 3339; `null` if the CRL has none (ours always do).
+    next_update: Option<String>,
+    /// The next update has passed: OpenSSL refuses the CRL.
+    expired: bool,
+    /// Upper-case hex.
+    revoked_serials: Vec<String>,
 }
 
 /// One device in `certs list --json`.
@@ -599,6 +906,7 @@ impl HintContext {
             Command::Devices { dir, .. } => ("devices", dir),
             Command::Revoke { dir, .. } => ("revoke", dir),
             Command::Crl { dir, .. } => ("crl", dir),
+            Command::Renew { dir, .. } => ("renew", dir),
             Command::List { dir, .. } => ("list", dir),
         };
         Self {
@@ -618,6 +926,9 @@ fn hint(err: &DirError, ctx: &HintContext) -> Option<String> {
         DirError::NoCa { .. } => {
             format!("run `certs init --dir {dir}` first, or point --dir at the directory holding ca.pem")
         }
+        DirError::NoCaKey { .. } => format!(
+            "only signing needs the CA key: if {dir}/ca/ is offline, bring it back or pass the key with --ca-key PATH (or CERTS_CA_KEY)"
+        ),
         DirError::CaExists { .. } => {
             "pass --force to replace the CA; every certificate the old CA issued will stop working"
                 .to_owned()
@@ -641,6 +952,11 @@ fn hint(err: &DirError, ctx: &HintContext) -> Option<String> {
             format!("the CA has expired or is about to; make a new one with `certs init --dir {dir} --force`")
         }
         DirError::NoSuchDevice { .. } => format!("`certs list --dir {dir}` shows the devices"),
+        DirError::Io { path, .. }
+            if ctx.command == "renew" && path.ends_with(certs::dir::GATEWAY_CERT_FILE) =>
+        {
+            format!("there is no gateway certificate to renew: issue one with `certs gateway --dir {dir}`")
+        }
         DirError::BadFile {
             path,
             source: Error::NotSignedByCa { .. },

@@ -327,13 +327,229 @@ fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
     // Private keys are 0600.
     #[cfg(unix)]
     for key in [
-        pki.p("ca.key.pem"),
+        pki.p("ca/ca.key.pem"),
         pki.p("gateway.key.pem"),
         dev("key.pem"),
         dev("key.der"),
     ] {
         assert_eq!(mode(&key), 0o600, "{key}");
     }
+    #[cfg(unix)]
+    assert_eq!(mode(&pki.p("ca")), 0o700);
+}
+
+/// The subject as openssl prints it, e.g. `subject=CN=dev-a`.
+fn subject(pki: &Pki, cert: &str) -> String {
+    ok(openssl(["x509", "-noout", "-subject", "-in", &pki.p(cert)]))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn renew_issues_a_new_serial_for_the_same_subject() {
+    let pki = Pki::new(&["--gateway-name", "gw.example", "--gateway-name", "10.0.0.7"]);
+    pki.device("dev-a");
+    let old_serial = pki.serial("dev-a");
+    let old_subject = subject(&pki, "devices/dev-a/cert.pem");
+    let old_key = fs::read(pki.p("devices/dev-a/key.der")).unwrap();
+    let old_cert = fs::read(pki.p("devices/dev-a/cert.pem")).unwrap();
+
+    let out = ok(certs(["renew", "--dir", pki.d(), "dev-a", "--days", "30"]));
+    let new_serial = pki.serial("dev-a");
+    assert_ne!(new_serial, old_serial);
+    assert!(out.contains(&new_serial), "{out}");
+    // What to do about the old one, which stays valid.
+    assert!(
+        out.contains(&format!(
+            "certs revoke --dir {} --serial {old_serial}",
+            pki.d()
+        )),
+        "{out}"
+    );
+    assert_eq!(subject(&pki, "devices/dev-a/cert.pem"), old_subject);
+    assert_ne!(fs::read(pki.p("devices/dev-a/key.der")).unwrap(), old_key);
+    let verified = ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
+    assert!(verified.contains(": OK"), "{verified}");
+    // The key matches the certificate.
+    let pubkey = |args: &[&str]| ok(openssl(args));
+    assert_eq!(
+        pubkey(&[
+            "x509",
+            "-noout",
+            "-pubkey",
+            "-in",
+            &pki.p("devices/dev-a/cert.pem")
+        ]),
+        pubkey(&["pkey", "-pubout", "-in", &pki.p("devices/dev-a/key.pem")])
+    );
+    // The old certificate is still good until it is revoked.
+    let old_path = pki.dir.parent().unwrap().join("old.pem");
+    fs::write(&old_path, &old_cert).unwrap();
+    ok(pki.verify_with_crl("../old.pem"));
+    ok(certs(["revoke", "--dir", pki.d(), "--serial", &old_serial]));
+    let refused = text(&pki.verify_with_crl("../old.pem"));
+    assert!(refused.contains("revoked"), "{refused}");
+    ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
+
+    // --keep-key: a new certificate for the same key.
+    let key = fs::read(pki.p("devices/dev-a/key.der")).unwrap();
+    ok(certs(["renew", "--dir", pki.d(), "dev-a", "--keep-key"]));
+    assert_eq!(fs::read(pki.p("devices/dev-a/key.der")).unwrap(), key);
+    assert_ne!(pki.serial("dev-a"), new_serial);
+    ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
+
+    // The gateway: same names, new serial, still a server certificate of this CA.
+    let names = |pki: &Pki| {
+        ok(openssl([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+            "-in",
+            &pki.p("gateway.pem"),
+        ]))
+    };
+    let gw_serial = |pki: &Pki| {
+        ok(openssl([
+            "x509",
+            "-noout",
+            "-serial",
+            "-in",
+            &pki.p("gateway.pem"),
+        ]))
+    };
+    let (names_before, subject_before, serial_before) =
+        (names(&pki), subject(&pki, "gateway.pem"), gw_serial(&pki));
+    ok(certs(["renew", "--dir", pki.d(), "--gateway"]));
+    assert_eq!(names(&pki), names_before);
+    assert!(names_before.contains("gw.example") && names_before.contains("10.0.0.7"));
+    assert_eq!(subject(&pki, "gateway.pem"), subject_before);
+    assert_ne!(gw_serial(&pki), serial_before);
+    let out = ok(openssl([
+        "verify",
+        "-purpose",
+        "sslserver",
+        "-CAfile",
+        &pki.p("ca.pem"),
+        &pki.p("gateway.pem"),
+    ]));
+    assert!(out.contains(": OK"), "{out}");
+
+    // Renewing what is not there.
+    let err = fails(certs(["renew", "--dir", pki.d(), "nobody"]));
+    assert!(
+        err.contains("no device") && err.contains("certs list"),
+        "{err}"
+    );
+    fails(certs(["renew", "--dir", pki.d()]));
+    fails(certs(["renew", "--dir", pki.d(), "dev-a", "--gateway"]));
+}
+
+/// `nextUpdate=...` as openssl prints it, as a number of seconds since the epoch.
+fn next_update(pki: &Pki) -> i64 {
+    let out = ok(openssl([
+        "crl",
+        "-noout",
+        "-nextupdate",
+        "-dateopt",
+        "iso_8601",
+        "-in",
+        &pki.p("crl.pem"),
+    ]));
+    // `2026-12-01 22:33:13Z`: RFC 3339 but for the space.
+    let text = out.trim().strip_prefix("nextUpdate=").unwrap();
+    rfc3339(&text.replacen(' ', "T", 1))
+}
+
+fn rfc3339(text: &str) -> i64 {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp()
+}
+
+#[test]
+fn crl_refresh_moves_the_next_update_and_keeps_the_revocations() {
+    let pki = Pki::new(&["--crl-days", "2"]);
+    pki.device("dev-a");
+    pki.device("dev-b");
+    let a = pki.serial("dev-a");
+    ok(certs([
+        "revoke",
+        "--dir",
+        pki.d(),
+        "dev-a",
+        "--crl-days",
+        "2",
+    ]));
+    ok(certs([
+        "revoke",
+        "--dir",
+        pki.d(),
+        "--serial",
+        "0102",
+        "--crl-days",
+        "2",
+    ]));
+    let before = next_update(&pki);
+    let crl = pki.crl_text();
+    let number = crl_number(&crl);
+    let dates = |crl: &str| -> Vec<String> {
+        crl.lines()
+            .filter(|l| l.contains("Revocation Date"))
+            .map(str::to_owned)
+            .collect()
+    };
+
+    let out = ok(certs([
+        "crl",
+        "--dir",
+        pki.d(),
+        "--refresh",
+        "--days",
+        "30",
+    ]));
+    assert!(out.contains("2 revoked serial(s)"), "{out}");
+    let after = next_update(&pki);
+    assert!(after - before >= 27 * 86_400, "{before} -> {after}");
+    let refreshed = pki.crl_text();
+    assert_eq!(crl_number(&refreshed), number + 1);
+    assert!(
+        refreshed.contains(&format!("Serial Number: {a}")),
+        "{refreshed}"
+    );
+    assert!(refreshed.contains("Serial Number: 0102"), "{refreshed}");
+    assert_eq!(dates(&refreshed), dates(&crl), "revocation dates kept");
+    let refused = text(&pki.verify_with_crl("devices/dev-a/cert.pem"));
+    assert!(refused.contains("revoked"), "{refused}");
+    ok(pki.verify_with_crl("devices/dev-b/cert.pem"));
+
+    // The old spelling still works, and so does the default (365 days).
+    ok(certs(["crl", "--dir", pki.d(), "--crl-days", "1"]));
+    assert!(next_update(&pki) < after);
+    ok(certs(["crl", "--dir", pki.d()]));
+    assert!(next_update(&pki) - after > 300 * 86_400);
+
+    // `list` shows it, in the table and in JSON.
+    let next = next_update(&pki);
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let crl = &list["crl"];
+    assert_eq!(crl["number"], number + 3);
+    assert_eq!(crl["expired"], false);
+    assert_eq!(rfc3339(crl["next_update"].as_str().unwrap()), next);
+    let serials: Vec<&str> = crl["revoked_serials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(serials, [a.as_str(), "0102"]);
+    let table = ok(certs(["list", "--dir", pki.d()]));
+    let line = table.lines().find(|l| l.starts_with("CRL:")).unwrap();
+    assert!(
+        line.contains("next update") && line.contains(crl["next_update"].as_str().unwrap()),
+        "{table}"
+    );
 }
 
 #[test]
@@ -414,7 +630,7 @@ fn revocation_is_seen_by_openssl_and_keeps_earlier_entries() {
     // `list` agrees.
     let list: serde_json::Value =
         serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
-    let status: Vec<(&str, bool)> = list
+    let status: Vec<(&str, bool)> = list["devices"]
         .as_array()
         .unwrap()
         .iter()
@@ -458,7 +674,7 @@ fn a_thousand_devices_at_once() {
 
     let list: serde_json::Value =
         serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
-    let rows = list.as_array().unwrap();
+    let rows = list["devices"].as_array().unwrap();
     assert_eq!(rows.len(), 1000);
     let serials: std::collections::HashSet<&str> =
         rows.iter().map(|r| r["serial"].as_str().unwrap()).collect();
@@ -651,7 +867,7 @@ fn help_has_examples() {
         "{help}"
     );
     for sub in [
-        "init", "gateway", "device", "devices", "revoke", "crl", "list",
+        "init", "gateway", "device", "devices", "renew", "revoke", "crl", "list",
     ] {
         let help = ok(certs([sub, "--help"]));
         assert!(help.contains("--dir"), "{sub}: {help}");

@@ -1,0 +1,199 @@
+//! The `certs` binary as a shell sees it: closed pipes, and the CA key kept apart.
+//! (Certificates are checked with openssl in `openssl.rs`.)
+
+// Test helpers outside #[test] functions: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use tempfile::TempDir;
+
+fn certs_cmd<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_certs"));
+    cmd.args(args).env_remove("CERTS_DIR");
+    cmd
+}
+
+fn certs<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    certs_cmd(args).output().expect("run the certs binary")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts success; returns stdout.
+#[track_caller]
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success, got {}:\n{}",
+        out.status,
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A temporary directory with an initialized PKI in `<tmp>/pki`.
+struct Pki {
+    _tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        ok(certs(["init", "--dir", dir.to_str().unwrap()]));
+        Self { _tmp: tmp, dir }
+    }
+
+    fn d(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+}
+
+/// What a process that died of a Rust panic looks like: exit status 101 and
+/// "panicked" on stderr.
+#[track_caller]
+fn assert_no_panic(args: &[&str], out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "{args:?} panicked ({}):\n{stderr}",
+        out.status
+    );
+    assert_ne!(out.status.code(), Some(101), "{args:?}:\n{stderr}");
+}
+
+/// Every command, with stdout a pipe nobody reads (`certs ... | true`): each write
+/// fails with EPIPE from the first byte on, so this does not depend on timing.
+#[test]
+fn every_command_exits_quietly_when_stdout_is_closed() {
+    let pki = Pki::new();
+    let fresh = pki.dir.with_file_name("fresh");
+    let d = pki.d();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["init", "--dir", fresh.to_str().unwrap()],
+        vec!["device", "--dir", d, "dev-a"],
+        vec!["device", "--dir", d, "dev-b"],
+        vec!["devices", "--dir", d, "--prefix", "sim-", "--count", "3"],
+        vec!["renew", "--dir", d, "dev-a"],
+        vec!["renew", "--dir", d, "--gateway"],
+        vec!["gateway", "--dir", d, "--force"],
+        vec!["revoke", "--dir", d, "dev-b"],
+        vec!["crl", "--dir", d],
+        vec!["list", "--dir", d],
+        vec!["list", "--dir", d, "--json"],
+        vec!["--help"],
+    ];
+    for args in &commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = certs_cmd(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_no_panic(args, &out);
+        // The work was done: only its report went nowhere.
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    // A failure with both stdout and stderr closed is still a plain failure.
+    let args = ["device", "--dir", d, "dev-a"];
+    let (r1, w1) = std::io::pipe().unwrap();
+    let (r2, w2) = std::io::pipe().unwrap();
+    drop((r1, r2));
+    let status = certs_cmd(args).stdout(w1).stderr(w2).status().unwrap();
+    assert_eq!(status.code(), Some(1), "exists: a failure, not a panic");
+}
+
+/// `certs list --json | head -1`: the reader goes away after the first line, while
+/// most of the listing (well over a pipe buffer of 64 KiB) is still to be written.
+#[test]
+fn list_into_head_does_not_panic() {
+    let pki = Pki::new();
+    ok(certs([
+        "devices",
+        "--dir",
+        pki.d(),
+        "--prefix",
+        "sim-",
+        "--count",
+        "400",
+    ]));
+    for args in [
+        vec!["list", "--dir", pki.d(), "--json"],
+        vec!["list", "--dir", pki.d()],
+    ] {
+        let mut child = certs_cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        // The reader is dropped here: the pipe's reading end is closed.
+        let out = child.wait_with_output().unwrap();
+        assert_no_panic(&args, &out);
+    }
+}
+
+/// `init` says what the gateway needs and that `DIR/ca/` can go offline; after it has,
+/// reading works, and signing works with `--ca-key`.
+#[test]
+fn the_ca_key_directory_can_go_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let d = dir.to_str().unwrap();
+    let out = ok(certs(["init", "--dir", d]));
+    assert!(
+        out.contains("The gateway needs only")
+            && out.contains("ca.pem, crl.pem, gateway.pem and gateway.key.pem")
+            && out.contains(&format!("move {d}/ca/ offline")),
+        "{out}"
+    );
+    ok(certs(["device", "--dir", d, "dev-a"]));
+    let offline = tmp.path().join("usb");
+    std::fs::rename(dir.join("ca"), &offline).unwrap();
+
+    let list = ok(certs(["list", "--dir", d]));
+    assert!(list.contains("dev-a"), "{list}");
+    let out = certs(["device", "--dir", d, "dev-b"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds no CA private key") && err.contains("--ca-key"),
+        "{err}"
+    );
+    let key = offline.join("ca.key.pem");
+    let key = key.to_str().unwrap();
+    ok(certs(["device", "--dir", d, "dev-b", "--ca-key", key]));
+    ok(certs(["revoke", "--dir", d, "dev-a", "--ca-key", key]));
+    let out = certs_cmd(["crl", "--dir", d])
+        .env("CERTS_CA_KEY", key)
+        .output()
+        .unwrap();
+    ok(out);
+    let list = ok(certs(["list", "--dir", d]));
+    assert!(list.contains("2 device(s), 1 revoked"), "{list}");
+    assert!(!dir.join("ca").exists(), "nothing wrote the key back");
+}
