@@ -104,6 +104,9 @@ pub struct Config {
 
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
+    /// Log level or filter: `error`, `warn`, `info`, `debug`, `trace`, or a filter such
+    /// as `info,gateway::session=debug`. `RUST_LOG`, if set, wins.
+    pub log_level: String,
 }
 
 /// How log lines are written.
@@ -162,6 +165,7 @@ impl Default for Config {
             api_max_connections: 128,
             api_header_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            log_level: "info".into(),
         }
     }
 }
@@ -203,10 +207,34 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Makes the relative paths of a configuration file relative to the file's
+    /// directory (as a reader of the file expects), not to the working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.ca);
+        fix(&mut self.cert);
+        fix(&mut self.key);
+        fix(&mut self.data_dir);
+        if let Some(p) = &mut self.crl {
+            fix(p);
+        }
+        if let Some(p) = &mut self.api_token_file {
+            fix(p);
+        }
     }
 
     /// Checks ranges that the types cannot express: a setting that cannot work stops
@@ -325,7 +353,8 @@ mod tests {
     #[test]
     fn example_file_matches_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway.example.toml");
-        let from_file = Config::from_file(&path).unwrap();
+        // Parsed as text: `from_file` would make its paths relative to the repository.
+        let from_file: Config = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         // The example names a CRL; the default has none.
         let expected = Config {
             crl: Some(PathBuf::from("certs/crl.pem")),
@@ -333,6 +362,23 @@ mod tests {
         };
         assert_eq!(from_file, expected);
         expected.validate().unwrap();
+    }
+
+    #[test]
+    fn relative_paths_in_a_file_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "ca = \"pki/ca.pem\"\ncrl = \"pki/crl.pem\"\ndata_dir = \"/var/lib/gw\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&file).unwrap();
+        assert_eq!(c.ca, dir.path().join("pki/ca.pem"));
+        assert_eq!(c.crl, Some(dir.path().join("pki/crl.pem")));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/gw"));
+        // Defaults the file does not set are relative to it too.
+        assert_eq!(c.cert, dir.path().join("certs/gateway.pem"));
     }
 
     #[test]

@@ -47,9 +47,13 @@ pub enum Event {
         /// Peer address.
         peer: String,
         /// Why.
-        reason: &'static str,
+        reason: String,
         /// When, ms since the epoch.
         time_ms: i64,
+        /// Subject of the certificate presented, if one was.
+        subject: Option<String>,
+        /// Its serial (hex).
+        serial: Option<String>,
     },
 }
 
@@ -64,16 +68,8 @@ impl Event {
     }
 }
 
-/// A refused handshake, kept for the dashboard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Refused {
-    /// Peer address.
-    pub peer: String,
-    /// Why.
-    pub reason: &'static str,
-    /// When, ms since the epoch.
-    pub time_ms: i64,
-}
+/// A refused handshake, kept for the API and the dashboard (and across restarts).
+pub use crate::store::RefusalRecord as Refused;
 
 /// A histogram with fixed buckets (upper bounds in seconds), Prometheus-style.
 #[derive(Debug)]

@@ -30,6 +30,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tail;
 pub mod tls;
 pub mod values;
 
@@ -71,13 +72,15 @@ pub struct Shared {
     pub max_connections: usize,
     waiters: Mutex<HashMap<i64, Vec<oneshot::Sender<CommandRecord>>>>,
     refusals: Mutex<std::collections::VecDeque<events::Refused>>,
+    /// Whether `refusals` changed since it was last saved.
+    refusals_changed: std::sync::atomic::AtomicBool,
     log_gates: loglimit::LogGates,
     /// Whether the last look found the CRL stale (to warn once per change).
     crl_stale: std::sync::atomic::AtomicBool,
 }
 
-/// Refused handshakes kept for `recent_refusals`.
-const KEEP_REFUSALS: usize = 50;
+/// Refused handshakes kept for `recent_refusals` (and saved in the store).
+const KEEP_REFUSALS: usize = 200;
 
 impl Shared {
     /// Remembers a refused handshake (the newest [`KEEP_REFUSALS`]) and publishes it.
@@ -89,10 +92,14 @@ impl Shared {
             }
             q.push_back(r.clone());
         }
+        self.refusals_changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.publish(|| Event::HandshakeRefused {
             peer: r.peer,
             reason: r.reason,
             time_ms: r.time_ms,
+            subject: r.subject,
+            serial: r.serial,
         });
     }
 
@@ -127,6 +134,22 @@ impl Shared {
     /// `/healthz` reports.
     pub fn unhealthy(&self) -> Option<store::Failing> {
         self.store.failing()
+    }
+
+    /// Saves the refused handshakes kept in memory, if they changed since the last
+    /// save (so they survive a restart; a crash loses at most the last few seconds).
+    pub async fn save_refusals(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.refusals_changed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let list: Vec<_> = {
+            let q = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            q.iter().cloned().collect()
+        };
+        if let Err(e) = self.store.save_refusals(list).await {
+            warn!(error = %e, "could not save the refused handshakes");
+        }
     }
 
     /// Looks at the CRL's next-update date: warns when it has passed (once, until a
@@ -170,6 +193,27 @@ pub enum StartError {
     /// The API token could not be read or made.
     #[error(transparent)]
     Token(#[from] api::TokenError),
+    /// Another gateway holds the data directory.
+    #[error(
+        "the data directory {} is in use by another gateway{}: stop it, or give this one \
+         another --data-dir",
+        dir.display(),
+        pid.map(|p| format!(" (process {p})")).unwrap_or_default()
+    )]
+    DataDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The process holding it, as it wrote in the lock file.
+        pid: Option<u32>,
+    },
+    /// The data directory's lock file could not be made or locked.
+    #[error("locking the data directory ({}): {source}", path.display())]
+    Lock {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -222,6 +266,8 @@ pub struct ApiInfo {
 }
 
 struct Tasks {
+    /// Held until the store is closed.
+    _lock: std::fs::File,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     api: Option<JoinHandle<()>>,
@@ -235,6 +281,9 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         config.validate()?;
         let budgets = budget::plan(&config, budget::raise_open_file_limit())?;
+        // Before anything touches the store: two gateways on one store would each mark
+        // the other's devices offline and answer for sessions they do not hold.
+        let lock = lock_data_dir(&config.data_dir)?;
         let tls = TlsState::new(TlsSettings {
             ca: config.ca.clone(),
             cert: config.cert.clone(),
@@ -250,6 +299,10 @@ impl Gateway {
             max_commit_records: config.max_commit_records,
             max_queued_commands: config.max_queued_commands,
         })?;
+        let saved_refusals = store.refusals().await.unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the saved refused handshakes");
+            Vec::new()
+        });
         let listener = server::bind(config.listen, config.listen_backlog).map_err(|source| {
             StartError::Bind {
                 addr: config.listen,
@@ -272,7 +325,8 @@ impl Gateway {
             shutting_down,
             max_connections: budgets.max_connections,
             waiters: Mutex::new(HashMap::new()),
-            refusals: Mutex::new(Default::default()),
+            refusals: Mutex::new(saved_refusals.into()),
+            refusals_changed: std::sync::atomic::AtomicBool::new(false),
             log_gates: loglimit::LogGates::default(),
             crl_stale: std::sync::atomic::AtomicBool::new(false),
         });
@@ -328,6 +382,7 @@ impl Gateway {
             server,
             housekeeping,
             writer,
+            _lock: lock,
         })));
         Ok(gw)
     }
@@ -343,12 +398,14 @@ impl Gateway {
     }
 
     /// The most recent refused handshakes, oldest first.
+    /// The newest refused handshakes, newest first.
     pub fn recent_refusals(&self) -> Vec<events::Refused> {
         self.shared
             .refusals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .rev()
             .cloned()
             .collect()
     }
@@ -460,12 +517,39 @@ impl Gateway {
 
     /// Every device the store knows.
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.shared.store.devices().await
+        self.devices_page(None, u32::MAX).await
+    }
+
+    /// Up to `limit` devices with ids after `after`, by id.
+    pub async fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut page = self.shared.store.devices_page(after, limit).await?;
+        for d in &mut page {
+            self.live_last_seen(d);
+        }
+        Ok(page)
     }
 
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        self.shared.store.device(id).await
+        let mut d = self.shared.store.device(id).await?;
+        if let Some(d) = &mut d {
+            self.live_last_seen(d);
+        }
+        Ok(d)
+    }
+
+    /// A device online now was last seen at its last frame, which its session keeps
+    /// in memory (the store has its connect time until the session ends).
+    fn live_last_seen(&self, d: &mut DeviceRecord) {
+        if d.online
+            && let Some(ms) = self.shared.registry.last_seen(&d.id)
+        {
+            d.last_seen_ms = Some(d.last_seen_ms.map_or(ms, |s| s.max(ms)));
+        }
     }
 
     /// A device's telemetry, newest first.
@@ -510,9 +594,54 @@ impl Gateway {
         }
         tracing::debug!("listener and sessions done");
         tasks.housekeeping.abort();
+        self.shared.save_refusals().await;
         tasks.writer.stop(&self.shared.store).await;
         info!("gateway stopped");
     }
+}
+
+/// Takes `DIR/gateway.lock` (an advisory `flock`, released by the kernel when the
+/// process ends, however it ends) and writes this process's id into it; the error
+/// names the process holding it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = dir.join("gateway.lock");
+    let io = |source| StartError::Lock {
+        path: path.clone(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(StartError::DataDirInUse {
+                dir: dir.to_owned(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
 }
 
 /// Background chores: expire commands and summarise rate-limited log lines every
@@ -533,6 +662,9 @@ async fn housekeeping(shared: Arc<Shared>) {
             }
             Err(StoreError::Closed) => return,
             Err(e) => warn!(error = %e, "expiring commands failed"),
+        }
+        if n.is_multiple_of(5) {
+            shared.save_refusals().await;
         }
         if n.is_multiple_of(60) {
             shared.check_crl();

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -29,6 +30,17 @@ enum Cmd {
     Run(RunArgs),
     /// Print the effective settings as TOML (defaults, file and flags merged).
     PrintConfig(RunArgs),
+    /// Print the live event stream of a running gateway (telemetry, presence,
+    /// commands, refused handshakes), one JSON object per line.
+    ///
+    /// Example: gateway events --token-file quickstart/data/api-token --device sim-0001
+    Events(EventsArgs),
+    /// Copy the store of a gateway into a new file, safely while it runs (SQLite online
+    /// backup: a consistent snapshot of everything committed).
+    ///
+    /// Restore: stop the gateway, copy the file to DATA_DIR/gateway.sqlite (removing
+    /// gateway.sqlite-wal and -shm beside it), start the gateway.
+    Backup(BackupArgs),
     /// Try it all in one command: a development CA and certificates in ./quickstart
     /// (made if absent), the gateway on built-in defaults (devices on 127.0.0.1:7443,
     /// dashboard and API on 127.0.0.1:8080), and simulated devices in this process.
@@ -56,6 +68,42 @@ struct QuickstartArgs {
 }
 
 #[derive(Args)]
+struct EventsArgs {
+    /// The gateway's API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// File holding the API token (the gateway's DATA_DIR/api-token).
+    #[arg(long, default_value = "data/api-token")]
+    token_file: PathBuf,
+    /// Only events of this device (repeatable).
+    #[arg(long)]
+    device: Vec<String>,
+    /// Only events of the devices of this group (repeatable).
+    #[arg(long)]
+    group: Vec<String>,
+    /// Only events of this type: telemetry, presence, command, handshake_refused
+    /// (repeatable).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// The new file (must not exist).
+    #[arg(long)]
+    to: PathBuf,
+    /// The gateway's configuration file, to find its data directory.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The gateway's data directory [default: data, or the config file's].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// TOML configuration file (see gateway.example.toml).
     #[arg(long, short)]
@@ -79,20 +127,21 @@ struct Overrides {
     /// Gateway private key (PEM) [default: certs/gateway.key.pem].
     #[arg(long)]
     key: Option<PathBuf>,
-    /// CRL (PEM); revoked devices are refused.
+    /// CRL (PEM); revoked devices are refused [default: none].
     #[arg(long)]
     crl: Option<PathBuf>,
     /// Directory of the SQLite store [default: data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Refuse TLS 1.2.
-    #[arg(long)]
+    /// Refuse TLS 1.2 [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     tls13_only: Option<bool>,
     /// Refuse every device while the CRL is past its next-update date [default: false:
     /// warn only].
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     refuse_stale_crl: Option<bool>,
-    /// Largest TLS record sent, header included (>= 1024), for small devices.
+    /// Largest TLS record sent, header included (>= 1024), for small devices [default:
+    /// 16 KiB, TLS's own].
     #[arg(long)]
     max_fragment_size: Option<usize>,
     /// Listen backlog of the device and API listeners [default: 1024].
@@ -109,16 +158,16 @@ struct Overrides {
     /// /64) [default: 64].
     #[arg(long)]
     max_handshakes_per_source: Option<usize>,
-    /// TLS handshake timeout, e.g. 10s.
+    /// TLS handshake timeout [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     handshake_timeout: Option<Duration>,
-    /// Time allowed for Hello after the handshake, e.g. 10s.
+    /// Time allowed for Hello after the handshake [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     hello_timeout: Option<Duration>,
-    /// Heartbeat interval sent to devices, e.g. 30s.
+    /// Heartbeat interval sent to devices [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
-    /// Time allowed for one write to a device, e.g. 10s.
+    /// Time allowed for one write to a device [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     write_timeout: Option<Duration>,
     /// Largest frame accepted from a device, header included [default: 4096].
@@ -127,22 +176,23 @@ struct Overrides {
     /// Records a session may hold waiting for a commit [default: 1024].
     #[arg(long)]
     max_pending_records: Option<usize>,
-    /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown}.
+    /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown} [default: 5].
     #[arg(long)]
     retry_after_s: Option<u16>,
-    /// Ack before fsync: a power loss may lose telemetry devices saw acked.
-    #[arg(long)]
+    /// Ack before fsync: a power loss may lose telemetry devices saw acked [default:
+    /// false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     danger_ack_before_fsync: Option<bool>,
     /// Records in one group commit, at most [default: 20000].
     #[arg(long)]
     max_commit_records: Option<usize>,
-    /// Delete telemetry older than this, e.g. 30days.
+    /// Delete telemetry older than this, e.g. 30days [default: keep everything].
     #[arg(long, value_parser = humantime::parse_duration)]
     retention: Option<Duration>,
-    /// Keep at most this many telemetry rows.
+    /// Keep at most this many telemetry rows [default: no limit].
     #[arg(long)]
     retention_max_rows: Option<u64>,
-    /// Time to live of commands without one, e.g. 1h.
+    /// Time to live of commands without one [default: 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     command_ttl: Option<Duration>,
     /// Commands queued per device, at most [default: 1000].
@@ -164,9 +214,13 @@ struct Overrides {
     /// connection, e.g. 10s [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     api_header_timeout: Option<Duration>,
-    /// Log format: text or json.
+    /// Log format: text or json [default: text].
     #[arg(long)]
     log_format: Option<LogFormat>,
+    /// Log level: error, warn, info, debug, trace, or a filter such as
+    /// "info,gateway::session=debug" [default: info; RUST_LOG wins if set].
+    #[arg(long)]
+    log_level: Option<String>,
 }
 
 impl Overrides {
@@ -198,7 +252,8 @@ impl Overrides {
             max_queued_commands,
             api_max_connections,
             api_header_timeout,
-            log_format
+            log_format,
+            log_level
         );
         if self.max_connections.is_some() {
             c.max_connections = self.max_connections;
@@ -239,9 +294,12 @@ impl RunArgs {
     }
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logs(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("log_level {level:?} is not a level or filter"))?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -250,10 +308,40 @@ fn init_logs(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run_cli(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints an error and its causes, each once: a cause whose message the line before
+/// already holds is left out (wrapped errors often repeat their source's message).
+fn report(e: &anyhow::Error) {
+    let mut lines: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if lines.last().is_some_and(|l| l.contains(&m)) {
+            continue;
+        }
+        lines.push(m);
+    }
+    let mut it = lines.iter();
+    if let Some(first) = it.next() {
+        eprintln!("error: {first}");
+    }
+    for l in it {
+        eprintln!("  because: {l}");
+    }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::PrintConfig(args) => {
             let config = args.config()?;
@@ -268,9 +356,15 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(quickstart(args))
         }
+        Cmd::Events(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(tail_events(args)),
+        Cmd::Backup(args) => backup(args),
         Cmd::Run(args) => {
             let config = args.config()?;
-            init_logs(config.log_format);
+            init_logs(config.log_format, &config.log_level)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -371,33 +465,36 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let certs_dir = config
-        .ca
-        .parent()
-        .map_or(".".into(), |p| p.display().to_string());
-    let gw = match Gateway::start(config).await {
+    let log_format = config.log_format;
+    let gw = match Gateway::start(config.clone()).await {
         Ok(gw) => gw,
-        // Missing or unreadable TLS files: say how to make them.
-        Err(e @ gateway::StartError::Tls(_)) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "the gateway could not start (make certificates with: \
-                     certs init --dir {certs_dir})"
-                )
-            });
+        Err(e) => {
+            let hint = start_hint(&e, &config);
+            return Err(anyhow::Error::new(e).context(format!(
+                "the gateway could not start{}",
+                hint.map(|h| format!(" ({h})")).unwrap_or_default()
+            )));
         }
-        Err(e) => return Err(e).context("the gateway could not start"),
     };
     if let Some(api) = gw.api() {
-        if api.token_created {
-            // Shown once, when made; afterwards it is only in the token file.
+        let token_file = gw.shared().config.token_path();
+        tracing::info!(
+            url = %format!("http://{}/", api.addr),
+            token_file = %token_file.display(),
+            "dashboard (the token is in the token file)"
+        );
+        // The secret never goes into the log stream. A person at a terminal who just
+        // made it sees it once; everyone else reads the file.
+        let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        if api.token_created && interactive && log_format == LogFormat::Text {
             eprintln!(
-                "\nAPI token (stored in the token file, shown only this once):\n  {}\n\
+                "\nAPI token (made now, stored in {}; not shown again):\n  {}\n\
                  dashboard: http://{}/#token={}\n",
-                api.token, api.addr, api.token
+                token_file.display(),
+                api.token,
+                api.addr,
+                api.token
             );
-        } else {
-            tracing::info!(url = %format!("http://{}/", api.addr), "dashboard");
         }
     }
     let mut hup = signal(SignalKind::hangup())?;
@@ -414,5 +511,72 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     gw.shutdown().await;
+    Ok(())
+}
+
+/// What to do about a start error, when the error alone does not say it.
+fn start_hint(e: &gateway::StartError, config: &Config) -> Option<String> {
+    use gateway::StartError;
+    use gateway::tls::TlsLoadError;
+    let dir = |p: &std::path::Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
+        _ => ".".to_owned(),
+    };
+    match e {
+        StartError::Tls(TlsLoadError::Pem { path, .. }) if !path.exists() => Some(format!(
+            "make a CA and the gateway's certificate with: certs init --dir {} \
+             --gateway-name NAME; or point --ca, --cert and --key at yours",
+            dir(path)
+        )),
+        StartError::Tls(TlsLoadError::Rustls(_)) => Some(format!(
+            "check that {} is the private key of {} (certs init writes the pair as \
+             gateway.pem and gateway.key.pem)",
+            config.key.display(),
+            config.cert.display()
+        )),
+        _ => None,
+    }
+}
+
+/// `gateway events`: the WebSocket stream, one JSON object per line on stdout.
+async fn tail_events(args: EventsArgs) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| {
+            format!(
+                "reading the API token from {} (pass --token-file DATA_DIR/api-token)",
+                args.token_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    let filter = gateway::tail::Filter {
+        devices: args.device,
+        groups: args.group,
+        types: args.types,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    gateway::tail::events(&args.api, &token, &filter, args.count, &mut out).await?;
+    Ok(())
+}
+
+/// `gateway backup`: SQLite online backup of the store.
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    let from = config.database_path();
+    gateway::store::backup_file(&from, &args.to)
+        .with_context(|| format!("backing up {} to {}", from.display(), args.to.display()))?;
+    eprintln!(
+        "backed up {} to {} ({} bytes)",
+        from.display(),
+        args.to.display(),
+        std::fs::metadata(&args.to).map(|m| m.len()).unwrap_or(0)
+    );
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use device_client::proto::GoodbyeReason;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ pub struct Signals {
     close: Mutex<Option<GoodbyeReason>>,
     commands: AtomicBool,
     wake: Notify,
+    /// When the device last sent anything, ms since the epoch (0: not yet).
+    last_seen_ms: AtomicI64,
 }
 
 impl Signals {
@@ -40,6 +42,11 @@ impl Signals {
     pub fn commands_waiting(&self) {
         self.commands.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// Notes that the device sent something at `now_ms`.
+    pub fn seen(&self, now_ms: i64) {
+        self.last_seen_ms.store(now_ms, Ordering::Relaxed);
     }
 
     /// Whether commands were signalled since the last call.
@@ -144,6 +151,17 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// When a device with a live session last sent a frame, ms since the epoch.
+    pub fn last_seen(&self, device: &str) -> Option<i64> {
+        let ms = self
+            .lock()
+            .get(device)?
+            .signals
+            .last_seen_ms
+            .load(Ordering::Relaxed);
+        (ms > 0).then_some(ms)
     }
 
     /// Whether a device has a live session.

@@ -362,25 +362,38 @@ async fn handshake(
 ) -> Option<(Stream, tls::PeerIdentity)> {
     let material = shared.tls.current();
     let acceptor = TlsAcceptor::from(material.config.clone());
-    let refused = |reason: Refusal, detail: String| {
+    let refused = |reason: Refusal, detail: String, cert: Option<tls::CertSummary>| {
         shared.metrics.refused(reason);
         if shared.log_gates.refused.admit(Instant::now()) {
-            warn!(%reason, %detail, "handshake refused");
+            match &cert {
+                Some(c) => {
+                    warn!(%reason, %detail, %peer, subject = %c.subject, serial = %c.serial, "handshake refused")
+                }
+                None => warn!(%reason, %detail, %peer, "handshake refused"),
+            }
         }
+        let (subject, serial) = cert.map(|c| (c.subject, c.serial)).unzip();
         shared.refused(Refused {
             peer: peer.to_string(),
-            reason: reason.as_str(),
+            reason: reason.as_str().to_owned(),
             time_ms: now_ms(),
+            subject,
+            serial,
         });
     };
-    let stream = match timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            refused(Refusal::from_handshake_error(&e), e.to_string());
+    let accept = tls::Observed(acceptor.accept(tcp));
+    let stream = match timeout(shared.config.handshake_timeout, accept).await {
+        Ok((Ok(s), _)) => s,
+        Ok((Err(e), cert)) => {
+            refused(Refusal::from_handshake_error(&e), e.to_string(), cert);
             return None;
         }
         Err(_) => {
-            refused(Refusal::Timeout, "no handshake within the timeout".into());
+            refused(
+                Refusal::Timeout,
+                "no handshake within the timeout".into(),
+                None,
+            );
             return None;
         }
     };
@@ -391,7 +404,7 @@ async fn handshake(
         .and_then(|c| c.first())
         .cloned();
     let Some(cert) = cert else {
-        refused(Refusal::NoClientCert, "no client certificate".into());
+        refused(Refusal::NoClientCert, "no client certificate".into(), None);
         return None;
     };
     // Checked against the material current *now*: a reload may have revoked the
@@ -404,7 +417,11 @@ async fn handshake(
             Some((Box::new(stream), id))
         }
         Err(reason) => {
-            refused(reason, "certificate refused after the handshake".into());
+            refused(
+                reason,
+                "certificate refused after the handshake".into(),
+                tls::CertSummary::of(&cert),
+            );
             None
         }
     }

@@ -694,6 +694,9 @@ impl Session {
         if self.open.is_some() {
             let idle = self.shared.config.heartbeat * 3;
             self.deadline.as_mut().reset(Instant::now() + idle);
+            // What the API shows as "last seen": kept in memory, not committed per
+            // frame (the store gets it when the session ends).
+            self.signals.seen(now_ms());
         }
     }
 

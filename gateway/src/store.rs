@@ -324,6 +324,8 @@ pub enum CommandState {
     Failed,
     /// Its time to live ran out first.
     Expired,
+    /// An operator cancelled it before it was sent.
+    Canceled,
 }
 
 impl CommandState {
@@ -335,16 +337,18 @@ impl CommandState {
             CommandState::Succeeded => "succeeded",
             CommandState::Failed => "failed",
             CommandState::Expired => "expired",
+            CommandState::Canceled => "canceled",
         }
     }
 
     /// Every state, for metrics.
-    pub const ALL: [CommandState; 5] = [
+    pub const ALL: [CommandState; 6] = [
         CommandState::Queued,
         CommandState::Sent,
         CommandState::Succeeded,
         CommandState::Failed,
         CommandState::Expired,
+        CommandState::Canceled,
     ];
 
     fn parse(s: &str) -> Self {
@@ -353,6 +357,7 @@ impl CommandState {
             "sent" => CommandState::Sent,
             "succeeded" => CommandState::Succeeded,
             "expired" => CommandState::Expired,
+            "canceled" => CommandState::Canceled,
             _ => CommandState::Failed,
         }
     }
@@ -361,7 +366,10 @@ impl CommandState {
     pub const fn is_final(&self) -> bool {
         matches!(
             self,
-            CommandState::Succeeded | CommandState::Failed | CommandState::Expired
+            CommandState::Succeeded
+                | CommandState::Failed
+                | CommandState::Expired
+                | CommandState::Canceled
         )
     }
 }
@@ -445,8 +453,65 @@ pub struct TelemetryQuery {
     pub since_ms: Option<i64>,
     /// Only records before this time (ms).
     pub until_ms: Option<i64>,
-    /// At most this many (newest first); default 100, capped at 10,000.
+    /// At most this many; default 100, capped at 10,000.
     pub limit: Option<u32>,
+    /// Continue after this record (the last one of the previous page).
+    pub after: Option<TelemetryCursor>,
+    /// Oldest first instead of newest first.
+    pub oldest_first: bool,
+}
+
+/// Where a page of telemetry ends: a record's device time and its row (arrival order
+/// among equal times). Shown to API clients as the opaque string `TIME_ROW`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryCursor {
+    /// The record's `time_ms`.
+    pub time_ms: i64,
+    /// Its row id.
+    pub row: i64,
+}
+
+impl TelemetryCursor {
+    /// Parses the API's form, `TIME_ROW`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (t, r) = s.split_once('_')?;
+        Some(Self {
+            time_ms: t.parse().ok()?,
+            row: r.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for TelemetryCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{}", self.time_ms, self.row)
+    }
+}
+
+/// What cancelling a command did.
+#[derive(Debug)]
+pub enum Cancel {
+    /// No such command.
+    NotFound,
+    /// Cancelled (it was queued); the record as it is now.
+    Canceled(CommandRecord),
+    /// Too late: sent to the device or already over; the record as it is.
+    TooLate(CommandRecord),
+}
+
+/// A refused TLS handshake, as kept across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefusalRecord {
+    /// When, ms since the epoch.
+    pub time_ms: i64,
+    /// Peer address.
+    pub peer: String,
+    /// Why (a `Refusal` name).
+    pub reason: String,
+    /// The subject of the certificate the peer presented, if it presented one.
+    pub subject: Option<String>,
+    /// Its serial (hex).
+    pub serial: Option<String>,
 }
 
 // ----------------------------------------------------------------------------------------
@@ -505,9 +570,15 @@ enum Op {
         devices: Vec<String>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A one-off write (the operator API's: register or delete a device, cancel a
+    /// command ...): run in its own savepoint in the next group commit, its reply held
+    /// until that commits. Called with `None` when the writer refuses it.
+    Write(WriteFn),
     /// Commit what is queued before it, then stop the writer.
     Stop,
 }
+
+type WriteFn = Box<dyn FnOnce(Option<&Connection>) -> (Pending, OpOutcome) + Send>;
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -584,6 +655,15 @@ CREATE TABLE IF NOT EXISTS commands(
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+-- The newest refused handshakes, kept across restarts (a bounded copy of the
+-- in-memory list, saved every few seconds).
+CREATE TABLE IF NOT EXISTS refusals(
+    time_ms  INTEGER NOT NULL,
+    peer     TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    subject  TEXT,
+    serial   TEXT
+);
 CREATE TABLE IF NOT EXISTS groups(
     name    TEXT NOT NULL,
     device  TEXT NOT NULL,
@@ -815,6 +895,119 @@ impl Store {
         .await
     }
 
+    /// Runs `f` on the writer's connection in the next group commit (in a savepoint of
+    /// its own) and answers once that commits.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(move |reply| {
+            Op::Write(Box::new(move |conn| match conn {
+                Some(c) => after(reply, f(c)),
+                None => after(reply, Err(StoreError::Closed)),
+            }))
+        })
+        .await
+    }
+
+    /// Deletes a group; `false` if there was none.
+    pub async fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        self.write(move |c| Ok(c.execute("DELETE FROM groups WHERE name = ?1", [name])? > 0))
+            .await
+    }
+
+    /// Makes a device known before it first connects (commands can then be queued
+    /// for it); `false` if it was known already.
+    pub async fn register_device(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            Ok(c.execute(
+                "INSERT INTO devices(id) VALUES (?1) ON CONFLICT(id) DO NOTHING",
+                [id],
+            )? > 0)
+        })
+        .await
+    }
+
+    /// Forgets a device: its row, telemetry, commands and group memberships. `false`
+    /// if it was unknown. (The caller checks it is offline.)
+    pub async fn delete_device(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            let Some(key) = c
+                .query_row("SELECT key FROM devices WHERE id = ?1", [&id], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+            else {
+                return Ok(false);
+            };
+            c.execute("DELETE FROM telemetry WHERE device = ?1", [key])?;
+            c.execute("DELETE FROM boots WHERE device = ?1", [key])?;
+            c.execute("DELETE FROM commands WHERE device = ?1", [key])?;
+            c.execute("DELETE FROM groups WHERE device = ?1", [&id])?;
+            c.execute("DELETE FROM devices WHERE key = ?1", [key])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Cancels a command that is still queued. One that was sent cannot be called
+    /// back from the device: [`Cancel::TooLate`].
+    pub async fn cancel_command(&self, id: i64) -> Result<Cancel, StoreError> {
+        let now = now_ms();
+        self.write(move |c| {
+            let n = c.execute(
+                "UPDATE commands SET state = 'canceled', finished_ms = ?2
+                  WHERE id = ?1 AND state = 'queued'",
+                params![id, now],
+            )?;
+            Ok(match command_by_id(c, id)? {
+                None => Cancel::NotFound,
+                Some(rec) if n > 0 => Cancel::Canceled(rec),
+                Some(rec) => Cancel::TooLate(rec),
+            })
+        })
+        .await
+    }
+
+    /// Replaces the saved refusals with `list` (the newest last).
+    pub async fn save_refusals(&self, list: Vec<RefusalRecord>) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute("DELETE FROM refusals", [])?;
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO refusals(time_ms, peer, reason, subject, serial)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for r in &list {
+                stmt.execute(params![r.time_ms, r.peer, r.reason, r.subject, r.serial])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The saved refusals, oldest first.
+    pub async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT time_ms, peer, reason, subject, serial FROM refusals ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(RefusalRecord {
+                    time_ms: r.get(0)?,
+                    peer: r.get(1)?,
+                    reason: r.get(2)?,
+                    subject: r.get(3)?,
+                    serial: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// The members of a group, sorted; `None` if there is no such group.
     pub async fn group(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
         let name = name.to_owned();
@@ -901,11 +1094,20 @@ impl Store {
         .map_err(|_| StoreError::Closed)?
     }
 
-    /// Every device, by id.
-    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} ORDER BY d.id"))?;
-            let rows = stmt.query_map([], device_from_row)?;
+    /// Up to `limit` devices with ids after `after`, by id.
+    pub async fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{DEVICE_SELECT} WHERE d.id > ?1 ORDER BY d.id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(
+                params![after.unwrap_or_default(), i64::from(limit)],
+                device_from_row,
+            )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
@@ -921,29 +1123,73 @@ impl Store {
         .await
     }
 
-    /// A device's telemetry, newest first.
+    /// A device's telemetry, newest first (or oldest first), a page at a time.
     pub async fn telemetry(
         &self,
         device: &str,
         q: TelemetryQuery,
     ) -> Result<Vec<TelemetryRecord>, StoreError> {
+        Ok(self
+            .telemetry_page(device, q)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// [`telemetry`](Self::telemetry) with each record's cursor.
+    pub async fn telemetry_page(
+        &self,
+        device: &str,
+        q: TelemetryQuery,
+    ) -> Result<Vec<(TelemetryCursor, TelemetryRecord)>, StoreError> {
         let device = device.to_owned();
         self.read(move |c| {
             let limit = q.limit.unwrap_or(100).min(10_000);
-            let mut stmt = c.prepare_cached(
-                "SELECT t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+            // Keyset paging on (time_ms, rowid), which the (device, time_ms) index
+            // serves in either direction.
+            let sql = if q.oldest_first {
+                "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
                    FROM telemetry t JOIN devices d ON d.key = t.device
                   WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
-                  ORDER BY t.time_ms DESC, t.seq DESC LIMIT ?4",
-            )?;
+                    AND t.time_ms >= ?4 AND (t.time_ms > ?4 OR t.rowid > ?5)
+                  ORDER BY t.time_ms, t.rowid LIMIT ?6"
+            } else {
+                "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+                   FROM telemetry t JOIN devices d ON d.key = t.device
+                  WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
+                    AND t.time_ms <= ?4 AND (t.time_ms < ?4 OR t.rowid < ?5)
+                  ORDER BY t.time_ms DESC, t.rowid DESC LIMIT ?6"
+            };
+            let after = q.after.unwrap_or(if q.oldest_first {
+                TelemetryCursor {
+                    time_ms: i64::MIN,
+                    row: i64::MIN,
+                }
+            } else {
+                TelemetryCursor {
+                    time_ms: i64::MAX,
+                    row: i64::MAX,
+                }
+            });
+            let mut stmt = c.prepare_cached(sql)?;
             let rows = stmt.query_map(
                 params![
                     device,
                     q.since_ms.unwrap_or(i64::MIN),
                     q.until_ms.unwrap_or(i64::MAX),
+                    after.time_ms,
+                    after.row,
                     limit
                 ],
-                |row| telemetry_from_row(row, 0, device.clone()),
+                |row| {
+                    let rec = telemetry_from_row(row, 1, device.clone())?;
+                    let cursor = TelemetryCursor {
+                        time_ms: rec.time_ms,
+                        row: row.get(0)?,
+                    };
+                    Ok((cursor, rec))
+                },
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -1083,6 +1329,44 @@ fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
         result: json(r.get(11)?),
         error: r.get(12)?,
     })
+}
+
+/// Copies the SQLite file `from` into a new file `to` with SQLite's online backup, in
+/// one step under one read transaction: a consistent snapshot of what was committed,
+/// safe while a gateway writes to `from` (WAL readers do not block the writer). `to`
+/// must not exist; it is made 0600 like the store.
+pub fn backup_file(from: &Path, to: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    if !from.exists() {
+        return Err(io(from)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no store here (is --data-dir right?)",
+        )));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(io(to))?;
+    let src = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    src.busy_timeout(Duration::from_secs(10))?;
+    let mut dst = Connection::open(to)?;
+    {
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+        // -1: every page in one step, so no writer can make it start over.
+        backup.step(-1)?;
+    }
+    // A backup is one self-contained file: no WAL beside it.
+    dst.pragma_update(None, "journal_mode", "DELETE")?;
+    Ok(())
 }
 
 fn command_by_id(c: &Connection, id: i64) -> Result<Option<CommandRecord>, StoreError> {
@@ -1442,6 +1726,7 @@ impl Writer {
                 let _ = reply.send(());
             })),
             Op::Telemetry(b, reply) => Pending::Batch(b, Ok(0), reply),
+            Op::Write(f) => f(None).0,
             Op::CloseSession { .. } | Op::Stop => Pending::Reply(Box::new(|_| {})),
         }
     }
@@ -1534,6 +1819,7 @@ impl Writer {
                 devices,
                 reply,
             } => after(reply, self.put_group(&name, &devices)),
+            Op::Write(f) => f(Some(&self.conn)),
             Op::Stop => (nothing(), OpOutcome::Done),
         }
     }

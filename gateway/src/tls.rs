@@ -195,13 +195,23 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
+        let checked = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        common_name(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-        })?;
-        Ok(verified)
+            .verify_client_cert(end_entity, intermediates, now)
+            .and_then(|verified| {
+                common_name(end_entity).map_err(|_| {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::ApplicationVerificationFailure,
+                    )
+                })?;
+                Ok(verified)
+            });
+        if checked.is_err() {
+            // For the refusal record: which certificate was refused (`Observed`).
+            let summary = CertSummary::of(end_entity);
+            REFUSED_CERT.with_borrow_mut(|slot| *slot = summary);
+        }
+        checked
     }
 
     fn verify_tls12_signature(
@@ -225,6 +235,72 @@ impl ClientCertVerifier for IdentityVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Who a refused certificate claimed to be, for the operator's list of refusals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The subject, as a distinguished name (at most 256 characters).
+    pub subject: String,
+    /// The serial number, hex.
+    pub serial: String,
+}
+
+impl CertSummary {
+    /// Reads the subject and serial; `None` if the certificate does not parse.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Self> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+        // The peer chose these bytes: bounded, before they reach logs and the API.
+        let subject: String = parsed.subject().to_string().chars().take(256).collect();
+        Some(Self {
+            subject,
+            serial: hex(&normalize_serial(parsed.raw_serial())),
+        })
+    }
+}
+
+thread_local! {
+    /// The certificate the verifier refused during the current poll of a handshake on
+    /// this thread (the verifier is shared by every connection and cannot know which
+    /// one it serves; the handshake's future reads this in the same poll: `Observed`).
+    static REFUSED_CERT: std::cell::RefCell<Option<CertSummary>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A TLS accept that, when it fails, also says which certificate the verifier refused
+/// (if that is why it failed). The verifier runs inside the poll that fails, on the
+/// same thread, so a thread-local cleared before each poll and read right after it
+/// belongs to this connection alone.
+pub struct Observed<F>(pub F);
+
+impl<F, T> std::future::Future for Observed<F>
+where
+    F: std::future::Future<Output = io::Result<T>> + Unpin,
+{
+    type Output = (io::Result<T>, Option<CertSummary>);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        REFUSED_CERT.with_borrow_mut(|slot| *slot = None);
+        let polled = std::pin::Pin::new(&mut self.0).poll(cx);
+        let refused = REFUSED_CERT.with_borrow_mut(Option::take);
+        polled.map(|r| {
+            let refused = if r.is_err() { refused } else { None };
+            (r, refused)
+        })
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 /// The certificate's single subject CN, if it is a valid device id.
@@ -353,11 +429,7 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// The serial as lowercase hex, for logs and the registry.
     pub fn serial_hex(&self) -> String {
-        let mut s = String::with_capacity(self.serial.len() * 2);
-        for b in &self.serial {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        hex(&self.serial)
     }
 }
 

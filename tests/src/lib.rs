@@ -426,6 +426,85 @@ impl RawDevice {
     }
 }
 
+/// An HTTP client of a gateway's operator API with its token (reqwest).
+pub struct ApiClient {
+    /// `http://ADDR`.
+    pub base: String,
+    /// The bearer token.
+    pub token: String,
+    /// The client.
+    pub http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client of `gw`'s API.
+    pub fn new(gw: &Gateway) -> Self {
+        let info = gw.api().expect("the API runs");
+        Self {
+            base: format!("http://{}", info.addr),
+            token: info.token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Status, `Link` header, body as JSON (`Null` if it is not JSON). `body`: its
+    /// content type and text.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (u16, Option<String>, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some((content_type, body)) = body {
+            req = req.header("content-type", content_type).body(body);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let link = r
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = r.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (status, link, json)
+    }
+
+    /// `GET path`: status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (s, _, j) = self.call(reqwest::Method::GET, path, None).await;
+        (s, j)
+    }
+
+    /// `METHOD path` with a JSON body: status and JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let body = Some(("application/json", body.to_string()));
+        let (s, _, j) = self.call(method, path, body).await;
+        (s, j)
+    }
+
+    /// `GET path`: status and body text.
+    pub async fn text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+}
+
 /// Waits until `check` returns `Some`, polling every 20 ms, for at most [`WAIT`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where

@@ -69,12 +69,7 @@ impl GatewayProcess {
             written,
         };
         let line = p.wait_for(&["gateway listening for devices"]).await;
-        let addr = line
-            .split("local_addr=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let addr = field(&line, "local_addr").unwrap_or_else(|| panic!("no address in {line:?}"));
         (p, addr)
     }
 
@@ -98,11 +93,7 @@ impl GatewayProcess {
         let line = self
             .wait_for(&["operator API and dashboard listening"])
             .await;
-        line.split("addr=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
+        field(&line, "addr").unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
     /// Sends a signal.
@@ -134,6 +125,19 @@ impl GatewayProcess {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A field of a log line, text (`name=value`) or JSON (`"name":"value"`).
+fn field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
+    let text = line
+        .split(&format!(" {name}="))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next());
+    let json = line
+        .split(&format!("\"{name}\":\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next());
+    text.or(json)?.parse().ok()
 }
 
 impl Drop for GatewayProcess {

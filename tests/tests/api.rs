@@ -7,51 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use device_client::proto::{self, CommandStatus, Reading, Value};
-use e2e::{Down, RawDevice, TestGateway};
+use e2e::{ApiClient as Api, Down, RawDevice, TestGateway};
 use futures_util::StreamExt;
 use serde_json::{Value as Json, json};
-
-struct Api {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(tg: &TestGateway) -> Self {
-        let info = tg.gw.api().expect("the API runs");
-        Self {
-            base: format!("http://{}", info.addr),
-            token: info.token.to_string(),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Json) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Json::Null))
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Json) -> (u16, Json) {
-        let r = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Json::Null))
-    }
-}
 
 /// A device that answers every command: `echo` with its args, anything else unknown.
 fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
@@ -78,7 +36,7 @@ fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
 #[tokio::test]
 async fn every_route_needs_the_token() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let paths = [
         "/api/v1/devices",
         "/api/v1/devices/x",
@@ -133,7 +91,7 @@ async fn every_route_needs_the_token() {
 #[tokio::test]
 async fn devices_telemetry_and_unknowns() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let (mut dev, _) = tg.device("meter-1", 5).await;
     for seq in 1..=3 {
         dev.telemetry(seq).await.unwrap();
@@ -209,7 +167,7 @@ async fn devices_telemetry_and_unknowns() {
 #[tokio::test]
 async fn command_round_trip_and_pending_commands() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let (dev, _) = tg.device("valve-7", 1).await;
     let responder = answer_commands(dev);
 
@@ -282,7 +240,7 @@ async fn command_round_trip_and_pending_commands() {
 #[tokio::test]
 async fn group_commands_get_a_receipt_per_device() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let mut responders = Vec::new();
     for id in ["lamp-a", "lamp-b"] {
         let (dev, _) = tg.device(id, 1).await;
@@ -332,7 +290,7 @@ async fn group_commands_get_a_receipt_per_device() {
 async fn websocket_streams_live_telemetry_filtered_by_device() {
     use tokio_tungstenite::tungstenite::Message;
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let (mut a, _) = tg.device("ws-a", 1).await;
     let (mut b, _) = tg.device("ws-b", 1).await;
     let info = tg.gw.api().unwrap();
@@ -371,7 +329,7 @@ async fn websocket_streams_live_telemetry_filtered_by_device() {
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let (mut dev, _) = tg.device("counted-1", 1).await;
     for seq in 1..=4 {
         dev.telemetry(seq).await.unwrap();
@@ -419,7 +377,7 @@ async fn metrics_count_what_happened() {
 #[tokio::test]
 async fn openapi_matches_the_routes() {
     let tg = TestGateway::start().await;
-    let api = Api::new(&tg);
+    let api = Api::new(&tg.gw);
     let (s, doc) = api.get("/api/v1/openapi.json").await;
     assert_eq!(s, 200);
     let mut documented = BTreeSet::new();

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -45,7 +45,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use crate::store::{CommandRecord, TelemetryQuery};
+use crate::store::{Cancel, CommandRecord, TelemetryCursor, TelemetryQuery};
 use crate::{CommandError, Event, Gateway, Shared, StoreError};
 use device_client::proto::DeviceId;
 
@@ -80,11 +80,20 @@ pub fn routes() -> Vec<(
 )> {
     vec![
         ("/api/v1/devices", &["get"], get(list_devices)),
-        ("/api/v1/devices/{id}", &["get"], get(get_device)),
+        (
+            "/api/v1/devices/{id}",
+            &["get", "put", "delete"],
+            get(get_device).put(put_device).delete(delete_device),
+        ),
         (
             "/api/v1/devices/{id}/telemetry",
             &["get"],
             get(get_telemetry),
+        ),
+        (
+            "/api/v1/devices/{id}/telemetry/export",
+            &["get"],
+            get(export_telemetry),
         ),
         (
             "/api/v1/devices/{id}/commands",
@@ -92,11 +101,16 @@ pub fn routes() -> Vec<(
             get(list_commands).post(post_command),
         ),
         ("/api/v1/commands/{id}", &["get"], get(get_command)),
+        (
+            "/api/v1/commands/{id}/cancel",
+            &["post"],
+            post(cancel_command),
+        ),
         ("/api/v1/groups", &["get"], get(list_groups)),
         (
             "/api/v1/groups/{name}",
-            &["get", "put"],
-            get(get_group).put(put_group),
+            &["get", "put", "delete"],
+            get(get_group).put(put_group).delete(delete_group),
         ),
         (
             "/api/v1/groups/{name}/commands",
@@ -131,6 +145,7 @@ pub fn router(gw: Gateway, token: &str) -> Router {
         .route("/healthz", get(healthz))
         .merge(authed)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .layer(middleware::map_response(json_errors))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             body_timeout,
         ))
@@ -353,6 +368,104 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
     api_error(status, code, message).into_response()
 }
 
+/// A JSON request body, whatever its `Content-Type` says: the body is what counts
+/// (`curl -d` labels JSON as a form). Safe to be lenient: every route needs the
+/// bearer token, which a browser sends cross-site only after a CORS preflight that
+/// this API never allows.
+struct JsonBody<T>(T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| api_error(e.status(), "bad_body", e.body_text()))?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("the body is not the JSON this route takes: {e}"),
+            )
+        })
+    }
+}
+
+/// Query parameters, refused with the JSON error object (`bad_query`) when they do not
+/// parse or are unknown (the structs deny unknown fields).
+struct Params<T>(T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Params<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+            .map(Params)
+            .map_err(|e| bad_query(format!("query string: {e}")))
+    }
+}
+
+fn bad_query(message: impl Into<String>) -> ApiError {
+    api_error(StatusCode::BAD_REQUEST, "bad_query", message)
+}
+
+/// Gives every error response the JSON error object, including those made outside
+/// the handlers (a path that does not parse, a wrong method, a body too large).
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text.trim().to_owned()
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "no_route",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let mut out = error(status, code, message);
+    for name in [header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
+/// A `Link: <...>; rel="next"` header for the next page.
+fn next_link(mut r: Response, next: Option<String>) -> Response {
+    if let Some(next) = next
+        && let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\""))
+    {
+        r.headers_mut().insert(header::LINK, v);
+    }
+    r
+}
+
 fn store_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "store failure in the API");
     api_error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
@@ -395,10 +508,40 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn list_devices(State(ApiState(api)): State<ApiState>) -> Response {
-    match api.gw.devices().await {
-        Ok(d) => axum::Json(d).into_response(),
-        Err(e) => store_error(e).into_response(),
+/// `?limit=` (default 1,000, at most 10,000) `&after=ID`: a page of devices by id;
+/// `Link: rel="next"` names the next page while there may be one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceParams {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+async fn list_devices(
+    State(ApiState(api)): State<ApiState>,
+    Params(p): Params<DeviceParams>,
+) -> Result<Response, ApiError> {
+    let limit = page_limit(p.limit, 1000)?;
+    if let Some(a) = &p.after {
+        DeviceId::new(a).map_err(|e| bad_query(format!("after: {e}")))?;
+    }
+    let page = api
+        .gw
+        .devices_page(p.after, limit)
+        .await
+        .map_err(store_error)?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last())
+        .flatten()
+        .map(|d| format!("/api/v1/devices?limit={limit}&after={}", d.id));
+    Ok(next_link(axum::Json(page).into_response(), next))
+}
+
+/// A page size: `default` if absent, 1 to 10,000.
+fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    match limit.unwrap_or(default) {
+        n @ 1..=10_000 => Ok(n),
+        _ => Err(bad_query("limit must be from 1 to 10000")),
     }
 }
 
@@ -417,30 +560,251 @@ async fn get_device(State(ApiState(api)): State<ApiState>, Path(id): Path<String
     }
 }
 
-/// `?since=&until=` in ms since the epoch, `limit` (default 100, at most 10,000).
+/// Registers a device before it first connects, so commands can be queued for it:
+/// 201 if new, 200 if it was known; the device record either way.
+async fn put_device(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    valid_id(&id)?;
+    let created = api
+        .gw
+        .store()
+        .register_device(&id)
+        .await
+        .map_err(store_error)?;
+    let rec = api.gw.device(&id).await.map_err(store_error)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(rec)).into_response())
+}
+
+/// Forgets a device that is offline: its telemetry, commands and group memberships.
+/// (Its certificate stays valid: revoke it to keep it out.)
+async fn delete_device(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    valid_id(&id)?;
+    if api.gw.is_online(&id) {
+        return Err(api_error(
+            StatusCode::CONFLICT,
+            "device_online",
+            format!(
+                "{id:?} is connected: revoke its certificate (certs revoke, then SIGHUP the \
+                 gateway) or wait until it disconnects"
+            ),
+        ));
+    }
+    match api.gw.store().delete_device(&id).await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(false) => Err(api_error(
+            StatusCode::NOT_FOUND,
+            "no_device",
+            format!("no device {id:?}"),
+        )),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// `?since=&until=` in ms since the epoch, `limit` (default 100, at most 10,000),
+/// `order` (`newest`, the default, or `oldest` first), `after` (the cursor of the
+/// last record of the previous page, from the `Link` header).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TelemetryParams {
     since: Option<i64>,
     until: Option<i64>,
     limit: Option<u32>,
+    order: Option<Order>,
+    after: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Order {
+    Newest,
+    Oldest,
+}
+
+impl Order {
+    fn as_str(self) -> &'static str {
+        match self {
+            Order::Newest => "newest",
+            Order::Oldest => "oldest",
+        }
+    }
+}
+
+fn cursor(after: Option<&str>) -> Result<Option<TelemetryCursor>, ApiError> {
+    after
+        .map(|a| {
+            TelemetryCursor::parse(a).ok_or_else(|| {
+                bad_query("after must be a cursor from the Link header of the previous page")
+            })
+        })
+        .transpose()
 }
 
 async fn get_telemetry(
     State(ApiState(api)): State<ApiState>,
     Path(id): Path<String>,
-    Query(p): Query<TelemetryParams>,
-) -> Response {
-    if let Err(r) = known_device(&api, &id).await {
-        return r.into_response();
-    }
+    Params(p): Params<TelemetryParams>,
+) -> Result<Response, ApiError> {
+    known_device(&api, &id).await?;
+    let limit = page_limit(p.limit, 100)?;
+    let order = p.order.unwrap_or(Order::Newest);
     let q = TelemetryQuery {
         since_ms: p.since,
         until_ms: p.until,
-        limit: p.limit,
+        limit: Some(limit),
+        after: cursor(p.after.as_deref())?,
+        oldest_first: order == Order::Oldest,
     };
-    match api.gw.telemetry(&id, q).await {
-        Ok(t) => axum::Json(t).into_response(),
-        Err(e) => store_error(e).into_response(),
+    let page = api
+        .gw
+        .store()
+        .telemetry_page(&id, q)
+        .await
+        .map_err(store_error)?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last())
+        .flatten()
+        .map(|(c, _)| {
+            let mut link = format!(
+                "/api/v1/devices/{id}/telemetry?limit={limit}&order={}&after={c}",
+                order.as_str()
+            );
+            for (k, v) in [("since", p.since), ("until", p.until)] {
+                if let Some(v) = v {
+                    link.push_str(&format!("&{k}={v}"));
+                }
+            }
+            link
+        });
+    let records: Vec<_> = page.into_iter().map(|(_, r)| r).collect();
+    Ok(next_link(axum::Json(records).into_response(), next))
+}
+
+/// `?since=&until=` (ms since the epoch) and `format` (`ndjson`, the default, or
+/// `csv`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportParams {
+    since: Option<i64>,
+    until: Option<i64>,
+    format: Option<ExportFormat>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ExportFormat {
+    Ndjson,
+    Csv,
+}
+
+/// A device's telemetry in a time range, oldest first, streamed a page at a time (no
+/// size limit, constant memory): NDJSON (one record per line, as the telemetry route
+/// shows them) or CSV with one row per reading
+/// (`device,boot_id,seq,time_ms,received_ms,name,value`).
+async fn export_telemetry(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<String>,
+    Params(p): Params<ExportParams>,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    known_device(&api, &id).await?;
+    let format = p.format.unwrap_or(ExportFormat::Ndjson);
+    let first = match format {
+        ExportFormat::Csv => Some(axum::body::Bytes::from_static(
+            b"device,boot_id,seq,time_ms,received_ms,name,value\n",
+        )),
+        ExportFormat::Ndjson => None,
+    };
+    let store = api.gw.store().clone();
+    let (since, until, device) = (p.since, p.until, id.clone());
+    let pages = futures_util::stream::try_unfold(Some(None), move |after| {
+        let (store, device) = (store.clone(), device.clone());
+        async move {
+            let Some(after) = after else {
+                return Ok::<_, StoreError>(None);
+            };
+            let q = TelemetryQuery {
+                since_ms: since,
+                until_ms: until,
+                limit: Some(EXPORT_PAGE),
+                after,
+                oldest_first: true,
+            };
+            let page = store.telemetry_page(&device, q).await?;
+            if page.is_empty() {
+                return Ok(None);
+            }
+            let next = (page.len() == EXPORT_PAGE as usize)
+                .then(|| page.last().map(|(c, _)| Some(*c)))
+                .flatten();
+            let mut out = Vec::with_capacity(page.len() * 96);
+            for (_, rec) in &page {
+                match format {
+                    ExportFormat::Ndjson => {
+                        if serde_json::to_writer(&mut out, rec).is_ok() {
+                            out.push(b'\n');
+                        }
+                    }
+                    ExportFormat::Csv => csv_rows(&mut out, rec),
+                }
+            }
+            Ok(Some((axum::body::Bytes::from(out), next)))
+        }
+    });
+    let body = futures_util::stream::iter(first.map(Ok)).chain(pages);
+    let (content_type, ext) = match format {
+        ExportFormat::Ndjson => ("application/x-ndjson", "ndjson"),
+        ExportFormat::Csv => ("text/csv; charset=utf-8", "csv"),
+    };
+    let disposition = format!("attachment; filename=\"{id}-telemetry.{ext}\"");
+    let mut r = axum::body::Body::from_stream(body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
+}
+
+/// Records read from the store at a time by an export.
+const EXPORT_PAGE: u32 = 1000;
+
+/// One CSV row per reading of `rec` (RFC 4180 quoting for text).
+fn csv_rows(out: &mut Vec<u8>, rec: &crate::TelemetryRecord) {
+    use std::io::Write;
+    for (name, value) in &rec.values {
+        let value = match value {
+            Json::String(s) => csv_field(s),
+            other => other.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{}",
+            rec.device,
+            rec.boot_id,
+            rec.seq,
+            rec.time_ms,
+            rec.received_ms,
+            csv_field(name),
+            value
+        );
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
     }
 }
 
@@ -559,12 +923,8 @@ async fn wait_for(
 async fn post_command(
     State(ApiState(api)): State<ApiState>,
     Path(id): Path<String>,
-    body: Result<axum::Json<CommandBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<CommandBody>,
 ) -> Response {
-    let axum::Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
-    };
     match send_and_wait(&api, &id, &body).await {
         Ok((status, rec)) => {
             let location = format!("/api/v1/commands/{}", rec.id);
@@ -587,6 +947,51 @@ async fn get_command(State(ApiState(api)): State<ApiState>, Path(id): Path<i64>)
             format!("no command {id}"),
         ),
         Err(e) => store_error(e).into_response(),
+    }
+}
+
+/// Cancels a queued command: 200 with the record (`canceled`); 409 `too_late` with
+/// the record if it was sent already (a device cannot be asked to forget one) or is
+/// over.
+async fn cancel_command(
+    State(ApiState(api)): State<ApiState>,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    match api.gw.store().cancel_command(id).await {
+        Ok(Cancel::Canceled(rec)) => {
+            api.gw.shared().command_changed(rec.clone());
+            Ok(axum::Json(rec).into_response())
+        }
+        Ok(Cancel::TooLate(rec)) => Ok((
+            StatusCode::CONFLICT,
+            axum::Json(json!({
+                "error": format!("command {id} is {}: only a queued command can be cancelled", rec.state.as_str()),
+                "code": "too_late",
+                "command": rec,
+            })),
+        )
+            .into_response()),
+        Ok(Cancel::NotFound) => Err(api_error(
+            StatusCode::NOT_FOUND,
+            "no_command",
+            format!("no command {id}"),
+        )),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+async fn delete_group(
+    State(ApiState(api)): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    match api.gw.store().delete_group(&name).await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(false) => Err(api_error(
+            StatusCode::NOT_FOUND,
+            "no_group",
+            format!("no group {name:?}"),
+        )),
+        Err(e) => Err(store_error(e)),
     }
 }
 
@@ -624,12 +1029,8 @@ struct GroupBody {
 async fn put_group(
     State(ApiState(api)): State<ApiState>,
     Path(name): Path<String>,
-    body: Result<axum::Json<GroupBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<GroupBody>,
 ) -> Response {
-    let axum::Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
-    };
     if let Err(e) = DeviceId::new(&name) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -661,12 +1062,8 @@ async fn put_group(
 async fn post_group_command(
     State(ApiState(api)): State<ApiState>,
     Path(name): Path<String>,
-    body: Result<axum::Json<CommandBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<CommandBody>,
 ) -> Response {
-    let axum::Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
-    };
     // Checked once, before any work: a bad number is the request's fault, not a
     // member's.
     let (ttl, wait) = match body.ttl().and_then(|t| Ok((t, body.wait()?))) {
@@ -723,16 +1120,19 @@ async fn events(
     req_query: axum::extract::RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let pairs: Vec<(String, String)> = req_query
-        .0
-        .as_deref()
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default();
+    let pairs: Vec<(String, String)> =
+        match serde_urlencoded::from_str(req_query.0.as_deref().unwrap_or("")) {
+            Ok(p) => p,
+            Err(e) => return bad_query(format!("query string: {e}")).into_response(),
+        };
     let mut devices: HashSet<String> = HashSet::new();
     let mut types: HashSet<String> = HashSet::new();
     for (k, v) in &pairs {
         match k.as_str() {
             "device" => {
+                if let Err(e) = DeviceId::new(v) {
+                    return bad_query(format!("device: {e}")).into_response();
+                }
                 devices.insert(v.clone());
             }
             "group" => match api.gw.store().group(v).await {
@@ -743,14 +1143,30 @@ async fn events(
                 Err(e) => return store_error(e).into_response(),
             },
             "type" => {
+                if !EVENT_TYPES.contains(&v.as_str()) {
+                    return bad_query(format!(
+                        "type {v:?} is not an event type ({})",
+                        EVENT_TYPES.join(", ")
+                    ))
+                    .into_response();
+                }
                 types.insert(v.clone());
             }
-            _ => {}
+            "token" => {}
+            other => {
+                return bad_query(format!(
+                    "unknown parameter {other:?} (device, group, type, token)"
+                ))
+                .into_response();
+            }
         }
     }
     let filter = Filter { devices, types };
     ws.on_upgrade(move |socket| stream_events(api, socket, filter))
 }
+
+/// The `type` of each event, as the stream's filter names it.
+const EVENT_TYPES: [&str; 4] = ["telemetry", "presence", "command", "handshake_refused"];
 
 struct Filter {
     devices: HashSet<String>,
