@@ -75,8 +75,11 @@ pub struct Shared {
     /// Whether `refusals` changed since it was last saved.
     refusals_changed: std::sync::atomic::AtomicBool,
     log_gates: loglimit::LogGates,
-    /// Whether the last look found the CRL stale (to warn once per change).
-    crl_stale: std::sync::atomic::AtomicBool,
+    /// What the last look found the CRL to be (0 fine, 1 due within a week, 2 stale),
+    /// to warn once per change.
+    crl_state: std::sync::atomic::AtomicU8,
+    /// Whether the gateway certificate's coming expiry was warned about.
+    gateway_cert_warned: std::sync::atomic::AtomicBool,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).
@@ -152,30 +155,62 @@ impl Shared {
         }
     }
 
-    /// Looks at the CRL's next-update date: warns when it has passed (once, until a
-    /// fresh CRL is loaded), and returns whether it has.
+    /// Looks at the CRL's next-update date and the gateway certificate's expiry: warns
+    /// from [`WARN_AHEAD_S`] before either (once per change of state, until fresh ones
+    /// are loaded), and again once the CRL has passed; returns whether it has.
     pub fn check_crl(&self) -> bool {
         use std::sync::atomic::Ordering;
         let material = self.tls.current();
-        let stale = material.crl_stale(tls::unix_now());
-        let was = self.crl_stale.swap(stale, Ordering::Relaxed);
-        if stale && !was {
-            let policy = if self.config.refuse_stale_crl {
-                "every device is refused until it is (refuse_stale_crl)"
-            } else {
-                "its revocations still apply; set refuse_stale_crl to refuse devices instead"
-            };
+        let now = tls::unix_now();
+        let stale = material.crl_stale(now);
+        let soon = |t: Option<i64>| t.is_some_and(|t| t - now < WARN_AHEAD_S);
+        // 0: fine, 1: within the warning period, 2: past it.
+        let state = if stale {
+            2
+        } else {
+            u8::from(soon(material.crl_next_update))
+        };
+        let was = self.crl_state.swap(state, Ordering::Relaxed);
+        let next_update = material.crl_next_update.unwrap_or_default();
+        match (was, state) {
+            (w, 2) if w != 2 => {
+                let policy = if self.config.refuse_stale_crl {
+                    "every device is refused until it is (refuse_stale_crl)"
+                } else {
+                    "its revocations still apply; set refuse_stale_crl to refuse devices instead"
+                };
+                warn!(
+                    next_update,
+                    "the CRL is past its next update: re-sign it (certs crl --dir DIR \
+                     --refresh) and reload (SIGHUP); {policy}"
+                );
+            }
+            (w, 1) if w != 1 => warn!(
+                next_update,
+                days_left = (next_update - now) / 86_400,
+                "the CRL's next update is less than 7 days away: re-sign it (certs crl \
+                 --dir DIR --refresh) and reload (SIGHUP) before then"
+            ),
+            (w, 0) if w != 0 => info!("the CRL is fresh again"),
+            _ => {}
+        }
+        let gw_soon = soon(material.gateway_not_after);
+        if gw_soon && !self.gateway_cert_warned.swap(true, Ordering::Relaxed) {
             warn!(
-                next_update = material.crl_next_update.unwrap_or_default(),
-                "the CRL is past its next update: re-sign it (certs crl --dir DIR) and \
-                 reload (SIGHUP); {policy}"
+                not_after = material.gateway_not_after.unwrap_or_default(),
+                "the gateway's certificate expires in less than 7 days: renew it (certs \
+                 renew) and reload (SIGHUP)"
             );
-        } else if was && !stale {
-            info!("the CRL is fresh again");
+        } else if !gw_soon {
+            self.gateway_cert_warned.store(false, Ordering::Relaxed);
         }
         stale
     }
 }
+
+/// How long before the CRL's next update, or the gateway certificate's expiry, the
+/// gateway starts warning.
+pub const WARN_AHEAD_S: i64 = 7 * 86_400;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +363,8 @@ impl Gateway {
             refusals: Mutex::new(saved_refusals.into()),
             refusals_changed: std::sync::atomic::AtomicBool::new(false),
             log_gates: loglimit::LogGates::default(),
-            crl_stale: std::sync::atomic::AtomicBool::new(false),
+            crl_state: std::sync::atomic::AtomicU8::new(0),
+            gateway_cert_warned: std::sync::atomic::AtomicBool::new(false),
         });
         info!(
             max_connections = budgets.max_connections,

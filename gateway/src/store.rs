@@ -1236,6 +1236,21 @@ impl Store {
         .await
     }
 
+    /// Devices whose last certificate expires before each of `deadlines` (seconds
+    /// since the epoch), in the same order.
+    pub async fn certs_expiring_before(&self, deadlines: Vec<i64>) -> Result<Vec<u64>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT count(*) FROM devices WHERE cert_not_after IS NOT NULL AND cert_not_after < ?1",
+            )?;
+            deadlines
+                .iter()
+                .map(|d| Ok(stmt.query_row([d], |r| r.get::<_, i64>(0))? as u64))
+                .collect()
+        })
+        .await
+    }
+
     /// Number of commands in each state.
     pub async fn command_counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
         self.read(|c| {

@@ -93,6 +93,8 @@ pub struct TlsMaterial {
     /// The earliest next-update date of the CRLs, seconds since the Unix epoch (`None`:
     /// no CRL, or none that names one).
     pub crl_next_update: Option<i64>,
+    /// Expiry of the gateway's own certificate, seconds since the Unix epoch.
+    pub gateway_not_after: Option<i64>,
     /// Whether a stale CRL refuses every device (`refuse_stale_crl`).
     refuse_stale_crl: bool,
 }
@@ -129,6 +131,10 @@ impl TlsMaterial {
         let verifier = Arc::new(IdentityVerifier { inner: webpki });
 
         let chain = read_all::<CertificateDer<'static>>(&settings.cert, "CERTIFICATE")?;
+        let gateway_not_after = chain.first().and_then(|c| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(c).ok()?;
+            Some(parsed.validity().not_after.timestamp())
+        });
         let key =
             PrivateKeyDer::from_pem_file(&settings.key).map_err(|source| TlsLoadError::Pem {
                 path: settings.key.clone(),
@@ -157,6 +163,7 @@ impl TlsMaterial {
             config: Arc::new(config),
             revoked,
             crl_next_update,
+            gateway_not_after,
             refuse_stale_crl: settings.refuse_stale_crl,
         })
     }

@@ -48,7 +48,8 @@ async fn the_api_token_never_reaches_json_logs() {
     }
     // It says where the token is instead.
     assert!(
-        logs.lines().any(|l| l.contains("dashboard") && l.contains("token_file")),
+        logs.lines()
+            .any(|l| l.contains("dashboard") && l.contains("token_file")),
         "{logs}"
     );
 }
@@ -237,5 +238,66 @@ async fn the_events_command_tails_the_live_stream() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("400") && err.contains("bad_query"), "{err}");
+    drop(gw);
+}
+
+/// A CRL due within a week and a gateway certificate expiring within a week are
+/// warned about at start (the test PKI's are valid for a day), and `/metrics` shows
+/// the seconds left, certificate expiries and the process's own figures.
+#[tokio::test]
+async fn expiry_of_the_crl_and_certificates_is_watched() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let args = pki.gateway_args(data.path(), "127.0.0.1:0");
+    let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
+    gw.wait_for(&[
+        "WARN",
+        "CRL's next update is less than 7 days away",
+        "certs crl",
+    ])
+    .await;
+    gw.wait_for(&["WARN", "gateway's certificate expires in less than 7 days"])
+        .await;
+    let cert = pki.device("x-1");
+    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
+        .await
+        .unwrap();
+    dev.hello(1).await;
+
+    let api = gw.api_addr().await;
+    let token = std::fs::read_to_string(data.path().join("db/api-token")).unwrap();
+    let (status, text) = http_get(api, "/metrics", Some(token.trim())).await;
+    assert_eq!(status, 200);
+    let value = |sample: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
+    };
+    let left = value("gateway_crl_next_update_seconds");
+    assert!(left > 0.0 && left <= 86_400.0, "{left}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let gw_expiry = value("gateway_certificate_expiry_timestamp_seconds");
+    assert!(
+        gw_expiry > now && gw_expiry <= now + 86_400.0,
+        "{gw_expiry}"
+    );
+    assert_eq!(
+        value("gateway_device_certificates_expiring{within=\"expired\"}"),
+        0.0
+    );
+    assert_eq!(
+        value("gateway_device_certificates_expiring{within=\"7d\"}"),
+        1.0
+    );
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    let started = value("process_start_time_seconds");
+    assert!(started <= now + 1.0 && started > now - 300.0, "{started}");
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(text.contains("gateway_build_info{version=\""));
     drop(gw);
 }

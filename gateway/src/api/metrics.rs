@@ -12,9 +12,40 @@ use crate::events::Histogram;
 use crate::store::CommandState;
 use crate::tls::Refusal;
 
+/// The certificate expiry windows of `gateway_device_certificates_expiring`.
+const EXPIRY_WINDOWS: [(&str, i64); 4] = [
+    ("expired", 0),
+    ("1d", 86_400),
+    ("7d", 7 * 86_400),
+    ("30d", 30 * 86_400),
+];
+
 pub(super) async fn handler(State(super::ApiState(api)): State<ApiState>) -> Response {
     let counts = api.gw.store().command_counts().await.unwrap_or_default();
-    let body = render(&api.gw, &counts);
+    let now = crate::tls::unix_now();
+    let deadlines = EXPIRY_WINDOWS.iter().map(|(_, w)| now + w).collect();
+    let expiring = api
+        .gw
+        .store()
+        .certs_expiring_before(deadlines)
+        .await
+        .unwrap_or_default();
+    let mut body = render(&api.gw, &counts);
+    if expiring.len() == EXPIRY_WINDOWS.len() {
+        let _ = writeln!(
+            body,
+            "# HELP gateway_device_certificates_expiring Devices whose last certificate \
+             has expired, or expires within the window (cumulative).\n\
+             # TYPE gateway_device_certificates_expiring gauge"
+        );
+        for ((window, _), n) in EXPIRY_WINDOWS.iter().zip(expiring) {
+            let _ = writeln!(
+                body,
+                "gateway_device_certificates_expiring{{within=\"{window}\"}} {n}"
+            );
+        }
+    }
+    process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -120,11 +151,28 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         gw.store().failures().to_string(),
     );
     let material = gw.shared().tls.current();
+    let now = crate::tls::unix_now();
     if let Some(t) = material.crl_next_update {
         metric(
             "gateway_crl_next_update_timestamp_seconds",
             "gauge",
             "The CRL's next-update date (the earliest, if several).",
+            t.to_string(),
+        );
+        metric(
+            "gateway_crl_next_update_seconds",
+            "gauge",
+            "Seconds left until the CRL's next update (negative: past it; a warning is \
+             logged from 7 days before).",
+            (t - now).to_string(),
+        );
+    }
+    if let Some(t) = material.gateway_not_after {
+        metric(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "Expiry of the gateway's own certificate (a warning is logged from 7 days \
+             before).",
             t.to_string(),
         );
     }
@@ -133,6 +181,13 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         "gauge",
         "1 while the CRL is past its next-update date.",
         u8::from(material.crl_stale(crate::tls::unix_now())).to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gateway_build_info Always 1; the version is in the label.\n\
+         # TYPE gateway_build_info gauge\n\
+         gateway_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
     );
     let _ = writeln!(
         out,
@@ -181,6 +236,84 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         &m.commit_latency,
     );
     out
+}
+
+/// The standard `process_*` metrics, from `/proc/self` (left out where it is not
+/// readable).
+fn process_metrics(out: &mut String) {
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    // /proc counts CPU time in USER_HZ, which Linux fixes at 100 for user space.
+    let ticks = 100.0;
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        && let Some((_, rest)) = stat.rsplit_once(')')
+    {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime, stime (fields 14 and 15 of the whole line), in clock ticks.
+        let cpu = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(u), Some(s)) = (cpu(11), cpu(12)) {
+            metric(
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time spent, in seconds.",
+                format!("{}", (u + s) as f64 / ticks),
+            );
+        }
+        // starttime (field 22), in ticks since boot.
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        if let (Some(start), Some(boot)) = (cpu(19), boot) {
+            metric(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch, in seconds.",
+                format!("{}", boot as f64 + start as f64 / ticks),
+            );
+        }
+    }
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        });
+    if let Some(kib) = rss_kib {
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            (kib * 1024).to_string(),
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            fds.count().to_string(),
+        );
+    }
+    if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "The open-file limit.",
+            soft.to_string(),
+        );
+    }
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
