@@ -1,6 +1,7 @@
-//! End-to-end: the dashboard page in headless Chromium against a real gateway with
-//! devices streaming telemetry; live values must appear. Saves a screenshot to
-//! `target/tmp/dashboard.png`.
+//! End-to-end: the dashboard page in headless Chromium against a real gateway with real
+//! devices: live values appear; the selected device's command history shows each
+//! command with its final state; a time range draws a device's pauses as gaps in its
+//! charts. Saves screenshots to `target/tmp/dashboard.png` and `dashboard-range.png`.
 //!
 //! Needs Debian's `chromium` (`.ci/run` installs it). Without it the test says so and
 //! passes, so that a laptop without Chromium can still run the suite; set
@@ -8,11 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::TestGateway;
+use device_client::proto::{self, CommandStatus, Reading, Readings, Telemetry, Uplink, Value};
+use e2e::{Down, RawDevice, TestGateway};
+use serde_json::{Value as Json, json};
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -23,6 +27,19 @@ fn chromium() -> Option<PathBuf> {
                 .success()
                 .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
         })
+}
+
+/// Chromium, or `None` (the test then passes, saying so) unless `REQUIRE_CHROMIUM` is set.
+fn chromium_or_skip() -> Option<PathBuf> {
+    let bin = chromium();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("REQUIRE_CHROMIUM").is_none(),
+            "REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium)");
+    }
+    bin
 }
 
 /// Runs headless Chromium on `url` with `extra` arguments; returns stdout.
@@ -63,14 +80,93 @@ fn live_events(dom: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The page's DOM once `done` says it is complete, or the last one after a minute.
+/// Chromium's virtual time may end a run before the page's requests are answered: such a
+/// run proves nothing either way, and Chromium runs again.
+async fn dump_dom_until(bin: &Path, url: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (url, bin) = (url.to_owned(), bin.to_owned());
+        let dom = tokio::task::spawn_blocking(move || {
+            run_chromium(&bin, &url, &["--virtual-time-budget=6000", "--dump-dom"])
+        })
+        .await
+        .unwrap();
+        if done(&dom) || Instant::now() > deadline {
+            return dom;
+        }
+    }
+}
+
+/// Takes a screenshot of `url` into `target/tmp/NAME` and checks it is a picture.
+async fn screenshot(bin: &Path, url: &str, name: &str) {
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_file(&shot);
+    let arg = format!("--screenshot={}", shot.display());
+    let (url, bin) = (url.to_owned(), bin.to_owned());
+    tokio::task::spawn_blocking(move || {
+        run_chromium(&bin, &url, &["--virtual-time-budget=4000", &arg]);
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).expect("the screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real picture"
+    );
+    println!("screenshot: {}", shot.display());
+}
+
+/// The attributes of each element whose tag has `data-testid="ID"`, in document order.
+/// (Chromium writes attribute values in double quotes, with `"`, `<` and `>` escaped.)
+fn elements(dom: &str, testid: &str) -> Vec<BTreeMap<String, String>> {
+    let needle = format!(r#"data-testid="{testid}""#);
+    let mut found = Vec::new();
+    let mut rest = dom;
+    while let Some(at) = rest.find(&needle) {
+        let start = rest[..at].rfind('<').unwrap();
+        let end = at + rest[at..].find('>').unwrap();
+        let mut attrs = BTreeMap::new();
+        let mut tag = &rest[start..end];
+        while let Some(eq) = tag.find("=\"") {
+            let name = tag[..eq].rsplit(char::is_whitespace).next().unwrap();
+            let value = &tag[eq + 2..];
+            let close = value.find('"').unwrap();
+            attrs.insert(name.to_owned(), value[..close].to_owned());
+            tag = &value[close + 1..];
+        }
+        found.push(attrs);
+        rest = &rest[end..];
+    }
+    found
+}
+
+/// The text of the first element with `data-testid="ID"` up to its first child tag.
+fn text_of<'a>(dom: &'a str, testid: &str) -> Option<&'a str> {
+    let at = dom.find(&format!(r#"data-testid="{testid}""#))?;
+    let text = &dom[at + dom[at..].find('>')? + 1..];
+    Some(&text[..text.find('<')?])
+}
+
+/// The page's address: the token, then `view` (e.g. `device=x&range=15m`).
+fn page_url(tg: &TestGateway, view: &str) -> String {
+    let api = tg.gw.api().unwrap();
+    format!("http://{}/#token={}&{view}", api.addr, api.token)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_values_appear_in_headless_chromium() {
-    let Some(bin) = chromium() else {
-        assert!(
-            std::env::var_os("REQUIRE_CHROMIUM").is_none(),
-            "REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)"
-        );
-        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium)");
+    let Some(bin) = chromium_or_skip() else {
         return;
     };
     let tg = TestGateway::start().await;
@@ -107,18 +203,7 @@ async fn live_values_appear_in_headless_chromium() {
     // Chromium's virtual time runs ahead of the network while the page waits on nothing
     // but its WebSocket, so one run may end before the first live event arrives: that
     // run proves nothing either way, and Chromium runs again, up to a deadline.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let dom = loop {
-        let (url2, bin2) = (url.clone(), bin.clone());
-        let dom = tokio::task::spawn_blocking(move || {
-            run_chromium(&bin2, &url2, &["--virtual-time-budget=6000", "--dump-dom"])
-        })
-        .await
-        .unwrap();
-        if live_events(&dom) > 0 || std::time::Instant::now() > deadline {
-            break dom;
-        }
-    };
+    let dom = dump_dom_until(&bin, &url, |dom| live_events(dom) > 0).await;
     assert!(
         dom.contains(r#"data-testid="ws-status""#) && dom.contains(">connected<"),
         "the WebSocket connected:\n{dom}"
@@ -141,21 +226,198 @@ async fn live_values_appear_in_headless_chromium() {
         "no live telemetry event reached the page"
     );
 
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    let arg = format!("--screenshot={}", shot.display());
-    tokio::task::spawn_blocking(move || {
-        run_chromium(&bin, &url, &["--virtual-time-budget=4000", &arg]);
-    })
-    .await
-    .unwrap();
-    let png = std::fs::read(&shot).expect("the screenshot was written");
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "a real picture"
-    );
-    println!("screenshot: {}", shot.display());
+    screenshot(&bin, &url, "dashboard.png").await;
     for s in streams {
         s.abort();
     }
+}
+
+/// A device that answers `echo` with its `text`, ignores `ignore` (the command stays
+/// `sent`), and answers anything else `UnknownCommand`.
+fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = dev.recv().await {
+            let Down::Command { id, name, args, .. } = msg else {
+                continue;
+            };
+            match name.as_str() {
+                "echo" => {
+                    let text = args["text"].as_str().unwrap_or_default().to_owned();
+                    let n = proto::Name::new("text").unwrap();
+                    let v = Value::str(&text).unwrap();
+                    dev.result(id, CommandStatus::Succeeded, &[Reading::new(n, v)])
+                        .await
+                        .unwrap();
+                }
+                "ignore" => {}
+                _ => dev
+                    .result(id, CommandStatus::UnknownCommand, &[])
+                    .await
+                    .unwrap(),
+            }
+        }
+    })
+}
+
+/// Sends a command through the API, waiting up to `wait_s` for it to end.
+async fn command(tg: &TestGateway, device: &str, body: Json) -> (u16, Json) {
+    let api = tg.gw.api().unwrap();
+    let path = format!("/api/v1/devices/{device}/commands");
+    let (status, text) = e2e::http_post_json(api.addr, &path, Some(&api.token), &body).await;
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_history_shows_each_command_with_its_final_state() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let tg = TestGateway::start().await;
+    // Another device first by id: the page must show the one the link names.
+    let (_other, _) = tg.device("cmd-a-other", 1).await;
+    let (dev, _) = tg.device("cmd-dev", 1).await;
+    let answering = answer_commands(dev);
+
+    let (status, ok) = command(
+        &tg,
+        "cmd-dev",
+        json!({"name": "echo", "args": {"text": "hello"}, "wait_s": 10}),
+    )
+    .await;
+    assert_eq!((status, &ok["state"]), (200, &json!("succeeded")), "{ok}");
+    let (status, unknown) = command(
+        &tg,
+        "cmd-dev",
+        json!({"name": "reboot", "args": {"delay_s": 3}, "wait_s": 10}),
+    )
+    .await;
+    assert_eq!(
+        (status, &unknown["state"]),
+        (200, &json!("failed")),
+        "{unknown}"
+    );
+    // One the device never answers: it stays `sent`.
+    let (status, pending) = command(&tg, "cmd-dev", json!({"name": "ignore", "wait_s": 0})).await;
+    assert_eq!(status, 202, "{pending}");
+    let api = tg.gw.api().unwrap();
+    let pending_path = format!("/api/v1/commands/{}", pending["id"]);
+    e2e::eventually("the ignored command is sent", || async {
+        let (_, text) = e2e::http_get(api.addr, &pending_path, Some(&api.token)).await;
+        let rec: Json = serde_json::from_str(&text).ok()?;
+        (rec["state"] == "sent").then_some(())
+    })
+    .await;
+
+    let url = page_url(&tg, "device=cmd-dev");
+    let dom = dump_dom_until(&bin, &url, |dom| elements(dom, "command-row").len() >= 3).await;
+    assert_eq!(text_of(&dom, "selected-device"), Some("cmd-dev"), "{dom}");
+    let history = elements(&dom, "command-history");
+    assert_eq!(history.len(), 1, "one history panel:\n{dom}");
+    assert_eq!(history[0]["data-device"], "cmd-dev");
+    // Newest first, each in the state the API reports.
+    let rows: Vec<(String, String)> = elements(&dom, "command-row")
+        .into_iter()
+        .map(|r| (r["data-command-id"].clone(), r["data-state"].clone()))
+        .collect();
+    let want: Vec<(String, String)> =
+        [(&pending, "sent"), (&unknown, "failed"), (&ok, "succeeded")]
+            .iter()
+            .map(|(c, state)| (c["id"].to_string(), (*state).to_owned()))
+            .collect();
+    assert_eq!(rows, want, "the command rows:\n{dom}");
+    // Their arguments and outcomes are summarized on the row.
+    for text in [r#"text="hello""#, "delay_s=3", "unknown_command"] {
+        assert!(dom.contains(text), "{text:?} is shown:\n{dom}");
+    }
+    answering.abort();
+}
+
+/// Sends one record with a `temp` reading, stamped by the device at `time_ms`.
+async fn telemetry_at(dev: &mut RawDevice, seq: u32, time_ms: u64, temp: f64) {
+    let mut readings = Readings::new();
+    let name = proto::Name::new("temp").unwrap();
+    readings.push(Reading::new(name, Value::F64(temp))).unwrap();
+    dev.send(&Uplink::Telemetry(Telemetry {
+        seq,
+        time_ms: Some(time_ms),
+        readings,
+    }))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_range_draws_pauses_as_gaps() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let tg = TestGateway::start().await;
+    let (mut dev, _) = tg.device("gap-dev", 1).await;
+    // The device stamps its records: one 20 minutes ago (outside a 15-minute range), a
+    // burst of 5 (one a second) 10 minutes ago, and another 2 minutes ago.
+    let now = now_ms();
+    let mut seq = 1;
+    telemetry_at(&mut dev, seq, now - 20 * 60_000, 0.0).await;
+    for start in [now - 10 * 60_000, now - 2 * 60_000] {
+        for i in 0..5 {
+            seq += 1;
+            telemetry_at(&mut dev, seq, start + i * 1000, f64::from(seq % 3)).await;
+        }
+    }
+    dev.wait_ack(seq).await;
+
+    // The last 15 minutes: the two bursts, each a piece of line.
+    let url = page_url(&tg, "device=gap-dev&range=15m");
+    let temp_chart = |dom: &str| {
+        elements(dom, "chart")
+            .into_iter()
+            .find(|c| c["data-device"] == "gap-dev" && c["data-name"] == "temp")
+    };
+    let dom = dump_dom_until(&bin, &url, |dom| {
+        let loaded = elements(dom, "range")
+            .first()
+            .is_some_and(|r| r["data-state"] == "loaded");
+        loaded && temp_chart(dom).is_some_and(|c| c["data-points"] != "0")
+    })
+    .await;
+    let range = elements(&dom, "range");
+    let range = range.first().expect("a range picker");
+    assert_eq!(
+        (range["data-range"].as_str(), range["data-state"].as_str()),
+        ("15m", "loaded"),
+        "{dom}"
+    );
+    assert!(
+        text_of(&dom, "range-note").is_some_and(|t| t.starts_with("10 records from")),
+        "{dom}"
+    );
+    let chart = temp_chart(&dom).expect("a chart of temp");
+    assert_eq!(chart["data-points"], "10", "{dom}");
+    assert_eq!(
+        chart["data-segments"], "2",
+        "a gap between the bursts:\n{dom}"
+    );
+    screenshot(&bin, &url, "dashboard-range.png").await;
+
+    // Live (the last 60 records): all 11, and the line breaks twice.
+    let url = page_url(&tg, "device=gap-dev");
+    let dom = dump_dom_until(&bin, &url, |dom| {
+        temp_chart(dom).is_some_and(|c| c["data-points"] == "11")
+    })
+    .await;
+    let range = elements(&dom, "range");
+    assert_eq!(
+        range.first().map(|r| r["data-range"].as_str()),
+        Some("live"),
+        "{dom}"
+    );
+    let chart = temp_chart(&dom).expect("a chart of temp");
+    assert_eq!(
+        (
+            chart["data-points"].as_str(),
+            chart["data-segments"].as_str()
+        ),
+        ("11", "3"),
+        "{dom}"
+    );
 }
