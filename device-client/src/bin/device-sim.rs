@@ -25,6 +25,8 @@ use device_client::sim::{Devices, Histogram, SimConfig, Simulator, Stats, Summar
 /// JSON summary on stdout).
 #[derive(Parser)]
 #[command(
+    // The binary's name, not the crate's (`device-client`), in --version and usage.
+    name = "device-sim",
     version,
     after_help = "\
 Examples:
@@ -152,17 +154,28 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let human = human_summary(&summary);
     if cli.json {
         eprint!("{human}");
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &summary)?;
-        writeln!(out)?;
+        let mut json = serde_json::to_vec_pretty(&summary)?;
+        json.push(b'\n');
+        print_out(&json)?;
     } else {
-        print!("{human}");
+        print_out(human.as_bytes())?;
     }
     Ok(if summary.drained {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
     })
+}
+
+/// Writes the summary to stdout. A reader that went away (`device-sim ... | head -3`)
+/// is not an error of the simulation: the exit status still says whether every record
+/// was acked (`print!` would panic instead).
+fn print_out(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 /// Prints progress once a second until the simulation ends; Ctrl-C stops it (twice:

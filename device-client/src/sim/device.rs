@@ -5,20 +5,20 @@ extern crate std;
 
 use std::collections::VecDeque;
 use std::format;
-use std::io;
 use std::rc::Rc;
-use std::string::{String, ToString};
+use std::string::String;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use std::vec::Vec;
 
 use tokio::sync::{Notify, Semaphore, watch};
 
+use super::conn::{Closer, Link, SimConnector};
 use super::identity::DeviceIdentity;
 use super::stats::{Global, Phase, Shard};
 use super::{BootSummary, DeviceSummary, Settings};
-use crate::driver::tokio::{TlsConnection, TlsConnector, TokioClock};
-use crate::driver::{App, Clock, Connector, run};
+use crate::driver::tokio::TokioClock;
+use crate::driver::{App, Clock, run};
 use crate::machine::{Client, CompleteError, Config, Event, Millis, SendError};
 use crate::proto::owned::{OwnedReadings, borrow_readings, to_owned_readings};
 use crate::proto::{Command, CommandId, CommandStatus, Name, Reading, Seq, Value, find};
@@ -58,10 +58,12 @@ pub(crate) struct ThreadCtx {
     pub(crate) settings: Arc<Settings>,
     pub(crate) ramp: Arc<Semaphore>,
     pub(crate) clock: TokioClock,
+    /// The devices' connections being closed.
+    pub(crate) closer: Closer,
 }
 
 impl ThreadCtx {
-    fn shard(&self) -> &Shard {
+    pub(crate) fn shard(&self) -> &Shard {
         &self.shard
     }
 }
@@ -203,6 +205,8 @@ struct Device {
     ring_full: u64,
     boots: Vec<BootSummary>,
     fatal: Option<String>,
+    /// Shared with its connector and connections.
+    link: Rc<Link>,
 }
 
 /// A reboot in progress: the result is queued, the ring drains.
@@ -481,6 +485,7 @@ impl App for SimApp<'_> {
         let shard = self.ctx.shard();
         match &event {
             Event::Connected { .. } => {
+                self.dev.link.welcomed();
                 Shard::add(&shard.connects, 1);
                 self.dev.connects += 1;
                 if !self.dev.connected_once {
@@ -488,7 +493,11 @@ impl App for SimApp<'_> {
                     self.ctx.global.first_connect();
                 }
             }
-            Event::Disconnected { reason, .. } => shard.disconnected(reason),
+            // The client reports a failed connect as a disconnect too; it was counted
+            // once already, as a connect failure.
+            Event::Disconnected { reason, .. } if self.dev.link.ended_a_session() => {
+                shard.disconnected(reason)
+            }
             _ => {}
         }
         self.sync(client);
@@ -506,33 +515,6 @@ fn interval_arg(args: &[Reading<'_>]) -> Result<f64, &'static str> {
         Ok(ms)
     } else {
         Err("the interval must be from 1 ms to 7 days")
-    }
-}
-
-/// Connects through the shared ramp: at most `max_handshakes` connects and handshakes
-/// at once across all devices, so thousands of devices starting (or coming back after
-/// a gateway restart) do not overflow the gateway's accept backlog.
-struct RampConnector {
-    inner: TlsConnector,
-    ramp: Arc<Semaphore>,
-    ctx: Rc<ThreadCtx>,
-}
-
-impl Connector for RampConnector {
-    type Error = io::Error;
-    type Connection<'c> = TlsConnection;
-
-    async fn connect(&mut self) -> Result<TlsConnection, io::Error> {
-        let _permit = self
-            .ramp
-            .acquire()
-            .await
-            .map_err(|_| io::Error::other("the simulator is stopping"))?;
-        let out = self.inner.connect().await;
-        if let Err(e) = &out {
-            self.ctx.shard().connect_failed(e);
-        }
-        out
     }
 }
 
@@ -565,22 +547,16 @@ pub(crate) async fn device<const RING: usize>(
         ring_full: 0,
         boots: Vec::new(),
         fatal: None,
+        link: Rc::new(Link::default()),
     };
-    let mut connector =
-        match TlsConnector::new(settings.gateway.as_str(), &settings.server_name, ident.tls) {
-            Ok(mut c) => {
-                c.timeout = settings.connect_timeout;
-                RampConnector {
-                    inner: c,
-                    ramp: ctx.ramp.clone(),
-                    ctx: ctx.clone(),
-                }
-            }
-            Err(e) => {
-                dev.fatal = Some(e.to_string());
-                return dev.summary();
-            }
-        };
+    let mut connector = match SimConnector::new(ctx.clone(), dev.link.clone(), ident.tls) {
+        Ok(c) => c,
+        Err(why) => {
+            dev.fatal = Some(why);
+            return dev.summary();
+        }
+    };
+    let link = dev.link.clone();
     let reboot_now = Notify::new();
     loop {
         let boot_id = dev.rng.next_u64();
@@ -628,6 +604,8 @@ pub(crate) async fn device<const RING: usize>(
                 biased;
                 _ = phase.wait_for(|p| *p == Phase::Stopped) => BootEnd::Stop,
                 () = reboot_now.notified() => BootEnd::Reboot,
+                // The driver does not know a handshake refused for revocation is final.
+                why = link.refused_for_good() => BootEnd::Fatal(why),
                 reason = running => BootEnd::Fatal(format!("{reason:?}")),
             }
         };

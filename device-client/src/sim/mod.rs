@@ -6,8 +6,9 @@
 //!  Simulator::start(SimConfig)
 //!   ├─ worker thread 0: current-thread tokio + LocalSet ─► device 0, T, 2T ... ─┐
 //!   ├─ worker thread 1: ...                             ─► device 1, T+1 ...   ─┤─ TLS ─► gateway
-//!   │     each device: run(client, RampConnector, clock, SimApp) ; reboot = new Client
-//!   │     RampConnector: a shared semaphore bounds concurrent connects+handshakes
+//!   │     each device: run(client, SimConnector, clock, SimApp) ; reboot = new Client
+//!   │     SimConnector: a shared semaphore bounds concurrent connects+handshakes;
+//!   │     a dropped connection is closed with close_notify (the worker waits for it)
 //!   └─ control thread: run for `duration` or until stop() ─► drain (wait for acks,
 //!        bounded) ─► stop devices ─► Summary
 //!  Monitor::stats() ◄── per-thread atomic counters (no locks on the devices' path)
@@ -39,6 +40,7 @@
 
 extern crate std;
 
+mod conn;
 mod device;
 mod identity;
 mod stats;
@@ -270,13 +272,13 @@ pub struct Summary {
     pub connects: u64,
     /// Sessions opened beyond each device's first.
     pub reconnects: u64,
-    /// Connections that ended.
+    /// Connections that ended after TCP and TLS were up (see [`Stats::disconnects`]).
     pub disconnects: u64,
     /// `disconnects` by reason.
     pub disconnects_by_reason: BTreeMap<String, u64>,
-    /// Failed connects and handshakes.
+    /// Failed connects and handshakes, each counted once (not also as disconnects).
     pub connect_failures: u64,
-    /// `connect_failures` by reason.
+    /// `connect_failures` by reason (`refused`, `tls`, `revoked`, ...).
     pub connect_failures_by_reason: BTreeMap<String, u64>,
     /// Commands run.
     pub commands: u64,
@@ -593,6 +595,7 @@ impl Worker {
                 settings: self.settings.clone(),
                 ramp: self.ramp.clone(),
                 clock: crate::driver::tokio::TokioClock::new(),
+                closer: conn::Closer::default(),
             });
             tokio::task::spawn_local(device::watch_drain(self.shard.clone(), self.phase.clone()));
             let mut tasks = Vec::with_capacity(self.devices.len());
@@ -614,6 +617,8 @@ impl Worker {
                 });
                 out.push((i, summary));
             }
+            // The devices have let go of their connections; end them properly.
+            ctx.closer.finish().await;
             out
         })
     }

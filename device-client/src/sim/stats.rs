@@ -199,17 +199,22 @@ fn reason_index(d: &Disconnect) -> usize {
 }
 
 /// Why a connection attempt failed, for [`Stats::connect_failures_by_reason`].
-const FAILURES: [&str; 6] = [
+/// `revoked`: the gateway refused the certificate in the handshake as revoked.
+const FAILURES: [&str; 7] = [
     "refused",
     "timed_out",
     "reset",
     "tls",
     "too_many_open_files",
     "other",
+    "revoked",
 ];
 
 pub(crate) fn failure_index(e: &std::io::Error) -> usize {
     use std::io::ErrorKind::*;
+    if super::conn::refusal_alert(e) == Some(rustls::AlertDescription::CertificateRevoked) {
+        return 6;
+    }
     match e.kind() {
         ConnectionRefused => 0,
         TimedOut => 1,
@@ -430,13 +435,15 @@ pub struct Stats {
     pub connects: u64,
     /// Sessions opened beyond each device's first (after a disconnect or a reboot).
     pub reconnects: u64,
-    /// Connections that ended (any reason, including before `Welcome`).
+    /// Connections that ended after TCP and TLS were up (any reason, including before
+    /// `Welcome`). A failed connect is not one: it is in `connect_failures` only.
     pub disconnects: u64,
     /// `disconnects` by reason (`closed`, `goodbye_shutdown`, ...), zero counts left out.
     pub disconnects_by_reason: BTreeMap<String, u64>,
-    /// TCP connects or TLS handshakes that failed.
+    /// TCP connects or TLS handshakes that failed, each counted once. A certificate the
+    /// gateway refuses is one too, also when TLS 1.3 reports it only on the first read.
     pub connect_failures: u64,
-    /// `connect_failures` by reason (`refused`, `timed_out`, `tls`, ...).
+    /// `connect_failures` by reason (`refused`, `timed_out`, `tls`, `revoked`, ...).
     pub connect_failures_by_reason: BTreeMap<String, u64>,
     /// Commands run (repeats the device recognised are not counted).
     pub commands: u64,
