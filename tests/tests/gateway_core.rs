@@ -233,8 +233,13 @@ async fn commands_wait_for_offline_devices_and_expired_ones_never_go() {
     assert_eq!(name, "set_interval");
     assert_eq!(args, json!({"interval_s": 5}));
     assert!(ttl_ms > 0 && ttl_ms <= 3_600_000);
-    let sent = gw.store().command(live.id).await.unwrap().unwrap();
-    assert_eq!(sent.state, CommandState::Sent);
+    // The device gets a command before the commit that marks it sent (one fsync
+    // sooner, store.rs `TakeCommands`): the state follows within that commit.
+    eventually("the command marked sent", || async {
+        let sent = gw.store().command(live.id).await.unwrap().unwrap();
+        (sent.state == CommandState::Sent).then_some(())
+    })
+    .await;
 
     let ok = proto::Name::new("ok").unwrap();
     dev.result(
