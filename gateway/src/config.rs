@@ -104,9 +104,68 @@ pub struct Config {
 
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
+    /// The MQTT bridge (docs/MQTT.md): off unless a `[mqtt]` section (or `--mqtt URL`)
+    /// names a broker.
+    pub mqtt: Option<MqttSettings>,
+
     /// Log level or filter: `error`, `warn`, `info`, `debug`, `trace`, or a filter such
     /// as `info,gateway::session=debug`. `RUST_LOG`, if set, wins.
     pub log_level: String,
+}
+
+/// The `[mqtt]` section: where and how the bridge relays telemetry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// The broker: `mqtt://HOST[:PORT]` (1883) or `mqtts://HOST[:PORT]` (8883, TLS).
+    pub url: String,
+    /// MQTT client id (also the persistent session's name at the broker).
+    pub client_id: String,
+    /// This gateway's name in topics (`{prefix}/gateways/{gateway_id}/status`).
+    pub gateway_id: String,
+    /// Keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// First level of every topic.
+    pub topic_prefix: String,
+    /// 1: at least once, the cursor moves on the broker's PUBACK; 0: at most once.
+    pub qos: u8,
+    /// Telemetry payloads: `json`, or `postcard` (the device's bytes unchanged).
+    pub payload: PayloadFormat,
+    /// CA bundle (PEM) that signs the broker's certificate (`mqtts://`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for brokers that want mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "iot-gateway".into(),
+            gateway_id: "gateway".into(),
+            keep_alive: Duration::from_secs(30),
+            topic_prefix: "iot".into(),
+            qos: 1,
+            payload: PayloadFormat::Json,
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// How telemetry payloads are written to MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// A JSON object: device, boot_id, seq, time_ms, received_ms, values.
+    #[default]
+    Json,
+    /// The device's `Telemetry` message, postcard-encoded, as it arrived.
+    Postcard,
 }
 
 /// How log lines are written.
@@ -166,6 +225,7 @@ impl Default for Config {
             api_header_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            mqtt: None,
         }
     }
 }
@@ -234,6 +294,11 @@ impl Config {
         }
         if let Some(p) = &mut self.api_token_file {
             fix(p);
+        }
+        if let Some(m) = &mut self.mqtt {
+            for p in [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten() {
+                fix(p);
+            }
         }
     }
 
@@ -329,6 +394,33 @@ impl Config {
         }
         if self.retention_max_rows == Some(0) {
             return invalid("retention_max_rows", "must be at least 1".into());
+        }
+        if let Some(m) = &self.mqtt {
+            if let Err(problem) = crate::bridge::Broker::parse(&m.url) {
+                return invalid("mqtt.url", problem);
+            }
+            if m.qos > 1 {
+                return invalid("mqtt.qos", format!("{} is not 0 or 1", m.qos));
+            }
+            let bad_level = |s: &str| s.is_empty() || s.contains(['+', '#', '/', '\0']);
+            if bad_level(&m.topic_prefix) {
+                return invalid(
+                    "mqtt.topic_prefix",
+                    "must be one topic level: not empty, no '+', '#' or '/'".into(),
+                );
+            }
+            if bad_level(&m.gateway_id) {
+                return invalid(
+                    "mqtt.gateway_id",
+                    "must be one topic level: not empty, no '+', '#' or '/'".into(),
+                );
+            }
+            if m.keep_alive < Duration::from_secs(5) {
+                return invalid("mqtt.keep_alive", "must be at least 5s".into());
+            }
+            if m.cert.is_some() != m.key.is_some() {
+                return invalid("mqtt.cert", "mqtt.cert and mqtt.key go together".into());
+            }
         }
         Ok(())
     }

@@ -20,6 +20,7 @@
 //! open-file limit together (`budget`); docs/SECURITY.md has the threat model.
 
 pub mod api;
+pub mod bridge;
 pub mod budget;
 pub mod config;
 pub mod events;
@@ -80,6 +81,8 @@ pub struct Shared {
     crl_state: std::sync::atomic::AtomicU8,
     /// Whether the gateway certificate's coming expiry was warned about.
     gateway_cert_warned: std::sync::atomic::AtomicBool,
+    /// The MQTT bridge's state, if it runs.
+    pub bridge: Option<Arc<bridge::BridgeStatus>>,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).
@@ -249,6 +252,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The MQTT bridge's settings or TLS files are wrong.
+    #[error(transparent)]
+    Bridge(#[from] bridge::BridgeError),
     /// The listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -304,6 +310,7 @@ struct Tasks {
     /// Held until the store is closed.
     _lock: std::fs::File,
     stop: watch::Sender<bool>,
+    bridge: Option<JoinHandle<()>>,
     server: JoinHandle<()>,
     api: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
@@ -333,6 +340,7 @@ impl Gateway {
             danger_ack_before_fsync: config.danger_ack_before_fsync,
             max_commit_records: config.max_commit_records,
             max_queued_commands: config.max_queued_commands,
+            sinks: config.mqtt.iter().map(|_| bridge::SINK).collect(),
         })?;
         let saved_refusals = store.refusals().await.unwrap_or_else(|e| {
             warn!(error = %e, "could not read the saved refused handshakes");
@@ -348,6 +356,14 @@ impl Gateway {
             addr: config.listen,
             source,
         })?;
+        let (bridge_status, bridge) = match &config.mqtt {
+            Some(m) => {
+                let status = Arc::new(bridge::BridgeStatus::default());
+                let b = bridge::Bridge::new(m.clone(), store.clone(), status.clone())?;
+                (Some(status), Some(b))
+            }
+            None => (None, None),
+        };
         let (events, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -365,6 +381,7 @@ impl Gateway {
             log_gates: loglimit::LogGates::default(),
             crl_state: std::sync::atomic::AtomicU8::new(0),
             gateway_cert_warned: std::sync::atomic::AtomicBool::new(false),
+            bridge: bridge_status.clone(),
         });
         info!(
             max_connections = budgets.max_connections,
@@ -397,6 +414,7 @@ impl Gateway {
         };
         let server = tokio::spawn(server::run(listener, shared.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeeping(shared.clone()));
+        let bridge = bridge.map(|b| tokio::spawn(b.run(stop_rx.clone())));
         info!(%local_addr, "gateway listening for devices");
         let mut gw = Gateway {
             shared,
@@ -417,6 +435,7 @@ impl Gateway {
             api: api_task,
             server,
             housekeeping,
+            bridge,
             writer,
             _lock: lock,
         })));
@@ -629,6 +648,11 @@ impl Gateway {
             let _ = api.await;
         }
         tracing::debug!("listener and sessions done");
+        // After the sessions' last commits, before the store closes: the bridge
+        // collects the PUBACKs in flight and saves its cursor.
+        if let Some(b) = tasks.bridge {
+            let _ = b.await;
+        }
         tasks.housekeeping.abort();
         self.shared.save_refusals().await;
         tasks.writer.stop(&self.shared.store).await;

@@ -65,6 +65,9 @@ struct QuickstartArgs {
     /// Dashboard and API listener.
     #[arg(long, default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
+    /// Relay telemetry to this MQTT broker (mqtt://HOST[:PORT]) [default: no bridge].
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
 }
 
 #[derive(Args)]
@@ -217,6 +220,11 @@ struct Overrides {
     /// Log format: text or json [default: text].
     #[arg(long)]
     log_format: Option<LogFormat>,
+    /// Relay telemetry to this MQTT broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]
+    /// (the other [mqtt] settings from the config file, or their defaults) [default:
+    /// no bridge].
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
     /// Log level: error, warn, info, debug, trace, or a filter such as
     /// "info,gateway::session=debug" [default: info; RUST_LOG wins if set].
     #[arg(long)]
@@ -278,6 +286,9 @@ impl Overrides {
         }
         if self.api_token_file.is_some() {
             c.api_token_file = self.api_token_file;
+        }
+        if let Some(url) = self.mqtt {
+            c.mqtt.get_or_insert_with(Default::default).url = url;
         }
     }
 }
@@ -406,6 +417,13 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
     let mut config = prepare(&opts, &progress)?;
     config.listen = args.listen;
     config.api_listen = Some(args.api_listen);
+    if let Some(url) = args.mqtt {
+        config.mqtt = Some(gateway::config::MqttSettings {
+            url,
+            ..Default::default()
+        });
+        config.validate()?;
+    }
     let gw = Gateway::start(config).await.with_context(|| {
         format!(
             "starting the gateway (is another one running? ports {} and {} must be free; \

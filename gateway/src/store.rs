@@ -148,6 +148,9 @@ pub struct StoreOptions {
     pub max_commit_records: usize,
     /// Most commands queued per device.
     pub max_queued_commands: usize,
+    /// The sinks that run (`"mqtt"`): retention keeps what they have not delivered. A
+    /// sink no longer configured holds nothing back.
+    pub sinks: Vec<&'static str>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -499,6 +502,25 @@ pub enum Cancel {
     TooLate(CommandRecord),
 }
 
+/// A stored record as a sink relays it: the raw body and where it is in commit order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRecord {
+    /// Its row (commit order).
+    pub row: i64,
+    /// Device id.
+    pub device: String,
+    /// Boot id.
+    pub boot_id: u64,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Device time (or arrival time), ms since the epoch.
+    pub time_ms: i64,
+    /// Arrival time, ms since the epoch.
+    pub received_ms: i64,
+    /// The `Telemetry` message as the device sent it (postcard).
+    pub body: Vec<u8>,
+}
+
 /// A refused TLS handshake, as kept across restarts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RefusalRecord {
@@ -589,6 +611,8 @@ pub struct Store {
     /// At most [`MAX_READERS`] reads at once.
     reading: Arc<tokio::sync::Semaphore>,
     health: Arc<StoreHealth>,
+    /// Counts commits that stored telemetry: sinks wait on it instead of polling.
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The writer thread, to stop and join at shutdown.
@@ -655,6 +679,13 @@ CREATE TABLE IF NOT EXISTS commands(
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+-- Where each northbound sink (the MQTT bridge) is in the telemetry table: the rowid
+-- of the last record it delivered. Rowids grow in commit order (one writer), and
+-- retention keeps the newest row, so `rowid > cursor` is exactly what is left to send.
+CREATE TABLE IF NOT EXISTS sinks(
+    name    TEXT PRIMARY KEY,
+    cursor  INTEGER NOT NULL
+) WITHOUT ROWID;
 -- The newest refused handshakes, kept across restarts (a bounded copy of the
 -- in-memory list, saved every few seconds).
 CREATE TABLE IF NOT EXISTS refusals(
@@ -685,11 +716,14 @@ impl Store {
         // Room for a burst from every session without making them wait on the channel.
         let (tx, rx) = mpsc::channel(4096);
         let health = Arc::new(StoreHealth::default());
+        let commits = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let writer = Writer {
+            commits: commits.clone(),
             conn,
             synchronous_full: !opts.danger_ack_before_fsync,
             max_commit_records: opts.max_commit_records,
             max_queued_commands: opts.max_queued_commands,
+            sinks: opts.sinks.clone(),
             health: health.clone(),
         };
         let handle = thread::Builder::new()
@@ -706,6 +740,7 @@ impl Store {
                 readers: Arc::new(Mutex::new(Vec::new())),
                 reading: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
                 health,
+                commits,
             },
             WriterThread(Some(handle)),
         ))
@@ -1004,6 +1039,91 @@ impl Store {
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Changes after every commit that stored telemetry.
+    pub fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    /// A sink's cursor; a new sink starts at the newest record (it relays what arrives
+    /// from now on, not the history).
+    pub async fn open_sink(&self, name: &str) -> Result<i64, StoreError> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO sinks(name, cursor)
+                 VALUES (?1, (SELECT coalesce(max(rowid), 0) FROM telemetry))",
+                [&name],
+            )?;
+            Ok(
+                c.query_row("SELECT cursor FROM sinks WHERE name = ?1", [&name], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .await
+    }
+
+    /// Moves a sink's cursor (committed with the next group).
+    pub async fn set_sink_cursor(&self, name: &str, cursor: i64) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                params![name, cursor],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Up to `limit` records after `cursor`, in commit order.
+    pub async fn telemetry_after(
+        &self,
+        cursor: i64,
+        limit: usize,
+    ) -> Result<Vec<SinkRecord>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT t.rowid, d.id, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+                   FROM telemetry t JOIN devices d ON d.key = t.device
+                  WHERE t.rowid > ?1 ORDER BY t.rowid LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cursor, limit as i64], |r| {
+                Ok(SinkRecord {
+                    row: r.get(0)?,
+                    device: r.get(1)?,
+                    boot_id: r.get::<_, i64>(2)? as u64,
+                    seq: r.get(3)?,
+                    time_ms: r.get(4)?,
+                    received_ms: r.get(5)?,
+                    body: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Records after `cursor` (a sink's backlog), and the arrival time of the oldest.
+    pub async fn backlog(&self, cursor: i64) -> Result<(u64, Option<i64>), StoreError> {
+        self.read(move |c| {
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM telemetry WHERE rowid > ?1",
+                [cursor],
+                |r| r.get(0),
+            )?;
+            let oldest: Option<i64> = c
+                .query_row(
+                    "SELECT received_ms FROM telemetry WHERE rowid > ?1 ORDER BY rowid LIMIT 1",
+                    [cursor],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok((n as u64, oldest))
         })
         .await
     }
@@ -1501,7 +1621,10 @@ struct Writer {
     synchronous_full: bool,
     max_commit_records: usize,
     max_queued_commands: usize,
+    /// Sinks that run: retention keeps what they have not delivered.
+    sinks: Vec<&'static str>,
     health: Arc<StoreHealth>,
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// What to do once the transaction holding an op has committed (or failed).
@@ -1670,6 +1793,9 @@ impl Writer {
             (Ok(()), None) => self
                 .health
                 .committed(telemetry_done, self.conn.total_changes() > changes_before),
+        }
+        if committed.is_ok() && telemetry_done {
+            self.commits.send_modify(|n| *n = n.wrapping_add(1));
         }
         for p in pending.drain(..) {
             match p {
@@ -2085,6 +2211,19 @@ impl Writer {
         const CHUNK: usize = 5000;
         let c = &self.conn;
         let mut deleted = 0u64;
+        // With a sink running (the MQTT bridge): never a record it has not delivered,
+        // and never the newest record, since rowids must keep growing or its cursor
+        // would skip the next ones.
+        let mut keep_from = i64::MAX;
+        for sink in &self.sinks {
+            let k: i64 = c.query_row(
+                "SELECT min(coalesce((SELECT cursor FROM sinks WHERE name = ?1), 0),
+                            coalesce((SELECT max(rowid) FROM telemetry), 0) - 1)",
+                [sink],
+                |r| r.get(0),
+            )?;
+            keep_from = keep_from.min(k);
+        }
         if let Some(cutoff) = older_than_ms {
             // Rowids follow arrival order: delete from the front in chunks, and stop at
             // the first chunk that is not entirely old enough.
@@ -2092,8 +2231,8 @@ impl Writer {
                 let n = c.execute(
                     "DELETE FROM telemetry WHERE rowid IN
                       (SELECT rowid FROM telemetry ORDER BY rowid LIMIT 5000)
-                      AND received_ms < ?1",
-                    [cutoff],
+                      AND received_ms < ?1 AND rowid <= ?2",
+                    [cutoff, keep_from],
                 )?;
                 deleted += n as u64;
                 if n < CHUNK {
@@ -2103,8 +2242,9 @@ impl Writer {
         }
         if let Some(max) = max_rows {
             let n = c.execute(
-                "DELETE FROM telemetry WHERE rowid <= (SELECT max(rowid) FROM telemetry) - ?1",
-                [i64::try_from(max).unwrap_or(i64::MAX)],
+                "DELETE FROM telemetry
+                  WHERE rowid <= (SELECT max(rowid) FROM telemetry) - ?1 AND rowid <= ?2",
+                [i64::try_from(max).unwrap_or(i64::MAX), keep_from],
             )?;
             deleted += n as u64;
         }
@@ -2151,6 +2291,7 @@ mod tests {
             danger_ack_before_fsync: false,
             max_commit_records: 1000,
             max_queued_commands: 2,
+            sinks: Vec::new(),
         })
         .unwrap()
     }
@@ -2232,7 +2373,9 @@ mod tests {
             synchronous_full: true,
             max_commit_records: 1000,
             max_queued_commands: 10,
+            sinks: Vec::new(),
             health: Arc::new(StoreHealth::default()),
+            commits: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let keys = devices
             .iter()
@@ -2435,6 +2578,42 @@ mod tests {
             .query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 6);
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = Store::open(StoreOptions {
+            path: dir.path().join("t.sqlite"),
+            danger_ack_before_fsync: false,
+            max_commit_records: 1000,
+            max_queued_commands: 2,
+            sinks: vec!["mqtt"],
+        })
+        .unwrap();
+        let day = Duration::from_secs(86_400);
+        let o = session(&store, "r1", 1).await;
+        let start = store.open_sink("mqtt").await.unwrap();
+        insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+        // All old, none delivered: none deleted.
+        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 0);
+        assert_eq!(store.apply_retention(None, Some(1)).await.unwrap(), 0);
+        // Four delivered: those four may go.
+        let rows = store.telemetry_after(start, 4).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        store.set_sink_cursor("mqtt", rows[3].row).await.unwrap();
+        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 4);
+        // All delivered: all but the newest row, which keeps rowids growing.
+        let rest = store.telemetry_after(rows[3].row, 100).await.unwrap();
+        assert_eq!(rest.len(), 6);
+        store.set_sink_cursor("mqtt", rest[5].row).await.unwrap();
+        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 5);
+        assert_eq!(store.telemetry_count(None).await.unwrap(), 1);
+        // The next record gets a rowid after the cursor.
+        insert(&store, o, 1, 11..=11, now_ms()).await;
+        let next = store.telemetry_after(rest[5].row, 10).await.unwrap();
+        assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [11]);
+        writer.stop(&store).await;
     }
 
     #[tokio::test]

@@ -45,6 +45,9 @@ pub(super) async fn handler(State(super::ApiState(api)): State<ApiState>) -> Res
             );
         }
     }
+    if let Some(b) = &api.gw.shared().bridge {
+        bridge_metrics(&mut body, b, api.gw.store()).await;
+    }
     process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -236,6 +239,56 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         &m.commit_latency,
     );
     out
+}
+
+/// The MQTT bridge's state.
+async fn bridge_metrics(out: &mut String, b: &crate::bridge::BridgeStatus, store: &crate::Store) {
+    let cursor = b.cursor.load(Ordering::Relaxed);
+    let (backlog, oldest) = store.backlog(cursor).await.unwrap_or((0, None));
+    let age = oldest.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
+    for (name, kind, help, value) in [
+        (
+            "gateway_mqtt_connected",
+            "gauge",
+            "1 while the MQTT bridge is connected to its broker.",
+            u8::from(b.connected.load(Ordering::Relaxed)).to_string(),
+        ),
+        (
+            "gateway_mqtt_published_total",
+            "counter",
+            "Records the broker acknowledged (QoS 1) or that were sent (QoS 0).",
+            b.published.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_mqtt_connect_failures_total",
+            "counter",
+            "Connections to the broker that failed or broke.",
+            b.connect_failures.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_mqtt_refused_total",
+            "counter",
+            "Records the broker refused in its PUBACK (logged, not retried).",
+            b.refused.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_mqtt_backlog_records",
+            "gauge",
+            "Stored records the bridge has not delivered yet.",
+            backlog.to_string(),
+        ),
+        (
+            "gateway_mqtt_backlog_age_seconds",
+            "gauge",
+            "Age of the oldest record not delivered yet (0: none).",
+            format!("{age}"),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (left out where it is not

@@ -118,6 +118,7 @@ pub fn routes() -> Vec<(
             post(post_group_command),
         ),
         ("/api/v1/refusals", &["get"], get(list_refusals)),
+        ("/api/v1/bridge", &["get"], get(bridge_state)),
         ("/api/v1/events", &["get"], get(events)),
         ("/api/v1/openapi.json", &["get"], get(openapi)),
         ("/metrics", &["get"], get(metrics::handler)),
@@ -1108,6 +1109,33 @@ async fn post_group_command(
         receipts.push(receipt);
     }
     axum::Json(json!({"group": name, "receipts": receipts})).into_response()
+}
+
+/// The MQTT bridge: configured, connected, backlog, counters (404 `no_bridge` when
+/// no broker is configured).
+async fn bridge_state(State(ApiState(api)): State<ApiState>) -> Result<Response, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let shared = api.gw.shared();
+    let (Some(b), Some(m)) = (&shared.bridge, &shared.config.mqtt) else {
+        return Err(api_error(
+            StatusCode::NOT_FOUND,
+            "no_bridge",
+            "no MQTT broker is configured ([mqtt] url, or --mqtt URL)",
+        ));
+    };
+    let cursor = b.cursor.load(Relaxed);
+    let (backlog, oldest) = api.gw.store().backlog(cursor).await.map_err(store_error)?;
+    Ok(axum::Json(json!({
+        "broker": m.url,
+        "connected": b.connected.load(Relaxed),
+        "published": b.published.load(Relaxed),
+        "connect_failures": b.connect_failures.load(Relaxed),
+        "refused": b.refused.load(Relaxed),
+        "backlog_records": backlog,
+        "oldest_unpublished_ms": oldest,
+        "last_error": b.last_error(),
+    }))
+    .into_response())
 }
 
 async fn list_refusals(State(ApiState(api)): State<ApiState>) -> Response {
