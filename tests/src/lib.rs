@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed unwrap is a failed test
 
 pub mod logs;
+pub mod mqtt;
 pub mod process;
 
 use std::io;
