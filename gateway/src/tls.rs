@@ -257,8 +257,15 @@ impl CertSummary {
     /// Reads the subject and serial; `None` if the certificate does not parse.
     pub fn of(cert: &CertificateDer<'_>) -> Option<Self> {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-        // The peer chose these bytes: bounded, before they reach logs and the API.
-        let subject: String = parsed.subject().to_string().chars().take(256).collect();
+        // The peer chose these bytes: bounded, and without control characters (a
+        // newline would forge a log line), before they reach logs and the API.
+        let subject: String = parsed
+            .subject()
+            .to_string()
+            .chars()
+            .take(256)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         Some(Self {
             subject,
             serial: hex(&normalize_serial(parsed.raw_serial())),
@@ -573,6 +580,29 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_subject_is_bounded_and_printable() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let cn = format!("evil\n2026-01-01 INFO forged line\u{7}{}", "x".repeat(400));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let summary = CertSummary::of(cert.der()).unwrap();
+        assert!(summary.subject.chars().count() <= 256);
+        assert!(
+            !summary.subject.chars().any(char::is_control),
+            "{:?}",
+            summary.subject
+        );
+        assert!(
+            summary.subject.starts_with("CN=evil?2026"),
+            "{:?}",
+            summary.subject
+        );
+    }
 
     #[test]
     fn serials_compare_without_sign_padding() {
