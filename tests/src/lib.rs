@@ -111,6 +111,17 @@ impl Pki {
         }
     }
 
+    /// Connects a device `id` (a fresh certificate) to the gateway at `addr` and opens
+    /// its session with boot id `boot`.
+    pub async fn session(&self, addr: SocketAddr, id: &str, boot: u64) -> RawDevice {
+        let cert = self.device(id);
+        let mut dev = RawDevice::connect(addr, &self.ca, Some(&cert))
+            .await
+            .unwrap();
+        dev.hello(boot).await;
+        dev
+    }
+
     /// Paths of the PEM files.
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)

@@ -90,11 +90,7 @@ async fn healthz_fails_while_the_store_cannot_commit() {
     .await;
     let api = gw.api_addr().await;
     assert_eq!(http_get(api, "/healthz", None).await.0, 200);
-    let cert = pki.device("filler-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(1).await;
+    let mut dev = pki.session(addr, "filler-1", 1).await;
     let mut acked = 0;
     let mut bye = None;
     'fill: for seq in 1..=5_000 {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::process::GatewayProcess;
-use e2e::{Pki, RawDevice, http_get, stored_rows};
+use e2e::{Pki, http_get, stored_rows};
 
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
 
@@ -139,11 +139,7 @@ async fn backup_copies_a_running_store() {
     let data = tempfile::tempdir().unwrap();
     let args = pki.gateway_args(data.path(), "127.0.0.1:0");
     let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
-    let cert = pki.device("b-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(1).await;
+    let mut dev = pki.session(addr, "b-1", 1).await;
     for seq in 1..=10 {
         dev.telemetry(seq).await.unwrap();
     }
@@ -188,11 +184,7 @@ async fn the_events_command_tails_the_live_stream() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let cert = pki.device("e-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(1).await;
+    let mut dev = pki.session(addr, "e-1", 1).await;
     // Records until the command has printed two (it may subscribe after the first).
     let sender = tokio::spawn(async move {
         for seq in 1.. {
@@ -258,11 +250,7 @@ async fn expiry_of_the_crl_and_certificates_is_watched() {
     .await;
     gw.wait_for(&["WARN", "gateway's certificate expires in less than 7 days"])
         .await;
-    let cert = pki.device("x-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(1).await;
+    let _dev = pki.session(addr, "x-1", 1).await;
 
     let api = gw.api_addr().await;
     let token = std::fs::read_to_string(data.path().join("db/api-token")).unwrap();

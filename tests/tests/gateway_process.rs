@@ -129,11 +129,7 @@ async fn sigterm_says_goodbye_and_exits_cleanly() {
     let data = tempfile::tempdir().unwrap();
     let args = pki.gateway_args(data.path(), "127.0.0.1:0");
     let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
-    let cert = pki.device("polite-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(1).await;
+    let mut dev = pki.session(addr, "polite-1", 1).await;
     for seq in 1..=10 {
         dev.telemetry(seq).await.unwrap();
     }

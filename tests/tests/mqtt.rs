@@ -263,11 +263,7 @@ async fn a_crash_during_an_outage_loses_nothing() {
         let state: Json = serde_json::from_str(&body).unwrap();
         state["backlog_records"].as_u64()
     };
-    let cert = pki.device("k-1");
-    let mut dev = RawDevice::connect(addr, &pki.ca, Some(&cert))
-        .await
-        .unwrap();
-    dev.hello(3).await;
+    let mut dev = pki.session(addr, "k-1", 3).await;
     stream(std::slice::from_mut(&mut dev), 1, 50).await;
     eventually("the first 50 relayed", || async {
         (backlog().await? == 0).then_some(())
