@@ -23,26 +23,47 @@
 //! is re-sent behind the bridge's back; what is unacknowledged is read again from the
 //! store.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties, RetainForwardRule,
+};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, Transport};
-use serde_json::json;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json, json};
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, warn};
 
 use crate::config::{MqttSettings, PayloadFormat};
-use crate::store::{SinkRecord, Store, StoreError, body_to_json, now_ms};
+use crate::events::Event as GatewayEvent;
+use crate::store::{CommandRecord, SinkRecord, Store, StoreError, body_to_json, now_ms};
+use crate::{CommandError, Gateway};
 
 /// The sink's name in the store.
 pub const SINK: &str = "mqtt";
-/// Publishes awaiting their PUBACK, at most.
+/// Telemetry publishes awaiting their PUBACK, at most.
 const WINDOW: usize = 256;
+/// Publishes of any kind handed to the client and not yet sent, at most: with the
+/// acks the broker can make us owe ([`RECEIVE_MAXIMUM`]) this stays below the client's
+/// request channel ([`CHANNEL`]), so handing one over never waits on the task that
+/// would make room.
+const UNSENT: usize = 3 * WINDOW;
+/// The client's request channel.
+const CHANNEL: usize = 4 * WINDOW;
+/// Command requests the broker may send before we acknowledge them.
+const RECEIVE_MAXIMUM: u16 = 32;
+/// Presence and command messages waiting for room, at most; past it, events are left
+/// in their channel and, if that overflows, everything is read again from the store.
+const OUTBOX: usize = 4096;
+/// (device, reading) pairs announced to Home Assistant that are remembered; past it
+/// the set starts again (announcing twice is harmless: the config is retained).
+const ANNOUNCED: usize = 100_000;
 /// How often the cursor is committed while it moves.
 const CURSOR_EVERY: Duration = Duration::from_millis(250);
 /// Time allowed to connect (TCP, TLS, CONNACK).
@@ -110,6 +131,11 @@ pub struct BridgeStatus {
     pub refused: AtomicU64,
     /// The last record delivered (its row).
     pub cursor: AtomicI64,
+    /// Records retention deleted before the bridge delivered them
+    /// (`mqtt.drop_undelivered`).
+    pub dropped: AtomicU64,
+    /// Command requests taken from the broker (queued or answered with an error).
+    pub commands: AtomicU64,
     /// Why the last connection failed.
     pub last_error: Mutex<Option<String>>,
 }
@@ -169,6 +195,10 @@ impl Bridge {
         options.set_session_expiry_interval(Some(u32::MAX));
         options.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
         options.set_max_packet_size(Some(1 << 20));
+        // A command request is acknowledged once it is queued in the store (or
+        // answered with an error): a crash before that gets it delivered again.
+        options.set_manual_acks(true);
+        options.set_receive_maximum(Some(RECEIVE_MAXIMUM));
         let status_topic = format!(
             "{}/gateways/{}/status",
             settings.topic_prefix, settings.gateway_id
@@ -194,8 +224,15 @@ impl Bridge {
     }
 
     /// Relays until `stop` turns true: connects, publishes from the cursor, reconnects
-    /// with a growing pause after a failure (each logged with its reason).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// with a growing pause after a failure (each logged with its reason). `gw` is the
+    /// gateway whose presence and commands it relays.
+    pub async fn run(self, gw: Gateway, mut stop: watch::Receiver<bool>) {
+        let mut relay = Relay {
+            control: gw.shared().subscribe_control(),
+            gw,
+            replies: HashMap::new(),
+            announced: HashSet::new(),
+        };
         let mut cursor = loop {
             match self.store.open_sink(SINK).await {
                 Ok(c) => break c,
@@ -211,9 +248,11 @@ impl Bridge {
         self.status.cursor.store(cursor, Ordering::Relaxed);
         let mut backoff = BACKOFF.0;
         loop {
-            let (client, events) = AsyncClient::new(self.options.clone(), WINDOW * 2);
+            let (client, events) = AsyncClient::new(self.options.clone(), CHANNEL);
             let mut conn = Connection {
                 bridge: &self,
+                relay: &mut relay,
+                outbox: VecDeque::new(),
                 client,
                 events,
                 cursor,
@@ -252,6 +291,15 @@ impl Bridge {
 
     fn topic(&self, device: &str, what: &str) -> String {
         format!("{}/devices/{device}/{what}", self.settings.topic_prefix)
+    }
+
+    /// The device a command request's topic names (`{prefix}/devices/{id}/commands/request`).
+    fn request_device<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let id = topic
+            .strip_prefix(self.settings.topic_prefix.as_str())?
+            .strip_prefix("/devices/")?
+            .strip_suffix("/commands/request")?;
+        (!id.is_empty() && !id.contains('/')).then_some(id)
     }
 
     fn qos(&self) -> QoS {
@@ -301,9 +349,49 @@ fn client_tls(s: &MqttSettings) -> Result<rustls::ClientConfig, BridgeError> {
     }
 }
 
+/// What the bridge keeps from one connection to the next.
+struct Relay {
+    gw: Gateway,
+    /// Presence and command events.
+    control: broadcast::Receiver<Arc<GatewayEvent>>,
+    /// Commands requested over MQTT 5 with a Response Topic: where their state
+    /// changes go, until the final one.
+    replies: HashMap<i64, Reply>,
+    /// (device, reading) pairs announced to Home Assistant.
+    announced: HashSet<(String, String)>,
+}
+
+/// Where a command's state changes go.
+struct Reply {
+    topic: String,
+    correlation: Option<Bytes>,
+}
+
+/// A message that is not a record: status, presence, a command's state, an
+/// announcement. Not kept in the store: after an outage the current state is sent.
+struct Note {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    correlation: Option<Bytes>,
+}
+
+/// A command request's payload (docs/MQTT.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    name: String,
+    #[serde(default)]
+    args: Json,
+    ttl_s: Option<f64>,
+}
+
 /// One connection to the broker.
 struct Connection<'a> {
     bridge: &'a Bridge,
+    relay: &'a mut Relay,
+    /// Notes waiting for room in the client's channel.
+    outbox: VecDeque<Note>,
     client: AsyncClient,
     events: EventLoop,
     /// Every record up to this row was delivered.
@@ -341,32 +429,53 @@ impl Connection<'_> {
         info!(broker = %self.bridge.settings.url, cursor = self.cursor, "MQTT bridge connected");
         let s = &self.bridge.settings;
         let online = json!({"state": "online", "gateway": s.gateway_id, "time_ms": now_ms()});
-        self.unassigned.push_back(None);
-        self.client
-            .publish(
-                format!("{}/gateways/{}/status", s.topic_prefix, s.gateway_id),
+        self.outbox.push_back(Note {
+            topic: format!("{}/gateways/{}/status", s.topic_prefix, s.gateway_id),
+            payload: online.to_string().into_bytes(),
+            retain: true,
+            correlation: None,
+        });
+        if s.accept_commands {
+            // Retained requests are not taken: a command runs once, when asked.
+            let mut filter = Filter::new(
+                format!("{}/devices/+/commands/request", s.topic_prefix),
                 QoS::AtLeastOnce,
-                true,
-                online.to_string(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            );
+            filter.retain_forward_rule = RetainForwardRule::Never;
+            self.client
+                .subscribe_many([filter])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.resync().await;
 
         let mut commits = self.bridge.store.watch_commits();
         let mut tick = tokio::time::interval(CURSOR_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut more = true;
         loop {
-            if more && self.in_flight.len() < WINDOW {
+            self.flush_outbox().await?;
+            if more && self.in_flight.len() < WINDOW && self.unassigned.len() < UNSENT {
                 more = self.publish_more().await?;
             }
+            let room = self.outbox.len() < OUTBOX;
             tokio::select! {
                 ev = self.events.poll() => match ev {
-                    Ok(ev) => self.on_event(ev),
+                    Ok(ev) => {
+                        if let Some(request) = self.on_event(ev) {
+                            self.command_request(request).await?;
+                        }
+                    }
                     Err(e) => {
                         self.save_cursor().await;
                         return Err(describe(&e));
                     }
+                },
+                ev = self.relay.control.recv(), if room => match ev {
+                    Ok(ev) => self.on_control(&ev),
+                    // Fell behind: what is current is read from the store instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.resync().await,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 changed = commits.changed(), if !more => {
                     if changed.is_err() {
@@ -389,6 +498,158 @@ impl Connection<'_> {
         }
     }
 
+    /// After a (re)connect or falling behind the events: every device's presence as
+    /// the store has it, and the state of every command whose replies are awaited.
+    async fn resync(&mut self) {
+        self.relay.control = self.relay.control.resubscribe();
+        self.outbox.clear();
+        match self.relay.gw.devices().await {
+            Ok(devices) => {
+                for d in devices {
+                    let note = self.presence(&d.id, d.online, None);
+                    self.outbox.push_back(note);
+                }
+            }
+            Err(e) => warn!(error = %e, "MQTT bridge: could not read the devices' presence"),
+        }
+        let ids: Vec<i64> = self.relay.replies.keys().copied().collect();
+        for id in ids {
+            match self.relay.gw.store().command(id).await {
+                Ok(Some(rec)) => self.command_changed(&rec),
+                Ok(None) => {
+                    self.relay.replies.remove(&id);
+                }
+                Err(e) => warn!(error = %e, id, "MQTT bridge: could not read a command"),
+            }
+        }
+    }
+
+    fn on_control(&mut self, ev: &GatewayEvent) {
+        match ev {
+            GatewayEvent::Presence {
+                device,
+                online,
+                reason,
+                ..
+            } => {
+                let note = self.presence(device, *online, reason.as_deref());
+                self.outbox.push_back(note);
+            }
+            GatewayEvent::Command(rec) => self.command_changed(rec),
+            _ => {}
+        }
+    }
+
+    fn presence(&self, device: &str, online: bool, reason: Option<&str>) -> Note {
+        let mut payload = json!({
+            "state": if online { "online" } else { "offline" },
+            "gateway": self.bridge.settings.gateway_id,
+            "time_ms": now_ms(),
+        });
+        if let Some(r) = reason {
+            payload["reason"] = r.into();
+        }
+        Note {
+            topic: self.bridge.topic(device, "presence"),
+            payload: payload.to_string().into_bytes(),
+            retain: true,
+            correlation: None,
+        }
+    }
+
+    /// A command's new state, to its requester's Response Topic or to the device's
+    /// `commands/response`.
+    fn command_changed(&mut self, rec: &CommandRecord) {
+        let (topic, correlation) = match self.relay.replies.get(&rec.id) {
+            Some(r) => (r.topic.clone(), r.correlation.clone()),
+            None => (self.bridge.topic(&rec.device, "commands/response"), None),
+        };
+        if rec.state.is_final() {
+            self.relay.replies.remove(&rec.id);
+        }
+        match serde_json::to_vec(rec) {
+            Ok(payload) => self.outbox.push_back(Note {
+                topic,
+                payload,
+                retain: false,
+                correlation,
+            }),
+            Err(e) => warn!(error = %e, id = rec.id, "MQTT bridge: a command did not serialize"),
+        }
+    }
+
+    /// A command request from the broker: queued exactly as the HTTP API queues one,
+    /// or answered with an error; acknowledged to the broker after either.
+    async fn command_request(&mut self, p: Publish) -> Result<(), String> {
+        self.bridge.status.commands.fetch_add(1, Ordering::Relaxed);
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let props = p.properties.as_ref();
+        let response_topic = props
+            .and_then(|p| p.response_topic.clone())
+            .filter(|t| !t.is_empty() && !t.contains(['+', '#', '\0']));
+        let correlation = props.and_then(|p| p.correlation_data.clone());
+        if let Some(device) = self.bridge.request_device(&topic) {
+            let device = device.to_owned();
+            let outcome = queue_command(&self.relay.gw, &device, &p.payload).await;
+            let topic = response_topic
+                .clone()
+                .unwrap_or_else(|| self.bridge.topic(&device, "commands/response"));
+            match outcome {
+                Ok(rec) => {
+                    debug!(device, id = rec.id, "MQTT bridge: command queued");
+                    if response_topic.is_some() {
+                        // Its `queued` event is still in the channel: it goes here.
+                        self.relay
+                            .replies
+                            .insert(rec.id, Reply { topic, correlation });
+                    }
+                }
+                Err((code, message)) => {
+                    info!(device, code, error = %message, "MQTT bridge: command request refused");
+                    self.outbox.push_back(Note {
+                        topic,
+                        payload: json!({"error": message, "code": code, "device": device})
+                            .to_string()
+                            .into_bytes(),
+                        retain: false,
+                        correlation,
+                    });
+                }
+            }
+        }
+        self.client.ack(&p).await.map_err(|e| e.to_string())
+    }
+
+    /// Hands waiting notes to the client while there is room.
+    async fn flush_outbox(&mut self) -> Result<(), String> {
+        while self.unassigned.len() < UNSENT {
+            let Some(note) = self.outbox.pop_front() else {
+                break;
+            };
+            self.send_note(note).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_note(&mut self, note: Note) -> Result<(), String> {
+        let properties = PublishProperties {
+            content_type: Some("application/json".into()),
+            correlation_data: note.correlation,
+            ..Default::default()
+        };
+        self.unassigned.push_back(None);
+        self.client
+            .publish_with_properties(
+                note.topic,
+                self.bridge.qos(),
+                note.retain,
+                note.payload,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Hands the next records to the client, up to the window; `false` once there is
     /// nothing more to send now.
     async fn publish_more(&mut self) -> Result<bool, String> {
@@ -399,10 +660,20 @@ impl Connection<'_> {
             .telemetry_after(self.next, room)
             .await
             .map_err(|e| format!("reading the store: {e}"))?;
-        let more = rows.len() == room;
+        let mut more = rows.len() == room;
         for rec in rows {
+            let values = body_to_json(&rec.body);
+            let announce = self.announcements(&rec.device, &values);
+            if self.unassigned.len() + announce.len() >= UNSENT {
+                // The rest is read again once there is room.
+                more = true;
+                break;
+            }
+            for note in announce {
+                self.send_note(note).await?;
+            }
             let (payload, content_type) = match self.bridge.settings.payload {
-                PayloadFormat::Json => (json_payload(&rec), "application/json"),
+                PayloadFormat::Json => (json_payload(&rec, values), "application/json"),
                 PayloadFormat::Postcard => (rec.body.clone(), "application/x-postcard"),
             };
             let properties = PublishProperties {
@@ -431,12 +702,34 @@ impl Connection<'_> {
         Ok(more)
     }
 
-    fn on_event(&mut self, ev: Event) {
+    /// Home Assistant discovery configs for readings of `device` not announced yet
+    /// (none unless `mqtt.home_assistant`).
+    fn announcements(&mut self, device: &str, values: &Map<String, Json>) -> Vec<Note> {
+        let s = &self.bridge.settings;
+        if !s.home_assistant {
+            return Vec::new();
+        }
+        let mut notes = Vec::new();
+        for (key, value) in values {
+            let pair = (device.to_owned(), key.clone());
+            if self.relay.announced.contains(&pair) {
+                continue;
+            }
+            if self.relay.announced.len() >= ANNOUNCED {
+                self.relay.announced.clear();
+            }
+            self.relay.announced.insert(pair);
+            notes.push(home_assistant_config(s, device, key, value));
+        }
+        notes
+    }
+
+    /// Notes what happened; returns a command request to be handled.
+    fn on_event(&mut self, ev: Event) -> Option<Publish> {
         match ev {
+            Event::Incoming(Packet::Publish(p)) => return Some(p),
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                let Some(row) = self.unassigned.pop_front() else {
-                    return;
-                };
+                let row = self.unassigned.pop_front()?;
                 match (row, self.bridge.qos()) {
                     // QoS 0: sent is all there will be.
                     (Some(row), QoS::AtMostOnce) => self.delivered(row),
@@ -447,9 +740,7 @@ impl Connection<'_> {
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                let Some(row) = self.by_pkid.remove(&ack.pkid) else {
-                    return;
-                };
+                let row = self.by_pkid.remove(&ack.pkid)?;
                 if !matches!(
                     ack.reason,
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers
@@ -461,6 +752,7 @@ impl Connection<'_> {
             }
             _ => {}
         }
+        None
     }
 
     /// Marks `row` delivered and moves the cursor past every delivered row at the front.
@@ -479,12 +771,15 @@ impl Connection<'_> {
             .store(self.cursor, Ordering::Relaxed);
     }
 
-    /// At a clean stop: collects the PUBACKs still coming, for up to 2 s.
+    /// At a clean stop: collects the PUBACKs still coming, for up to 2 s. Command
+    /// requests arriving now are left unacknowledged: the broker delivers them again.
     async fn drain_acks(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.events.poll()).await {
-                Ok(Ok(ev)) => self.on_event(ev),
+                Ok(Ok(ev)) => {
+                    self.on_event(ev);
+                }
                 _ => return,
             }
         }
@@ -502,6 +797,88 @@ impl Connection<'_> {
     }
 }
 
+/// Checks and queues one request: the command, or an error code and message (the
+/// HTTP API's codes).
+async fn queue_command(
+    gw: &Gateway,
+    device: &str,
+    body: &[u8],
+) -> Result<CommandRecord, (&'static str, String)> {
+    let req: Request = serde_json::from_slice(body).map_err(|e| {
+        (
+            "bad_body",
+            format!("{e}: send {{\"name\": ..., \"args\": {{...}}, \"ttl_s\": ...}}"),
+        )
+    })?;
+    let ttl = match req.ttl_s {
+        None => None,
+        Some(t) => Some(crate::ttl_from_secs(t).ok_or((
+            "bad_ttl",
+            "ttl_s must be a positive number of seconds (at most a year)".to_owned(),
+        ))?),
+    };
+    match gw.device(device).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(("no_device", format!("no device {device:?}"))),
+        Err(e) => return Err(("store", e.to_string())),
+    }
+    let args = if req.args.is_null() {
+        Json::Object(Map::new())
+    } else {
+        req.args
+    };
+    gw.send_command(device, &req.name, &args, ttl)
+        .await
+        .map_err(|e| {
+            let code = match &e {
+                CommandError::Store(StoreError::QueueFull { .. }) => "queue_full",
+                CommandError::Store(_) => "store",
+                CommandError::InvalidDevice(_) => "bad_device_id",
+                _ => "bad_command",
+            };
+            (code, e.to_string())
+        })
+}
+
+/// A Home Assistant MQTT discovery config: one sensor for one reading of one device,
+/// reading the telemetry topic, available while the device's presence says online.
+fn home_assistant_config(s: &MqttSettings, device: &str, key: &str, value: &Json) -> Note {
+    // Discovery ids allow [a-zA-Z0-9_-]; device ids and names also allow '.'.
+    let id = |t: &str| t.replace('.', "_");
+    let topic = |what: &str| format!("{}/devices/{device}/{what}", s.topic_prefix);
+    let mut config = json!({
+        "name": key,
+        "unique_id": format!("{}_{}_{}", id(&s.gateway_id), id(device), id(key)),
+        "object_id": format!("{}_{}", id(device), id(key)),
+        "state_topic": topic("telemetry"),
+        "value_template": format!("{{{{ value_json['values']['{key}'] }}}}"),
+        "availability_topic": topic("presence"),
+        "availability_template": "{{ value_json.state }}",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": {
+            "identifiers": [format!("{}_{}", id(&s.gateway_id), id(device))],
+            "name": device,
+            "via_device": id(&s.gateway_id),
+        },
+    });
+    if value.is_number() {
+        // Numbers become a history graph in Home Assistant.
+        config["state_class"] = "measurement".into();
+    }
+    Note {
+        topic: format!(
+            "{}/sensor/{}/{}/config",
+            s.discovery_prefix,
+            id(device),
+            id(key)
+        ),
+        payload: config.to_string().into_bytes(),
+        retain: true,
+        correlation: None,
+    }
+}
+
 /// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`: dropped
 /// here, before any arm's body awaits).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -509,14 +886,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// The JSON payload of a record: as the HTTP API shows it (`boot_id` as a string).
-fn json_payload(rec: &SinkRecord) -> Vec<u8> {
+fn json_payload(rec: &SinkRecord, values: Map<String, Json>) -> Vec<u8> {
     json!({
         "device": rec.device,
         "boot_id": rec.boot_id.to_string(),
         "seq": rec.seq,
         "time_ms": rec.time_ms,
         "received_ms": rec.received_ms,
-        "values": body_to_json(&rec.body),
+        "values": values,
     })
     .to_string()
     .into_bytes()

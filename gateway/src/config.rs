@@ -138,6 +138,19 @@ pub struct MqttSettings {
     pub cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub key: Option<PathBuf>,
+    /// Let retention (`retention`, `retention_max_rows`) delete records the bridge has
+    /// not delivered yet. Off: while the broker is away the store keeps everything and
+    /// grows. On: the store stays bounded, and what it drops undelivered is counted
+    /// (`gateway_mqtt_dropped_total`) and logged.
+    pub drop_undelivered: bool,
+    /// Take command requests from `{prefix}/devices/+/commands/request`. Whoever may
+    /// publish there may command devices: the broker's ACLs guard it.
+    pub accept_commands: bool,
+    /// Announce each device's readings to Home Assistant (MQTT discovery), so they
+    /// appear there as sensors. Needs `payload = "json"`.
+    pub home_assistant: bool,
+    /// Home Assistant's discovery prefix.
+    pub discovery_prefix: String,
 }
 
 impl Default for MqttSettings {
@@ -153,6 +166,10 @@ impl Default for MqttSettings {
             ca: None,
             cert: None,
             key: None,
+            drop_undelivered: false,
+            accept_commands: true,
+            home_assistant: false,
+            discovery_prefix: "homeassistant".into(),
         }
     }
 }
@@ -421,6 +438,18 @@ impl Config {
             if m.cert.is_some() != m.key.is_some() {
                 return invalid("mqtt.cert", "mqtt.cert and mqtt.key go together".into());
             }
+            if m.home_assistant && m.payload != PayloadFormat::Json {
+                return invalid(
+                    "mqtt.home_assistant",
+                    "Home Assistant reads JSON: set mqtt.payload = \"json\"".into(),
+                );
+            }
+            if m.home_assistant && bad_level(&m.discovery_prefix) {
+                return invalid(
+                    "mqtt.discovery_prefix",
+                    "must be one topic level: not empty, no '+', '#' or '/'".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -552,6 +581,17 @@ mod tests {
                 "retention_max_rows",
                 Config {
                     retention_max_rows: Some(0),
+                    ..Config::default()
+                },
+            ),
+            (
+                "mqtt.home_assistant",
+                Config {
+                    mqtt: Some(MqttSettings {
+                        home_assistant: true,
+                        payload: PayloadFormat::Postcard,
+                        ..MqttSettings::default()
+                    }),
                     ..Config::default()
                 },
             ),

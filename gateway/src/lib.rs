@@ -66,6 +66,9 @@ pub struct Shared {
     /// Counters.
     pub metrics: Metrics,
     events: broadcast::Sender<Arc<Event>>,
+    /// Presence and command events only, for the bridge: a few per device, where
+    /// `events` carries every record too.
+    control: broadcast::Sender<Arc<Event>>,
     /// Set once to make every task wind down.
     pub shutting_down: watch::Sender<bool>,
     /// Device connections past the handshake at once (`max_connections`, or what the
@@ -121,6 +124,22 @@ impl Shared {
         }
     }
 
+    /// Publishes a presence or command event: to live subscribers, and to the bridge.
+    pub fn publish_control(&self, event: Event) {
+        let event = Arc::new(event);
+        if self.control.receiver_count() > 0 {
+            let _ = self.control.send(event.clone());
+        }
+        if self.has_subscribers() {
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// Presence and command events from now on (what the bridge relays).
+    pub fn subscribe_control(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.control.subscribe()
+    }
+
     /// A command changed state: publish it, and wake whoever waits for its end.
     pub fn command_changed(&self, rec: CommandRecord) {
         if rec.state.is_final() {
@@ -133,7 +152,7 @@ impl Shared {
                 let _ = tx.send(rec.clone());
             }
         }
-        self.publish(|| Event::Command(rec));
+        self.publish_control(Event::Command(rec));
     }
 
     /// Why the gateway cannot keep what it acknowledges right now, if it cannot: what
@@ -209,6 +228,13 @@ impl Shared {
         }
         stale
     }
+}
+
+/// A command's time to live from a number of seconds, if it is one the gateway takes:
+/// positive and at most a year (a float out of `Duration`'s range panics there, so it is
+/// checked first).
+pub fn ttl_from_secs(t: f64) -> Option<Duration> {
+    (t.is_finite() && t > 0.0 && t <= 365.0 * 86_400.0).then(|| Duration::from_secs_f64(t))
 }
 
 /// How long before the CRL's next update, or the gateway certificate's expiry, the
@@ -340,7 +366,14 @@ impl Gateway {
             danger_ack_before_fsync: config.danger_ack_before_fsync,
             max_commit_records: config.max_commit_records,
             max_queued_commands: config.max_queued_commands,
-            sinks: config.mqtt.iter().map(|_| bridge::SINK).collect(),
+            sinks: config
+                .mqtt
+                .iter()
+                .map(|m| store::SinkSpec {
+                    name: bridge::SINK,
+                    drop_undelivered: m.drop_undelivered,
+                })
+                .collect(),
         })?;
         let saved_refusals = store.refusals().await.unwrap_or_else(|e| {
             warn!(error = %e, "could not read the saved refused handshakes");
@@ -365,6 +398,7 @@ impl Gateway {
             None => (None, None),
         };
         let (events, _) = broadcast::channel(4096);
+        let (control, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             config,
@@ -373,6 +407,7 @@ impl Gateway {
             registry: Registry::default(),
             metrics: Metrics::default(),
             events,
+            control,
             shutting_down,
             max_connections: budgets.max_connections,
             waiters: Mutex::new(HashMap::new()),
@@ -414,7 +449,6 @@ impl Gateway {
         };
         let server = tokio::spawn(server::run(listener, shared.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeeping(shared.clone()));
-        let bridge = bridge.map(|b| tokio::spawn(b.run(stop_rx.clone())));
         info!(%local_addr, "gateway listening for devices");
         let mut gw = Gateway {
             shared,
@@ -428,8 +462,9 @@ impl Gateway {
             gw.api = Some(info);
             tokio::spawn(api::serve(l, router, gw.shared.clone(), stop_rx.clone()))
         });
-        // The router above holds a clone made before `api` was set; it needs only
-        // the shared state, never the API address.
+        let bridge = bridge.map(|b| tokio::spawn(b.run(gw.clone(), stop_rx.clone())));
+        // The router and the bridge hold clones made before `api` was set; they need
+        // only the shared state, never the API address.
         gw.tasks = Arc::new(Mutex::new(Some(Tasks {
             stop: stop_tx,
             api: api_task,
@@ -509,7 +544,7 @@ impl Gateway {
             .store
             .enqueue_command(device, name, args, ttl)
             .await?;
-        self.shared.publish(|| Event::Command(rec.clone()));
+        self.shared.publish_control(Event::Command(rec.clone()));
         self.shared.registry.notify_commands(device);
         Ok(rec)
     }
@@ -735,8 +770,26 @@ async fn housekeeping(shared: Arc<Shared>) {
                     .apply_retention(cfg.retention, cfg.retention_max_rows)
                     .await
                 {
-                    Ok(0) => {}
-                    Ok(deleted) => info!(deleted, "telemetry retention applied"),
+                    Ok(store::Pruned { deleted: 0, .. }) => {}
+                    Ok(store::Pruned {
+                        deleted,
+                        undelivered: 0,
+                    }) => info!(deleted, "telemetry retention applied"),
+                    Ok(store::Pruned {
+                        deleted,
+                        undelivered,
+                    }) => {
+                        if let Some(b) = &shared.bridge {
+                            b.dropped
+                                .fetch_add(undelivered, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        warn!(
+                            deleted,
+                            undelivered,
+                            "telemetry retention deleted records the MQTT bridge had not \
+                             delivered (mqtt.drop_undelivered): they never reach the broker"
+                        );
+                    }
                     Err(e) => warn!(error = %e, "telemetry retention failed"),
                 }
             }

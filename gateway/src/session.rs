@@ -181,7 +181,7 @@ pub async fn run(
     if s.open.is_some() {
         shared.registry.remove(&device, session_no);
         shared.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
-        shared.publish(|| Event::Presence {
+        shared.publish_control(Event::Presence {
             device: device.clone(),
             online: false,
             peer: peer.to_string(),
@@ -466,7 +466,7 @@ impl Session {
         });
         self.queue(&Downlink::Welcome(welcome));
         debug!(boot_id = h.boot_id, firmware = %h.firmware, last_acked = ?opened.last_acked, "session open");
-        shared.publish(|| Event::Presence {
+        shared.publish_control(Event::Presence {
             device: self.device.clone(),
             online: true,
             peer: self.peer.to_string(),

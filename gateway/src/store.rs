@@ -148,9 +148,28 @@ pub struct StoreOptions {
     pub max_commit_records: usize,
     /// Most commands queued per device.
     pub max_queued_commands: usize,
-    /// The sinks that run (`"mqtt"`): retention keeps what they have not delivered. A
-    /// sink no longer configured holds nothing back.
-    pub sinks: Vec<&'static str>,
+    /// The sinks that run (`"mqtt"`): retention keeps what they have not delivered,
+    /// unless told otherwise. A sink no longer configured holds nothing back.
+    pub sinks: Vec<SinkSpec>,
+}
+
+/// A sink that runs, as retention sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkSpec {
+    /// Its name (`"mqtt"`).
+    pub name: &'static str,
+    /// Retention may delete records it has not delivered (they are counted: the
+    /// operator chose a bounded store over a complete relay).
+    pub drop_undelivered: bool,
+}
+
+/// What one pass of retention deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Records deleted.
+    pub deleted: u64,
+    /// Of those, records a sink had not delivered (`drop_undelivered`).
+    pub undelivered: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -582,7 +601,7 @@ enum Op {
     Retention {
         older_than_ms: Option<i64>,
         max_rows: Option<u64>,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        reply: oneshot::Sender<Result<Pruned, StoreError>>,
     },
     Flush {
         reply: oneshot::Sender<()>,
@@ -903,13 +922,13 @@ impl Store {
         .await
     }
 
-    /// Deletes telemetry older than `max_age` and beyond `max_rows`; returns rows
+    /// Deletes telemetry older than `max_age` and beyond `max_rows`; returns what it
     /// deleted.
     pub async fn apply_retention(
         &self,
         max_age: Option<Duration>,
         max_rows: Option<u64>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Pruned, StoreError> {
         let older_than_ms =
             max_age.map(|a| now_ms() - i64::try_from(a.as_millis()).unwrap_or(i64::MAX / 2));
         self.call(|reply| Op::Retention {
@@ -1621,8 +1640,8 @@ struct Writer {
     synchronous_full: bool,
     max_commit_records: usize,
     max_queued_commands: usize,
-    /// Sinks that run: retention keeps what they have not delivered.
-    sinks: Vec<&'static str>,
+    /// Sinks that run: retention keeps what they have not delivered, unless told not to.
+    sinks: Vec<SinkSpec>,
     health: Arc<StoreHealth>,
     commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -2207,21 +2226,39 @@ impl Writer {
         &mut self,
         older_than_ms: Option<i64>,
         max_rows: Option<u64>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Pruned, StoreError> {
         const CHUNK: usize = 5000;
         let c = &self.conn;
         let mut deleted = 0u64;
-        // With a sink running (the MQTT bridge): never a record it has not delivered,
-        // and never the newest record, since rowids must keep growing or its cursor
-        // would skip the next ones.
+        // With a sink running (the MQTT bridge): never a record it has not delivered
+        // (unless it lets them go), and never the newest record, since rowids must keep
+        // growing or its cursor would skip the next ones.
         let mut keep_from = i64::MAX;
-        for sink in &self.sinks {
-            let k: i64 = c.query_row(
-                "SELECT min(coalesce((SELECT cursor FROM sinks WHERE name = ?1), 0),
-                            coalesce((SELECT max(rowid) FROM telemetry), 0) - 1)",
+        let undelivered = |c: &Connection, sink: &str| -> Result<u64, rusqlite::Error> {
+            c.query_row(
+                "SELECT count(*) FROM telemetry
+                  WHERE rowid > coalesce((SELECT cursor FROM sinks WHERE name = ?1), 0)",
                 [sink],
                 |r| r.get(0),
-            )?;
+            )
+        };
+        let mut lossy = Vec::new();
+        for sink in &self.sinks {
+            let k: i64 = if sink.drop_undelivered {
+                lossy.push((sink.name, undelivered(c, sink.name)?));
+                c.query_row(
+                    "SELECT coalesce((SELECT max(rowid) FROM telemetry), 0) - 1",
+                    [],
+                    |r| r.get(0),
+                )?
+            } else {
+                c.query_row(
+                    "SELECT min(coalesce((SELECT cursor FROM sinks WHERE name = ?1), 0),
+                                coalesce((SELECT max(rowid) FROM telemetry), 0) - 1)",
+                    [sink.name],
+                    |r| r.get(0),
+                )?
+            };
             keep_from = keep_from.min(k);
         }
         if let Some(cutoff) = older_than_ms {
@@ -2260,7 +2297,15 @@ impl Writer {
                 [],
             )?;
         }
-        Ok(deleted)
+        let mut pruned = Pruned {
+            deleted,
+            undelivered: 0,
+        };
+        for (sink, before) in lossy {
+            let after = undelivered(c, sink)?;
+            pruned.undelivered = pruned.undelivered.max(before.saturating_sub(after));
+        }
+        Ok(pruned)
     }
 }
 
@@ -2580,39 +2625,84 @@ mod tests {
         assert_eq!(rows, 6);
     }
 
-    #[tokio::test]
-    async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, writer) = Store::open(StoreOptions {
-            path: dir.path().join("t.sqlite"),
+    async fn prune_by_age(store: &Store, age: Duration) -> u64 {
+        store
+            .apply_retention(Some(age), None)
+            .await
+            .unwrap()
+            .deleted
+    }
+
+    /// A store with the `mqtt` sink running.
+    fn open_with_sink(dir: &Path, drop_undelivered: bool) -> (Store, WriterThread) {
+        Store::open(StoreOptions {
+            path: dir.join("t.sqlite"),
             danger_ack_before_fsync: false,
             max_commit_records: 1000,
             max_queued_commands: 2,
-            sinks: vec!["mqtt"],
+            sinks: vec![SinkSpec {
+                name: "mqtt",
+                drop_undelivered,
+            }],
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_with_sink(dir.path(), false);
         let day = Duration::from_secs(86_400);
         let o = session(&store, "r1", 1).await;
         let start = store.open_sink("mqtt").await.unwrap();
         insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
         // All old, none delivered: none deleted.
-        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 0);
-        assert_eq!(store.apply_retention(None, Some(1)).await.unwrap(), 0);
+        assert_eq!(prune_by_age(&store, day).await, 0);
+        assert_eq!(
+            store.apply_retention(None, Some(1)).await.unwrap().deleted,
+            0
+        );
         // Four delivered: those four may go.
         let rows = store.telemetry_after(start, 4).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
         store.set_sink_cursor("mqtt", rows[3].row).await.unwrap();
-        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 4);
+        assert_eq!(prune_by_age(&store, day).await, 4);
         // All delivered: all but the newest row, which keeps rowids growing.
         let rest = store.telemetry_after(rows[3].row, 100).await.unwrap();
         assert_eq!(rest.len(), 6);
         store.set_sink_cursor("mqtt", rest[5].row).await.unwrap();
-        assert_eq!(store.apply_retention(Some(day), None).await.unwrap(), 5);
+        assert_eq!(prune_by_age(&store, day).await, 5);
         assert_eq!(store.telemetry_count(None).await.unwrap(), 1);
         // The next record gets a rowid after the cursor.
         insert(&store, o, 1, 11..=11, now_ms()).await;
         let next = store.telemetry_after(rest[5].row, 10).await.unwrap();
         assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [11]);
+        writer.stop(&store).await;
+    }
+
+    #[tokio::test]
+    async fn retention_may_drop_what_a_sink_has_not_delivered_when_told_and_counts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_with_sink(dir.path(), true);
+        let o = session(&store, "r2", 1).await;
+        let start = store.open_sink("mqtt").await.unwrap();
+        insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+        let rows = store.telemetry_after(start, 3).await.unwrap();
+        store.set_sink_cursor("mqtt", rows[2].row).await.unwrap();
+        // Three delivered, seven not: all but the newest go, six of them undelivered.
+        let pruned = store
+            .apply_retention(Some(Duration::from_secs(86_400)), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                deleted: 9,
+                undelivered: 6
+            }
+        );
+        let left = store.telemetry_after(rows[2].row, 100).await.unwrap();
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), [10]);
         writer.stop(&store).await;
     }
 
@@ -2647,10 +2737,11 @@ mod tests {
         let deleted = store
             .apply_retention(Some(Duration::from_secs(86_400)), None)
             .await
-            .unwrap();
+            .unwrap()
+            .deleted;
         assert_eq!(deleted, 100);
         assert_eq!(store.telemetry_count(Some("d2")).await.unwrap(), 50);
-        let deleted = store.apply_retention(None, Some(20)).await.unwrap();
+        let deleted = store.apply_retention(None, Some(20)).await.unwrap().deleted;
         assert_eq!(deleted, 30);
         let left = store
             .telemetry("d2", TelemetryQuery::default())

@@ -20,7 +20,7 @@ use std::time::Duration;
 use certs::{Ca, Issued, RevokedEntry, Validity};
 use device_client::proto::{
     self, CommandStatus, Downlink, Goodbye, Hello, MAX_DOWNLINK_FRAME, MAX_UPLINK_FRAME,
-    PROTOCOL_VERSION, Ping, Reading, Readings, Seq, Telemetry, Text, Uplink, Welcome,
+    PROTOCOL_VERSION, Ping, Reading, Readings, Seq, Telemetry, Text, Uplink, Value, Welcome,
 };
 use gateway::{Config, Gateway};
 use rustls::pki_types::ServerName;
@@ -642,4 +642,31 @@ pub async fn hold_half_open(from: [u8; 4], to: SocketAddr, n: usize) -> Vec<TcpS
         }
     }
     held
+}
+
+/// A device that answers `echo` with its `text`, ignores `ignore` (the command stays
+/// `sent`), and answers anything else `UnknownCommand`.
+pub fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = dev.recv().await {
+            let Down::Command { id, name, args, .. } = msg else {
+                continue;
+            };
+            match name.as_str() {
+                "echo" => {
+                    let text = args["text"].as_str().unwrap_or_default().to_owned();
+                    let n = proto::Name::new("text").expect("a valid name");
+                    let v = Value::str(&text).expect("a short text");
+                    dev.result(id, CommandStatus::Succeeded, &[Reading::new(n, v)])
+                        .await
+                        .expect("sending the result");
+                }
+                "ignore" => {}
+                _ => dev
+                    .result(id, CommandStatus::UnknownCommand, &[])
+                    .await
+                    .expect("sending the result"),
+            }
+        }
+    })
 }

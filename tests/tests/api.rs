@@ -6,32 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use device_client::proto::{self, CommandStatus, Reading, Value};
-use e2e::{ApiClient as Api, Down, RawDevice, TestGateway};
+use e2e::{ApiClient as Api, RawDevice, TestGateway, answer_commands};
 use futures_util::StreamExt;
 use serde_json::{Value as Json, json};
-
-/// A device that answers every command: `echo` with its args, anything else unknown.
-fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Ok(Some(msg)) = dev.recv().await {
-            if let Down::Command { id, name, args, .. } = msg {
-                if name == "echo" {
-                    let text = args["text"].as_str().unwrap_or_default().to_owned();
-                    let n = proto::Name::new("text").unwrap();
-                    let v = Value::str(&text).unwrap();
-                    dev.result(id, CommandStatus::Succeeded, &[Reading::new(n, v)])
-                        .await
-                        .unwrap();
-                } else {
-                    dev.result(id, CommandStatus::UnknownCommand, &[])
-                        .await
-                        .unwrap();
-                }
-            }
-        }
-    })
-}
 
 #[tokio::test]
 async fn every_route_needs_the_token() {

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use device_client::proto::{self, CommandStatus, Reading, Readings, Telemetry, Uplink, Value};
-use e2e::{Down, RawDevice, TestGateway};
+use device_client::proto::{self, Reading, Readings, Telemetry, Uplink, Value};
+use e2e::{RawDevice, TestGateway, answer_commands};
 use serde_json::{Value as Json, json};
 
 fn chromium() -> Option<PathBuf> {
@@ -220,6 +220,12 @@ async fn live_values_appear_in_headless_chromium() {
         dom.contains(r#"data-device="dash-quiet" data-name="temp""#),
         "the stored value of the quiet device is shown:\n{dom}"
     );
+    // No broker configured: no bridge in the header.
+    let bridge = elements(&dom, "bridge");
+    assert!(
+        bridge.len() == 1 && bridge[0].contains_key("hidden"),
+        "{bridge:?}"
+    );
     // Live events (not only the initial fetch) reached the page.
     assert!(
         live_events(&dom) > 0,
@@ -232,31 +238,60 @@ async fn live_values_appear_in_headless_chromium() {
     }
 }
 
-/// A device that answers `echo` with its `text`, ignores `ignore` (the command stays
-/// `sent`), and answers anything else `UnknownCommand`.
-fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Ok(Some(msg)) = dev.recv().await {
-            let Down::Command { id, name, args, .. } = msg else {
-                continue;
-            };
-            match name.as_str() {
-                "echo" => {
-                    let text = args["text"].as_str().unwrap_or_default().to_owned();
-                    let n = proto::Name::new("text").unwrap();
-                    let v = Value::str(&text).unwrap();
-                    dev.result(id, CommandStatus::Succeeded, &[Reading::new(n, v)])
-                        .await
-                        .unwrap();
-                }
-                "ignore" => {}
-                _ => dev
-                    .result(id, CommandStatus::UnknownCommand, &[])
-                    .await
-                    .unwrap(),
-            }
-        }
+/// With a broker configured the header shows the bridge: connected with nothing
+/// waiting, then, with the broker gone, disconnected with the backlog the store holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_shows_the_mqtt_bridge_and_its_backlog() {
+    use e2e::mqtt::Mosquitto;
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    if !Mosquitto::available() {
+        return;
+    }
+    let mut broker = Mosquitto::start();
+    let url = broker.url();
+    let tg = TestGateway::start_with(move |c| {
+        c.mqtt = Some(gateway::config::MqttSettings {
+            url,
+            client_id: "dash-gw".into(),
+            ..Default::default()
+        })
     })
+    .await;
+    let bridge_metric = |name: &'static str, want: f64| {
+        let gw = tg.gw.clone();
+        e2e::eventually(name, move || {
+            let gw = gw.clone();
+            async move { (e2e::metric(&gw, name).await? == want).then_some(()) }
+        })
+    };
+    bridge_metric("gateway_mqtt_connected", 1.0).await;
+    let page = page_url(&tg, "");
+    let shown = |dom: &str, state: &str, backlog: &str| {
+        elements(dom, "bridge").first().is_some_and(|b| {
+            !b.contains_key("hidden")
+                && b.get("data-state").map(String::as_str) == Some(state)
+                && b.get("data-backlog").map(String::as_str) == Some(backlog)
+        })
+    };
+    let dom = dump_dom_until(&bin, &page, |d| shown(d, "connected", "0")).await;
+    assert!(shown(&dom, "connected", "0"), "{dom}");
+
+    broker.stop();
+    bridge_metric("gateway_mqtt_connected", 0.0).await;
+    let (mut dev, _) = tg.device("dash-b", 1).await;
+    for seq in 1..=5 {
+        dev.telemetry(seq).await.unwrap();
+    }
+    dev.wait_ack(5).await;
+    let dom = dump_dom_until(&bin, &page, |d| shown(d, "disconnected", "5")).await;
+    assert!(shown(&dom, "disconnected", "5"), "{dom}");
+    let title = elements(&dom, "bridge")[0]["title"].clone();
+    assert!(
+        title.starts_with("mqtt://127.0.0.1:"),
+        "the broker and why: {title}"
+    );
 }
 
 /// Sends a command through the API, waiting up to `wait_s` for it to end.

@@ -288,3 +288,168 @@ async fn a_crash_during_an_outage_loses_nothing() {
     );
     drop(gw);
 }
+
+/// The JSON payloads `sub` (started with [`Subscriber::start_v5`]) received on `topic`
+/// with this correlation data, in order.
+fn replies(sub: &Subscriber, topic: &str, correlation: &str) -> Vec<Json> {
+    sub.lines()
+        .iter()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, '|');
+            let (t, c, p) = (parts.next()?, parts.next()?, parts.next()?);
+            (t == topic && c == correlation).then(|| serde_json::from_str(p).expect("JSON"))
+        })
+        .collect()
+}
+
+/// A command published on MQTT (MQTT 5, with a Response Topic and Correlation Data)
+/// reaches the device; every state change and the result come back there with the
+/// correlation data; the HTTP API shows the same command. A bad request gets an error
+/// on the device's response topic. Presence is retained online, then offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_mqtt_and_presence() {
+    use e2e::mqtt::publish;
+    if !Mosquitto::available() {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let tg = TestGateway::start_with(with_bridge(&broker)).await;
+    let (dev, _) = tg.device("c-1", 1).await;
+    let responder = e2e::answer_commands(dev);
+    eventually("the bridge connected", || async {
+        (metric(&tg.gw, "gateway_mqtt_connected").await? == 1.0).then_some(())
+    })
+    .await;
+    let presence = Subscriber::start(&broker, "check-5p", "iot/devices/+/presence");
+    eventually("c-1 online, retained", || async {
+        presence
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("iot/devices/c-1/presence ") && l.contains("\"online\""))
+            .then_some(())
+    })
+    .await;
+
+    let sub = Subscriber::start_v5(&broker, "check-5", "replies/#");
+    let other = Subscriber::start_v5(&broker, "check-5e", "iot/devices/+/commands/response");
+    publish(
+        &broker,
+        "iot/devices/c-1/commands/request",
+        r#"{"name": "echo", "args": {"text": "hi"}, "ttl_s": 30}"#,
+        &[
+            ("response-topic", "replies/flow-1"),
+            ("correlation-data", "req-42"),
+        ],
+    );
+    let states = eventually("the result on the response topic", || async {
+        let r = replies(&sub, "replies/flow-1", "req-42");
+        r.iter()
+            .any(|j| j["state"] == "succeeded")
+            .then_some(r.clone())
+    })
+    .await;
+    let names: Vec<&str> = states
+        .iter()
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["queued", "sent", "succeeded"], "{states:?}");
+    let done = states.last().unwrap();
+    assert_eq!(done["result"]["text"], "hi", "{done}");
+    assert_eq!(done["device"], "c-1");
+
+    // The same command in the HTTP API.
+    let api = e2e::ApiClient::new(&tg.gw);
+    let (status, rec) = api.get(&format!("/api/v1/commands/{}", done["id"])).await;
+    assert_eq!(status, 200);
+    assert_eq!(rec["state"], "succeeded");
+    assert_eq!(rec["name"], "echo");
+
+    // Not a device the gateway knows, and not a command: errors, not silence.
+    publish(
+        &broker,
+        "iot/devices/nobody/commands/request",
+        r#"{"name": "echo"}"#,
+        &[],
+    );
+    publish(
+        &broker,
+        "iot/devices/c-1/commands/request",
+        r#"{"nme": "echo"}"#,
+        &[
+            ("response-topic", "replies/flow-2"),
+            ("correlation-data", "req-43"),
+        ],
+    );
+    eventually("both errors", || async {
+        let unknown = replies(&other, "iot/devices/nobody/commands/response", "");
+        let bad = replies(&sub, "replies/flow-2", "req-43");
+        (unknown.iter().any(|j| j["code"] == "no_device")
+            && bad.iter().any(|j| j["code"] == "bad_body"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&tg.gw, "gateway_mqtt_commands_total").await,
+        Some(3.0)
+    );
+
+    // Offline when the session ends.
+    responder.abort();
+    let _ = responder.await;
+    eventually("c-1 offline", || async {
+        presence
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("iot/devices/c-1/presence ") && l.contains("\"offline\""))
+            .then_some(())
+    })
+    .await;
+}
+
+/// With `home_assistant` on, each reading of each device is announced once, retained,
+/// as a Home Assistant sensor whose template reads the bridge's own telemetry JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_announces_each_reading_once() {
+    if !Mosquitto::available() {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let url = broker.url();
+    let tg = TestGateway::start_with(move |c| {
+        c.mqtt = Some(MqttSettings {
+            url,
+            client_id: "ha-gw".into(),
+            gateway_id: "edge.1".into(),
+            home_assistant: true,
+            ..Default::default()
+        })
+    })
+    .await;
+    let (mut dev, _) = tg.device("h.1", 1).await;
+    stream(std::slice::from_mut(&mut dev), 1, 3).await;
+    let telemetry = Subscriber::start(&broker, "check-6t", "iot/devices/+/telemetry");
+    stream(std::slice::from_mut(&mut dev), 4, 1).await;
+    // Subscribed after the announcement: it is retained.
+    let sub = Subscriber::start(&broker, "check-6", "homeassistant/#");
+    let line = eventually("the announcement", || async {
+        sub.lines().first().cloned()
+    })
+    .await;
+    let (topic, payload) = line.split_once(' ').unwrap();
+    assert_eq!(topic, "homeassistant/sensor/h_1/temp/config");
+    let config: Json = serde_json::from_str(payload).unwrap();
+    assert_eq!(config["state_topic"], "iot/devices/h.1/telemetry");
+    assert_eq!(config["availability_topic"], "iot/devices/h.1/presence");
+    assert_eq!(config["unique_id"], "edge_1_h_1_temp");
+    assert_eq!(config["state_class"], "measurement");
+    assert_eq!(
+        config["value_template"],
+        "{{ value_json['values']['temp'] }}"
+    );
+    // The template's path exists in what the telemetry topic carries.
+    let record = eventually("a record", || async { telemetry.lines().first().cloned() }).await;
+    let (_, record) = record.split_once(' ').unwrap();
+    let record: Json = serde_json::from_str(record).unwrap();
+    assert!(record["values"]["temp"].is_number(), "{record}");
+    assert_eq!(sub.lines().len(), 1, "announced once: {:?}", sub.lines());
+}

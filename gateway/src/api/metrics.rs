@@ -272,6 +272,18 @@ async fn bridge_metrics(out: &mut String, b: &crate::bridge::BridgeStatus, store
             b.refused.load(Ordering::Relaxed).to_string(),
         ),
         (
+            "gateway_mqtt_dropped_total",
+            "counter",
+            "Records retention deleted before the bridge delivered them (mqtt.drop_undelivered).",
+            b.dropped.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_mqtt_commands_total",
+            "counter",
+            "Command requests taken from the broker (queued or answered with an error).",
+            b.commands.load(Ordering::Relaxed).to_string(),
+        ),
+        (
             "gateway_mqtt_backlog_records",
             "gauge",
             "Stored records the bridge has not delivered yet.",

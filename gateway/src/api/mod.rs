@@ -833,12 +833,10 @@ struct CommandBody {
 
 impl CommandBody {
     fn ttl(&self) -> Result<Option<Duration>, ApiError> {
-        match self.ttl_s {
+        match self.ttl_s.map(crate::ttl_from_secs) {
             None => Ok(None),
-            Some(t) if t.is_finite() && t > 0.0 && t <= 365.0 * 86400.0 => {
-                Ok(Some(Duration::from_secs_f64(t)))
-            }
-            Some(_) => Err(api_error(
+            Some(Some(ttl)) => Ok(Some(ttl)),
+            Some(None) => Err(api_error(
                 StatusCode::BAD_REQUEST,
                 "bad_ttl",
                 "ttl_s must be a positive number of seconds (at most a year)",
@@ -1131,6 +1129,8 @@ async fn bridge_state(State(ApiState(api)): State<ApiState>) -> Result<Response,
         "published": b.published.load(Relaxed),
         "connect_failures": b.connect_failures.load(Relaxed),
         "refused": b.refused.load(Relaxed),
+        "dropped": b.dropped.load(Relaxed),
+        "commands": b.commands.load(Relaxed),
         "backlog_records": backlog,
         "oldest_unpublished_ms": oldest,
         "last_error": b.last_error(),
