@@ -126,6 +126,9 @@ pub struct MqttSettings {
     /// Keep-alive interval.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// MQTT version: `"5"` or `"3.1.1"` (no properties: no `boot`/`seq` user
+    /// properties and no Response Topic; see docs/MQTT.md).
+    pub protocol: MqttVersion,
     /// First level of every topic.
     pub topic_prefix: String,
     /// 1: at least once, the cursor moves on the broker's PUBACK; 0: at most once.
@@ -160,6 +163,7 @@ impl Default for MqttSettings {
             client_id: "iot-gateway".into(),
             gateway_id: "gateway".into(),
             keep_alive: Duration::from_secs(30),
+            protocol: MqttVersion::V5,
             topic_prefix: "iot".into(),
             qos: 1,
             payload: PayloadFormat::Json,
@@ -172,6 +176,18 @@ impl Default for MqttSettings {
             discovery_prefix: "homeassistant".into(),
         }
     }
+}
+
+/// The MQTT version the bridge speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MqttVersion {
+    /// MQTT 5.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 /// How telemetry payloads are written to MQTT.
@@ -483,6 +499,28 @@ mod tests {
         };
         assert_eq!(from_file, expected);
         expected.validate().unwrap();
+    }
+
+    /// The `[mqtt]` section is commented out in the example; uncommented, it is the
+    /// defaults (plus the TLS files it names as examples).
+    #[test]
+    fn example_mqtt_section_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let section = &text[text.find("# [mqtt]").unwrap()..];
+        let uncommented: String = section
+            .lines()
+            .filter(|l| l.starts_with("# ") && !l.starts_with("#  "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let from_file: Config = toml::from_str(&uncommented).unwrap();
+        let expected = MqttSettings {
+            ca: Some(PathBuf::from("certs/broker-ca.pem")),
+            cert: Some(PathBuf::from("certs/bridge.pem")),
+            key: Some(PathBuf::from("certs/bridge.key.pem")),
+            ..MqttSettings::default()
+        };
+        assert_eq!(from_file.mqtt, Some(expected));
     }
 
     #[test]

@@ -1128,21 +1128,26 @@ impl Store {
     }
 
     /// Records after `cursor` (a sink's backlog), and the arrival time of the oldest.
+    ///
+    /// Counted as the span of rowids from the first row after the cursor to the last:
+    /// two steps down the rowid B-tree, not a scan of the backlog (which `/metrics` would
+    /// pay on every scrape). Rowids are given in commit order without gaps, and retention
+    /// deletes from the front, so the span is the count.
     pub async fn backlog(&self, cursor: i64) -> Result<(u64, Option<i64>), StoreError> {
         self.read(move |c| {
-            let n: i64 = c.query_row(
-                "SELECT count(*) FROM telemetry WHERE rowid > ?1",
-                [cursor],
-                |r| r.get(0),
-            )?;
-            let oldest: Option<i64> = c
+            let first: Option<(i64, i64)> = c
                 .query_row(
-                    "SELECT received_ms FROM telemetry WHERE rowid > ?1 ORDER BY rowid LIMIT 1",
+                    "SELECT rowid, received_ms FROM telemetry WHERE rowid > ?1
+                      ORDER BY rowid LIMIT 1",
                     [cursor],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            Ok((n as u64, oldest))
+            let Some((first, oldest)) = first else {
+                return Ok((0, None));
+            };
+            let last: i64 = c.query_row("SELECT max(rowid) FROM telemetry", [], |r| r.get(0))?;
+            Ok((u64::try_from(last - first + 1).unwrap_or(0), Some(oldest)))
         })
         .await
     }

@@ -57,14 +57,21 @@ async fn until_all(
 }
 
 fn with_bridge(broker: &Mosquitto) -> impl FnOnce(&mut gateway::Config) + use<> {
-    let url = broker.url();
-    move |c| {
-        c.mqtt = Some(MqttSettings {
-            url,
-            client_id: format!("gw-{}", std::process::id()),
-            ..Default::default()
-        })
-    }
+    bridged(broker, |_| {})
+}
+
+/// A bridge to `broker` with its settings changed by `tweak`.
+fn bridged<T: FnOnce(&mut MqttSettings)>(
+    broker: &Mosquitto,
+    tweak: T,
+) -> impl FnOnce(&mut gateway::Config) + use<T> {
+    let mut m = MqttSettings {
+        url: broker.url(),
+        client_id: format!("gw-{}", std::process::id()),
+        ..Default::default()
+    };
+    tweak(&mut m);
+    move |c| c.mqtt = Some(m)
 }
 
 /// Devices send `per_device` records each, seqs `from..from+per_device`, and wait for
@@ -414,16 +421,10 @@ async fn home_assistant_discovery_announces_each_reading_once() {
         return;
     }
     let broker = Mosquitto::start();
-    let url = broker.url();
-    let tg = TestGateway::start_with(move |c| {
-        c.mqtt = Some(MqttSettings {
-            url,
-            client_id: "ha-gw".into(),
-            gateway_id: "edge.1".into(),
-            home_assistant: true,
-            ..Default::default()
-        })
-    })
+    let tg = TestGateway::start_with(bridged(&broker, |m| {
+        m.gateway_id = "edge.1".into();
+        m.home_assistant = true;
+    }))
     .await;
     let (mut dev, _) = tg.device("h.1", 1).await;
     stream(std::slice::from_mut(&mut dev), 1, 3).await;
@@ -452,4 +453,45 @@ async fn home_assistant_discovery_announces_each_reading_once() {
     let record: Json = serde_json::from_str(record).unwrap();
     assert!(record["values"]["temp"].is_number(), "{record}");
     assert_eq!(sub.lines().len(), 1, "announced once: {:?}", sub.lines());
+}
+
+/// `protocol = "3.1.1"`: the same telemetry, presence and commands over MQTT 3.1.1
+/// (command states on the device's `commands/response`, as 3.1.1 has no Response Topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_relays_telemetry_and_takes_commands() {
+    if !Mosquitto::available() {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let tg = TestGateway::start_with(bridged(&broker, |m| {
+        m.client_id = "v311-gw".into();
+        m.protocol = gateway::config::MqttVersion::V311;
+    }))
+    .await;
+    let sub = Subscriber::start(&broker, "check-7", "iot/devices/+/telemetry");
+    let responses = Subscriber::start(&broker, "check-7r", "iot/devices/+/commands/response");
+    let (mut dev, _) = tg.device("v-1", 5).await;
+    stream(std::slice::from_mut(&mut dev), 1, 5).await;
+    let got = until_all(&sub, 1, 5).await;
+    assert_eq!(got["v-1"].len(), 5);
+    // Mosquitto logs the protocol of each client: p2 is MQTT 3.1.1.
+    assert!(broker.log().contains("as v311-gw (p2"), "{}", broker.log());
+
+    let responder = e2e::answer_commands(dev);
+    e2e::mqtt::publish(
+        &broker,
+        "iot/devices/v-1/commands/request",
+        r#"{"name": "echo", "args": {"text": "old"}}"#,
+        &[],
+    );
+    let done = eventually("the result on commands/response", || async {
+        responses.lines().iter().find_map(|l| {
+            let (topic, payload) = l.split_once(' ')?;
+            let j: Json = serde_json::from_str(payload).ok()?;
+            (topic == "iot/devices/v-1/commands/response" && j["state"] == "succeeded").then_some(j)
+        })
+    })
+    .await;
+    assert_eq!(done["result"]["text"], "old");
+    responder.abort();
 }

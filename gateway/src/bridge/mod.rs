@@ -29,12 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{
-    Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties, RetainForwardRule,
-};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use rumqttc::{Outgoing, Transport};
+use rumqttc::Transport;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 use tokio::sync::{broadcast, watch};
@@ -44,6 +39,9 @@ use crate::config::{MqttSettings, PayloadFormat};
 use crate::events::Event as GatewayEvent;
 use crate::store::{CommandRecord, SinkRecord, Store, StoreError, body_to_json, now_ms};
 use crate::{CommandError, Gateway};
+
+mod client;
+use client::{Client, Events, Happened, Incoming, Message, Options, Setup};
 
 /// The sink's name in the store.
 pub const SINK: &str = "mqtt";
@@ -174,7 +172,7 @@ pub enum BridgeError {
 /// Everything a connection needs, made once.
 pub struct Bridge {
     settings: MqttSettings,
-    options: MqttOptions,
+    options: Options,
     store: Store,
     status: Arc<BridgeStatus>,
 }
@@ -187,34 +185,32 @@ impl Bridge {
         status: Arc<BridgeStatus>,
     ) -> Result<Self, BridgeError> {
         let broker = Broker::parse(&settings.url).map_err(BridgeError::Url)?;
-        let mut options = MqttOptions::new(&settings.client_id, &broker.host, broker.port);
-        options.set_keep_alive(settings.keep_alive);
-        // A persistent session: the broker keeps what it acknowledged for subscribers
-        // while the bridge reconnects.
-        options.set_clean_start(false);
-        options.set_session_expiry_interval(Some(u32::MAX));
-        options.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
-        options.set_max_packet_size(Some(1 << 20));
-        // A command request is acknowledged once it is queued in the store (or
-        // answered with an error): a crash before that gets it delivered again.
-        options.set_manual_acks(true);
-        options.set_receive_maximum(Some(RECEIVE_MAXIMUM));
-        let status_topic = format!(
-            "{}/gateways/{}/status",
-            settings.topic_prefix, settings.gateway_id
-        );
-        options.set_last_will(LastWill::new(
-            status_topic,
-            json!({"state": "offline", "gateway": settings.gateway_id}).to_string(),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
-        if broker.tls {
-            options.set_transport(Transport::tls_with_config(
+        let transport = if broker.tls {
+            Some(Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(Arc::new(client_tls(&settings)?)),
-            ));
-        }
+            ))
+        } else {
+            None
+        };
+        let options = Options::new(
+            settings.protocol,
+            Setup {
+                client_id: settings.client_id.clone(),
+                host: broker.host,
+                port: broker.port,
+                keep_alive: settings.keep_alive,
+                connect_timeout: CONNECT_TIMEOUT,
+                will_topic: format!(
+                    "{}/gateways/{}/status",
+                    settings.topic_prefix, settings.gateway_id
+                ),
+                will_payload: json!({"state": "offline", "gateway": settings.gateway_id})
+                    .to_string()
+                    .into_bytes(),
+                transport,
+                receive_maximum: RECEIVE_MAXIMUM,
+            },
+        );
         Ok(Self {
             settings,
             options,
@@ -248,7 +244,7 @@ impl Bridge {
         self.status.cursor.store(cursor, Ordering::Relaxed);
         let mut backoff = BACKOFF.0;
         loop {
-            let (client, events) = AsyncClient::new(self.options.clone(), CHANNEL);
+            let (client, events) = self.options.connect(CHANNEL);
             let mut conn = Connection {
                 bridge: &self,
                 relay: &mut relay,
@@ -302,12 +298,8 @@ impl Bridge {
         (!id.is_empty() && !id.contains('/')).then_some(id)
     }
 
-    fn qos(&self) -> QoS {
-        if self.settings.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        }
+    fn at_least_once(&self) -> bool {
+        self.settings.qos >= 1
     }
 }
 
@@ -392,8 +384,8 @@ struct Connection<'a> {
     relay: &'a mut Relay,
     /// Notes waiting for room in the client's channel.
     outbox: VecDeque<Note>,
-    client: AsyncClient,
-    events: EventLoop,
+    client: Client,
+    events: Events,
     /// Every record up to this row was delivered.
     cursor: i64,
     /// The cursor as last committed.
@@ -419,9 +411,9 @@ impl Connection<'_> {
                 () = stopped(stop) => return Ok(()),
             };
             match ev {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                Ok(Ok(Happened::ConnAck)) => break,
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(describe(&e)),
+                Ok(Err(e)) => return Err(e),
                 Err(_) => return Err("no CONNACK in time".into()),
             }
         }
@@ -436,16 +428,9 @@ impl Connection<'_> {
             correlation: None,
         });
         if s.accept_commands {
-            // Retained requests are not taken: a command runs once, when asked.
-            let mut filter = Filter::new(
-                format!("{}/devices/+/commands/request", s.topic_prefix),
-                QoS::AtLeastOnce,
-            );
-            filter.retain_forward_rule = RetainForwardRule::Never;
             self.client
-                .subscribe_many([filter])
-                .await
-                .map_err(|e| e.to_string())?;
+                .subscribe(format!("{}/devices/+/commands/request", s.topic_prefix))
+                .await?;
         }
         self.resync().await;
 
@@ -455,7 +440,9 @@ impl Connection<'_> {
         let mut more = true;
         loop {
             self.flush_outbox().await?;
-            if more && self.in_flight.len() < WINDOW && self.unassigned.len() < UNSENT {
+            // Refilled by half a window at a time: one read of the store per 128
+            // records, not one per PUBACK.
+            if more && self.in_flight.len() <= WINDOW / 2 && self.unassigned.len() < UNSENT {
                 more = self.publish_more().await?;
             }
             let room = self.outbox.len() < OUTBOX;
@@ -468,7 +455,7 @@ impl Connection<'_> {
                     }
                     Err(e) => {
                         self.save_cursor().await;
-                        return Err(describe(&e));
+                        return Err(e);
                     }
                 },
                 ev = self.relay.control.recv(), if room => match ev {
@@ -491,7 +478,7 @@ impl Connection<'_> {
                 () = stopped(stop) => {
                     self.drain_acks().await;
                     self.save_cursor().await;
-                    let _ = self.client.disconnect().await;
+                    self.client.disconnect().await;
                     return Ok(());
                 }
             }
@@ -579,18 +566,18 @@ impl Connection<'_> {
     }
 
     /// A command request from the broker: queued exactly as the HTTP API queues one,
-    /// or answered with an error; acknowledged to the broker after either.
-    async fn command_request(&mut self, p: Publish) -> Result<(), String> {
-        self.bridge.status.commands.fetch_add(1, Ordering::Relaxed);
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let props = p.properties.as_ref();
-        let response_topic = props
-            .and_then(|p| p.response_topic.clone())
-            .filter(|t| !t.is_empty() && !t.contains(['+', '#', '\0']));
-        let correlation = props.and_then(|p| p.correlation_data.clone());
-        if let Some(device) = self.bridge.request_device(&topic) {
-            let device = device.to_owned();
-            let outcome = queue_command(&self.relay.gw, &device, &p.payload).await;
+    /// or answered with an error; acknowledged to the broker after either. A retained
+    /// request is acknowledged and ignored: a command runs when it is asked for, not
+    /// each time the bridge subscribes.
+    async fn command_request(&mut self, p: Incoming) -> Result<(), String> {
+        let topic = p.topic();
+        let device = self.bridge.request_device(&topic).map(str::to_owned);
+        if let (Some(device), false) = (device, p.retained()) {
+            self.bridge.status.commands.fetch_add(1, Ordering::Relaxed);
+            let (response_topic, correlation) = p.reply_to();
+            let response_topic =
+                response_topic.filter(|t| !t.is_empty() && !t.contains(['+', '#', '\0']));
+            let outcome = queue_command(&self.relay.gw, &device, p.payload()).await;
             let topic = response_topic
                 .clone()
                 .unwrap_or_else(|| self.bridge.topic(&device, "commands/response"));
@@ -617,7 +604,7 @@ impl Connection<'_> {
                 }
             }
         }
-        self.client.ack(&p).await.map_err(|e| e.to_string())
+        self.client.ack(&p).await
     }
 
     /// Hands waiting notes to the client while there is room.
@@ -632,22 +619,18 @@ impl Connection<'_> {
     }
 
     async fn send_note(&mut self, note: Note) -> Result<(), String> {
-        let properties = PublishProperties {
-            content_type: Some("application/json".into()),
-            correlation_data: note.correlation,
-            ..Default::default()
-        };
         self.unassigned.push_back(None);
         self.client
-            .publish_with_properties(
-                note.topic,
-                self.bridge.qos(),
-                note.retain,
-                note.payload,
-                properties,
-            )
+            .publish(Message {
+                topic: note.topic,
+                payload: note.payload,
+                retain: note.retain,
+                at_least_once: self.bridge.at_least_once(),
+                content_type: "application/json",
+                user_properties: Vec::new(),
+                correlation: note.correlation,
+            })
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// Hands the next records to the client, up to the window; `false` once there is
@@ -676,28 +659,23 @@ impl Connection<'_> {
                 PayloadFormat::Json => (json_payload(&rec, values), "application/json"),
                 PayloadFormat::Postcard => (rec.body.clone(), "application/x-postcard"),
             };
-            let properties = PublishProperties {
-                content_type: Some(content_type.into()),
-                user_properties: vec![
-                    ("boot".into(), rec.boot_id.to_string()),
-                    ("seq".into(), rec.seq.to_string()),
-                ],
-                ..Default::default()
-            };
-            let qos = self.bridge.qos();
             self.unassigned.push_back(Some(rec.row));
             self.in_flight.push_back((rec.row, false));
             self.next = rec.row;
             self.client
-                .publish_with_properties(
-                    self.bridge.topic(&rec.device, "telemetry"),
-                    qos,
-                    false,
+                .publish(Message {
+                    topic: self.bridge.topic(&rec.device, "telemetry"),
                     payload,
-                    properties,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                    retain: false,
+                    at_least_once: self.bridge.at_least_once(),
+                    content_type,
+                    user_properties: vec![
+                        ("boot".into(), rec.boot_id.to_string()),
+                        ("seq".into(), rec.seq.to_string()),
+                    ],
+                    correlation: None,
+                })
+                .await?;
         }
         Ok(more)
     }
@@ -725,32 +703,29 @@ impl Connection<'_> {
     }
 
     /// Notes what happened; returns a command request to be handled.
-    fn on_event(&mut self, ev: Event) -> Option<Publish> {
+    fn on_event(&mut self, ev: Happened) -> Option<Incoming> {
         match ev {
-            Event::Incoming(Packet::Publish(p)) => return Some(p),
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Happened::Request(p) => return Some(p),
+            Happened::Sent(pkid) => {
                 let row = self.unassigned.pop_front()?;
-                match (row, self.bridge.qos()) {
+                match (row, self.bridge.at_least_once()) {
                     // QoS 0: sent is all there will be.
-                    (Some(row), QoS::AtMostOnce) => self.delivered(row),
-                    (Some(row), _) => {
+                    (Some(row), false) => self.delivered(row),
+                    (Some(row), true) => {
                         self.by_pkid.insert(pkid, row);
                     }
                     (None, _) => {}
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                let row = self.by_pkid.remove(&ack.pkid)?;
-                if !matches!(
-                    ack.reason,
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                ) {
+            Happened::Acked { pkid, refused } => {
+                let row = self.by_pkid.remove(&pkid)?;
+                if let Some(reason) = refused {
                     self.bridge.status.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(reason = ?ack.reason, row, "MQTT bridge: the broker refused a record");
+                    warn!(reason, row, "MQTT bridge: the broker refused a record");
                 }
                 self.delivered(row);
             }
-            _ => {}
+            Happened::ConnAck | Happened::Other => {}
         }
         None
     }
@@ -897,20 +872,6 @@ fn json_payload(rec: &SinkRecord, values: Map<String, Json>) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-/// A connection error in words an operator can act on.
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::Tls(t) => format!(
-            "TLS with the broker failed: {t} (is mqtt.ca the CA of the broker's certificate, \
-             and does the certificate name the host in mqtt.url?)"
-        ),
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection: {code:?}")
-        }
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
