@@ -9,7 +9,9 @@
 //!                     ▲  │  ◄── BatchDone (then Ack) ──┘                      ▲
 //!                     │  └── live events ──► Gateway::subscribe()             │
 //!   Gateway::send_command ──► command queue (store) ── notify ──► session     │
-//!   Gateway::devices / telemetry / command ───────── read-only connections ───┘
+//!   Gateway::devices / telemetry / command ───────── read-only connections ───┤
+//!   bridge (MQTT): committed rows after its cursor ──► broker; presence,      │
+//!     command states ──► broker; command requests ◄── broker ── send_command ─┘
 //! ```
 //!
 //! Guarantees (PROTOCOL.md §8): a record is acked only after the commit that holds it;
