@@ -287,10 +287,15 @@ async fn the_header_shows_the_mqtt_bridge_and_its_backlog() {
     dev.wait_ack(5).await;
     let dom = dump_dom_until(&bin, &page, |d| shown(d, "disconnected", "5")).await;
     assert!(shown(&dom, "disconnected", "5"), "{dom}");
-    let title = elements(&dom, "bridge")[0]["title"].clone();
+    let bridge = &elements(&dom, "bridge")[0];
+    let title = &bridge["title"];
     assert!(
-        title.starts_with("mqtt://127.0.0.1:"),
+        title.starts_with("mqtt://127.0.0.1:") && title.contains("last error"),
         "the broker and why: {title}"
+    );
+    assert_eq!(
+        bridge["data-rate"], "0",
+        "nothing published while the broker is away"
     );
 }
 

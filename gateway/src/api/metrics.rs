@@ -266,6 +266,12 @@ async fn bridge_metrics(out: &mut String, b: &crate::bridge::BridgeStatus, store
             b.connect_failures.load(Ordering::Relaxed).to_string(),
         ),
         (
+            "gateway_mqtt_connects_total",
+            "counter",
+            "Connections the broker accepted (the first, then each reconnect).",
+            b.connects.load(Ordering::Relaxed).to_string(),
+        ),
+        (
             "gateway_mqtt_refused_total",
             "counter",
             "Records the broker refused in its PUBACK (logged, not retried).",

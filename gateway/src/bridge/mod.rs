@@ -124,6 +124,8 @@ pub struct BridgeStatus {
     pub published: AtomicU64,
     /// Connections lost or refused.
     pub connect_failures: AtomicU64,
+    /// Connections the broker accepted (the first, then each reconnect).
+    pub connects: AtomicU64,
     /// Records the broker refused in its PUBACK (not authorized, quota ...): logged and
     /// passed over, never retried forever.
     pub refused: AtomicU64,
@@ -418,6 +420,7 @@ impl Connection<'_> {
             }
         }
         status.connected.store(true, Ordering::Relaxed);
+        status.connects.fetch_add(1, Ordering::Relaxed);
         info!(broker = %self.bridge.settings.url, cursor = self.cursor, "MQTT bridge connected");
         let s = &self.bridge.settings;
         let online = json!({"state": "online", "gateway": s.gateway_id, "time_ms": now_ms()});
@@ -593,6 +596,11 @@ impl Connection<'_> {
                 }
                 Err((code, message)) => {
                     info!(device, code, error = %message, "MQTT bridge: command request refused");
+                    if self.outbox.len() >= OUTBOX {
+                        // A flood of bad requests while the broker takes nothing: the
+                        // answers are what gives way, not memory.
+                        return self.client.ack(&p).await;
+                    }
                     self.outbox.push_back(Note {
                         topic,
                         payload: json!({"error": message, "code": code, "device": device})
