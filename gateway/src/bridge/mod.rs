@@ -887,6 +887,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn request_topics_name_one_device() {
+        let (store, _writer, _dir) = {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, writer) = Store::open(crate::store::StoreOptions {
+                path: dir.path().join("t.sqlite"),
+                danger_ack_before_fsync: false,
+                max_commit_records: 10,
+                max_queued_commands: 1,
+                sinks: Vec::new(),
+            })
+            .unwrap();
+            (store, writer, dir)
+        };
+        let b = Bridge::new(
+            MqttSettings::default(),
+            store,
+            Arc::new(BridgeStatus::default()),
+        )
+        .unwrap();
+        let d = |t| b.request_device(t);
+        assert_eq!(d("iot/devices/s-1/commands/request"), Some("s-1"));
+        assert_eq!(d("iot/devices//commands/request"), None);
+        assert_eq!(d("iot/devices/a/b/commands/request"), None);
+        assert_eq!(d("iotx/devices/s-1/commands/request"), None);
+        assert_eq!(d("iot/devices/s-1/commands/response"), None);
+    }
+
+    #[test]
     fn broker_urls() {
         let b = |u| Broker::parse(u);
         assert_eq!(
