@@ -108,6 +108,10 @@ pub struct Config {
     /// names a broker.
     pub mqtt: Option<MqttSettings>,
 
+    /// The fleet (docs/FLEET.md): off unless a `[fleet]` section (or `--fleet URLS`)
+    /// names NATS servers.
+    pub fleet: Option<FleetSettings>,
+
     /// Log level or filter: `error`, `warn`, `info`, `debug`, `trace`, or a filter such
     /// as `info,gateway::session=debug`. `RUST_LOG`, if set, wins.
     pub log_level: String,
@@ -174,6 +178,49 @@ impl Default for MqttSettings {
             accept_commands: true,
             home_assistant: false,
             discovery_prefix: "homeassistant".into(),
+        }
+    }
+}
+
+/// The `[fleet]` section: the NATS JetStream cluster the gateways of a fleet share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSettings {
+    /// NATS servers: `nats://HOST:PORT` (or `tls://`), any of the cluster's nodes.
+    pub urls: Vec<String>,
+    /// This gateway's name in the fleet (unique per gateway).
+    pub gateway_id: String,
+    /// The JetStream stream that holds the fleet's telemetry.
+    pub stream: String,
+    /// First token of every subject: `{subject_prefix}.telemetry.{device}`.
+    pub subject_prefix: String,
+    /// Copies of the stream in the cluster (1, 3 or 5).
+    pub replicas: usize,
+    /// How long the stream remembers a record's id to drop a second copy of it (a
+    /// gateway restarted, a device that moved): exactly once within this window.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long the stream keeps records.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// CA bundle (PEM) for `tls://` servers.
+    pub ca: Option<PathBuf>,
+    /// A NATS credentials file (`.creds`: JWT and NKey seed).
+    pub creds: Option<PathBuf>,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            gateway_id: "gateway".into(),
+            stream: "IOT_TELEMETRY".into(),
+            subject_prefix: "iot".into(),
+            replicas: 3,
+            duplicate_window: Duration::from_secs(600),
+            max_age: Duration::from_secs(7 * 86_400),
+            ca: None,
+            creds: None,
         }
     }
 }
@@ -259,6 +306,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             mqtt: None,
+            fleet: None,
         }
     }
 }
@@ -330,6 +378,11 @@ impl Config {
         }
         if let Some(m) = &mut self.mqtt {
             for p in [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten() {
+                fix(p);
+            }
+        }
+        if let Some(f) = &mut self.fleet {
+            for p in [&mut f.ca, &mut f.creds].into_iter().flatten() {
                 fix(p);
             }
         }
@@ -467,6 +520,38 @@ impl Config {
                 );
             }
         }
+        if let Some(f) = &self.fleet {
+            if f.urls.is_empty() {
+                return invalid("fleet.urls", "name at least one NATS server".into());
+            }
+            let bad_token = |s: &str| {
+                s.is_empty()
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            };
+            if bad_token(&f.gateway_id) {
+                return invalid(
+                    "fleet.gateway_id",
+                    "letters, digits, '-' and '_' only".into(),
+                );
+            }
+            if bad_token(&f.stream) {
+                return invalid("fleet.stream", "letters, digits, '-' and '_' only".into());
+            }
+            if bad_token(&f.subject_prefix) {
+                return invalid(
+                    "fleet.subject_prefix",
+                    "one subject token: letters, digits, '-' and '_' only".into(),
+                );
+            }
+            if ![1, 3, 5].contains(&f.replicas) {
+                return invalid("fleet.replicas", format!("{} is not 1, 3 or 5", f.replicas));
+            }
+            if f.duplicate_window < Duration::from_secs(1) {
+                return invalid("fleet.duplicate_window", "must be at least 1s".into());
+            }
+        }
         Ok(())
     }
 
@@ -501,19 +586,30 @@ mod tests {
         expected.validate().unwrap();
     }
 
-    /// The `[mqtt]` section is commented out in the example; uncommented, it is the
-    /// defaults (plus the TLS files it names as examples).
-    #[test]
-    fn example_mqtt_section_matches_the_defaults() {
+    /// The example file's commented-out section from the line `start` to the line
+    /// `end` (or the end), uncommented and parsed.
+    fn example_section(start: &str, end: &str) -> Config {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let section = &text[text.find("# [mqtt]").unwrap()..];
-        let uncommented: String = section
+        let from = text.find(start).unwrap();
+        let to = if end.is_empty() {
+            text.len()
+        } else {
+            text.find(end).unwrap()
+        };
+        let uncommented: String = text[from..to]
             .lines()
             .filter(|l| l.starts_with("# ") && !l.starts_with("#  "))
             .map(|l| format!("{}\n", &l[2..]))
             .collect();
-        let from_file: Config = toml::from_str(&uncommented).unwrap();
+        toml::from_str(&uncommented).unwrap()
+    }
+
+    /// The `[mqtt]` section is commented out in the example; uncommented, it is the
+    /// defaults (plus the TLS files it names as examples).
+    #[test]
+    fn example_mqtt_section_matches_the_defaults() {
+        let from_file = example_section("# [mqtt]", "# --- Fleet");
         let expected = MqttSettings {
             ca: Some(PathBuf::from("certs/broker-ca.pem")),
             cert: Some(PathBuf::from("certs/bridge.pem")),
@@ -521,6 +617,18 @@ mod tests {
             ..MqttSettings::default()
         };
         assert_eq!(from_file.mqtt, Some(expected));
+    }
+
+    /// The same for the `[fleet]` section.
+    #[test]
+    fn example_fleet_section_matches_the_defaults() {
+        let from_file = example_section("# [fleet]", "");
+        let expected = FleetSettings {
+            ca: Some(PathBuf::from("certs/nats-ca.pem")),
+            creds: Some(PathBuf::from("certs/gateway.creds")),
+            ..FleetSettings::default()
+        };
+        assert_eq!(from_file.fleet, Some(expected));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod bridge;
 pub mod budget;
 pub mod config;
 pub mod events;
+pub mod fleet;
 pub mod inbound;
 mod loglimit;
 pub mod quickstart;
@@ -88,6 +89,8 @@ pub struct Shared {
     gateway_cert_warned: std::sync::atomic::AtomicBool,
     /// The MQTT bridge's state, if it runs.
     pub bridge: Option<Arc<bridge::BridgeStatus>>,
+    /// The fleet sink's state, if it runs.
+    pub fleet: Option<Arc<fleet::FleetStatus>>,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).
@@ -339,6 +342,7 @@ struct Tasks {
     _lock: std::fs::File,
     stop: watch::Sender<bool>,
     bridge: Option<JoinHandle<()>>,
+    fleet: Option<JoinHandle<()>>,
     server: JoinHandle<()>,
     api: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
@@ -375,6 +379,10 @@ impl Gateway {
                     name: bridge::SINK,
                     drop_undelivered: m.drop_undelivered,
                 })
+                .chain(config.fleet.iter().map(|_| store::SinkSpec {
+                    name: fleet::SINK,
+                    drop_undelivered: false,
+                }))
                 .collect(),
         })?;
         let saved_refusals = store.refusals().await.unwrap_or_else(|e| {
@@ -399,6 +407,14 @@ impl Gateway {
             }
             None => (None, None),
         };
+        let (fleet_status, fleet) = match &config.fleet {
+            Some(f) => {
+                let status = Arc::new(fleet::FleetStatus::default());
+                let sink = fleet::FleetSink::new(f.clone(), store.clone(), status.clone());
+                (Some(status), Some(sink))
+            }
+            None => (None, None),
+        };
         let (events, _) = broadcast::channel(4096);
         let (control, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
@@ -419,6 +435,7 @@ impl Gateway {
             crl_state: std::sync::atomic::AtomicU8::new(0),
             gateway_cert_warned: std::sync::atomic::AtomicBool::new(false),
             bridge: bridge_status.clone(),
+            fleet: fleet_status,
         });
         info!(
             max_connections = budgets.max_connections,
@@ -465,6 +482,7 @@ impl Gateway {
             tokio::spawn(api::serve(l, router, gw.shared.clone(), stop_rx.clone()))
         });
         let bridge = bridge.map(|b| tokio::spawn(b.run(gw.clone(), stop_rx.clone())));
+        let fleet = fleet.map(|f| tokio::spawn(f.run(stop_rx.clone())));
         // The router and the bridge hold clones made before `api` was set; they need
         // only the shared state, never the API address.
         gw.tasks = Arc::new(Mutex::new(Some(Tasks {
@@ -473,6 +491,7 @@ impl Gateway {
             server,
             housekeeping,
             bridge,
+            fleet,
             writer,
             _lock: lock,
         })));
@@ -689,6 +708,9 @@ impl Gateway {
         // collects the PUBACKs in flight and saves its cursor.
         if let Some(b) = tasks.bridge {
             let _ = b.await;
+        }
+        if let Some(f) = tasks.fleet {
+            let _ = f.await;
         }
         tasks.housekeeping.abort();
         self.shared.save_refusals().await;

@@ -225,6 +225,14 @@ struct Overrides {
     /// no bridge].
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// Join a fleet: relay telemetry into the NATS JetStream cluster at these servers
+    /// (nats://HOST:PORT, comma-separated; the other [fleet] settings from the config
+    /// file, or their defaults) [default: no fleet].
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    fleet: Option<Vec<String>>,
+    /// This gateway's id in the fleet [default: gateway].
+    #[arg(long, value_name = "ID")]
+    fleet_gateway_id: Option<String>,
     /// Log level: error, warn, info, debug, trace, or a filter such as
     /// "info,gateway::session=debug" [default: info; RUST_LOG wins if set].
     #[arg(long)]
@@ -289,6 +297,13 @@ impl Overrides {
         }
         if let Some(url) = self.mqtt {
             c.mqtt.get_or_insert_with(Default::default).url = url;
+        }
+        if let Some(urls) = self.fleet {
+            c.fleet.get_or_insert_with(Default::default).urls = urls;
+        }
+        // Only with a fleet (from --fleet or the file): an id alone turns nothing on.
+        if let (Some(id), Some(f)) = (self.fleet_gateway_id, c.fleet.as_mut()) {
+            f.gateway_id = id;
         }
     }
 }

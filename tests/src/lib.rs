@@ -9,6 +9,7 @@
 
 pub mod logs;
 pub mod mqtt;
+pub mod nats;
 pub mod process;
 
 use std::io;
@@ -669,4 +670,17 @@ pub fn answer_commands(mut dev: RawDevice) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// Devices send `per_device` records each, seqs `from..from+per_device` (round-robin),
+/// and wait for their acks.
+pub async fn stream_records(devices: &mut [RawDevice], from: Seq, per_device: Seq) {
+    for seq in from..from + per_device {
+        for d in devices.iter_mut() {
+            d.telemetry(seq).await.expect("sending a record");
+        }
+    }
+    for d in devices.iter_mut() {
+        d.wait_ack(from + per_device - 1).await;
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use e2e::mqtt::{Mosquitto, Subscriber};
-use e2e::{RawDevice, TestGateway, eventually, metric};
+use e2e::{TestGateway, eventually, metric, stream_records};
 use gateway::config::MqttSettings;
 use serde_json::Value as Json;
 
@@ -74,19 +74,6 @@ fn bridged<T: FnOnce(&mut MqttSettings)>(
     move |c| c.mqtt = Some(m)
 }
 
-/// Devices send `per_device` records each, seqs `from..from+per_device`, and wait for
-/// their acks.
-async fn stream(devices: &mut [RawDevice], from: u32, per_device: u32) {
-    for seq in from..from + per_device {
-        for d in devices.iter_mut() {
-            d.telemetry(seq).await.unwrap();
-        }
-    }
-    for d in devices.iter_mut() {
-        d.wait_ack(from + per_device - 1).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stored_record_reaches_the_broker_once_in_order() {
     if !Mosquitto::available() {
@@ -100,7 +87,7 @@ async fn every_stored_record_reaches_the_broker_once_in_order() {
     for i in 0..n {
         devices.push(tg.device(&format!("m-{i:03}"), 7).await.0);
     }
-    stream(&mut devices, 1, per).await;
+    stream_records(&mut devices, 1, per).await;
 
     let got = until_all(&sub, n, u64::from(per)).await;
     assert_eq!(got.len(), n, "every device");
@@ -140,7 +127,7 @@ async fn a_broker_outage_loses_nothing_and_devices_never_notice() {
     for i in 0..n {
         devices.push(tg.device(&format!("o-{i:02}"), 1).await.0);
     }
-    stream(&mut devices, 1, per).await;
+    stream_records(&mut devices, 1, per).await;
     eventually("the first records relayed", || async {
         let b = metric(&tg.gw, "gateway_mqtt_backlog_records").await?;
         (b == 0.0).then_some(())
@@ -157,7 +144,7 @@ async fn a_broker_outage_loses_nothing_and_devices_never_notice() {
     .await;
     let mut next = per + 1;
     while outage.elapsed() < std::time::Duration::from_secs(20) {
-        stream(&mut devices, next, 10).await;
+        stream_records(&mut devices, next, 10).await;
         next += 10;
         // Paces the load (a round of 10 records a device every ~0.2 s), no more.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -180,7 +167,7 @@ async fn a_broker_outage_loses_nothing_and_devices_never_notice() {
 
     // Back: the backlog drains, and new records follow.
     broker.restart();
-    stream(&mut devices, next, per).await;
+    stream_records(&mut devices, next, per).await;
     let total = next - 1 + per;
     let got = until_all(&sub, n, u64::from(total)).await;
     assert_eq!(got.len(), n);
@@ -281,14 +268,14 @@ async fn a_crash_during_an_outage_loses_nothing() {
         state["backlog_records"].as_u64()
     };
     let mut dev = pki.session(addr, "k-1", 3).await;
-    stream(std::slice::from_mut(&mut dev), 1, 50).await;
+    stream_records(std::slice::from_mut(&mut dev), 1, 50).await;
     eventually("the first 50 relayed", || async {
         (backlog().await? == 0).then_some(())
     })
     .await;
 
     broker.stop();
-    stream(std::slice::from_mut(&mut dev), 51, 50).await;
+    stream_records(std::slice::from_mut(&mut dev), 51, 50).await;
     eventually("50 records waiting", || async {
         (backlog().await? == 50).then_some(())
     })
@@ -437,9 +424,9 @@ async fn home_assistant_discovery_announces_each_reading_once() {
     }))
     .await;
     let (mut dev, _) = tg.device("h.1", 1).await;
-    stream(std::slice::from_mut(&mut dev), 1, 3).await;
+    stream_records(std::slice::from_mut(&mut dev), 1, 3).await;
     let telemetry = Subscriber::start(&broker, "check-6t", "iot/devices/+/telemetry");
-    stream(std::slice::from_mut(&mut dev), 4, 1).await;
+    stream_records(std::slice::from_mut(&mut dev), 4, 1).await;
     // Subscribed after the announcement: it is retained.
     let sub = Subscriber::start(&broker, "check-6", "homeassistant/#");
     let line = eventually("the announcement", || async {
@@ -481,7 +468,7 @@ async fn mqtt_3_1_1_relays_telemetry_and_takes_commands() {
     let sub = Subscriber::start(&broker, "check-7", "iot/devices/+/telemetry");
     let responses = Subscriber::start(&broker, "check-7r", "iot/devices/+/commands/response");
     let (mut dev, _) = tg.device("v-1", 5).await;
-    stream(std::slice::from_mut(&mut dev), 1, 5).await;
+    stream_records(std::slice::from_mut(&mut dev), 1, 5).await;
     let got = until_all(&sub, 1, 5).await;
     assert_eq!(got["v-1"].len(), 5);
     // Mosquitto logs the protocol of each client: p2 is MQTT 3.1.1.

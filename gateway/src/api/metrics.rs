@@ -48,6 +48,9 @@ pub(super) async fn handler(State(super::ApiState(api)): State<ApiState>) -> Res
     if let Some(b) = &api.gw.shared().bridge {
         bridge_metrics(&mut body, b, api.gw.store()).await;
     }
+    if let Some(f) = &api.gw.shared().fleet {
+        fleet_metrics(&mut body, f, api.gw.store()).await;
+    }
     process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -299,6 +302,56 @@ async fn bridge_metrics(out: &mut String, b: &crate::bridge::BridgeStatus, store
             "gateway_mqtt_backlog_age_seconds",
             "gauge",
             "Age of the oldest record not delivered yet (0: none).",
+            format!("{age}"),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
+/// The fleet sink's state.
+async fn fleet_metrics(out: &mut String, f: &crate::fleet::FleetStatus, store: &crate::Store) {
+    let cursor = f.cursor.load(Ordering::Relaxed);
+    let (backlog, oldest) = store.backlog(cursor).await.unwrap_or((0, None));
+    let age = oldest.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
+    for (name, kind, help, value) in [
+        (
+            "gateway_fleet_connected",
+            "gauge",
+            "1 while the fleet sink is connected to NATS with its stream in place.",
+            u8::from(f.connected.load(Ordering::Relaxed)).to_string(),
+        ),
+        (
+            "gateway_fleet_published_total",
+            "counter",
+            "Records the fleet's stream acknowledged (new or duplicate).",
+            f.published.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_fleet_duplicates_total",
+            "counter",
+            "Records the stream already had (sent again after a crash, or by another gateway).",
+            f.duplicates.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_fleet_failures_total",
+            "counter",
+            "Connections to NATS, or publishes, that failed.",
+            f.failures.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "gateway_fleet_backlog_records",
+            "gauge",
+            "Stored records the fleet sink has not delivered yet.",
+            backlog.to_string(),
+        ),
+        (
+            "gateway_fleet_backlog_age_seconds",
+            "gauge",
+            "Age of the oldest record not delivered to the fleet yet (0: none).",
             format!("{age}"),
         ),
     ] {

@@ -231,17 +231,8 @@ impl Bridge {
             replies: HashMap::new(),
             announced: HashSet::new(),
         };
-        let mut cursor = loop {
-            match self.store.open_sink(SINK).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    warn!(error = %e, "MQTT bridge: the store cannot open its cursor; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(BACKOFF.1) => {}
-                        () = stopped(&mut stop) => return,
-                    }
-                }
-            }
+        let Some(mut cursor) = open_cursor(&self.store, SINK, &mut stop).await else {
+            return;
         };
         self.status.cursor.store(cursor, Ordering::Relaxed);
         let mut backoff = BACKOFF.0;
@@ -864,12 +855,33 @@ fn home_assistant_config(s: &MqttSettings, device: &str, key: &str, value: &Json
 
 /// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`: dropped
 /// here, before any arm's body awaits).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+/// A sink's cursor, once the store can give it (retried every few seconds, logged);
+/// `None` if `stop` came first.
+pub(crate) async fn open_cursor(
+    store: &Store,
+    sink: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<i64> {
+    loop {
+        match store.open_sink(sink).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                warn!(error = %e, sink, "the store cannot open a sink's cursor; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(BACKOFF.1) => {}
+                    () = stopped(stop) => return None,
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
 /// The JSON payload of a record: as the HTTP API shows it (`boot_id` as a string).
-fn json_payload(rec: &SinkRecord, values: Map<String, Json>) -> Vec<u8> {
+pub(crate) fn json_payload(rec: &SinkRecord, values: Map<String, Json>) -> Vec<u8> {
     json!({
         "device": rec.device,
         "boot_id": rec.boot_id.to_string(),

@@ -1,0 +1,167 @@
+//! End-to-end: gateways of one fleet relay telemetry into a replicated JetStream stream
+//! on a real 3-node `nats-server` cluster; the test reads the stream itself, with the
+//! NATS client crate (not through a gateway), and finds every acked record exactly once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use e2e::nats::NatsCluster;
+use e2e::{TestGateway, eventually, metric, stream_records};
+use futures_util::StreamExt;
+use gateway::config::FleetSettings;
+
+const STREAM: &str = "IOT_TELEMETRY";
+
+/// A gateway of the fleet on `cluster`, named `id` (its servers listed from `first`).
+async fn fleet_gateway(cluster: &NatsCluster, id: &str, first: usize) -> TestGateway {
+    let mut urls = cluster.urls();
+    urls.rotate_left(first);
+    let id = id.to_owned();
+    TestGateway::start_with(move |c| {
+        c.fleet = Some(FleetSettings {
+            urls,
+            gateway_id: id,
+            ..Default::default()
+        })
+    })
+    .await
+}
+
+/// Every message in the stream as (device, boot, seq) → copies, read with a pull
+/// consumer of our own once the stream holds `expected` messages (or the wait ends).
+async fn read_stream(cluster: &NatsCluster, expected: u64) -> BTreeMap<(String, u64, u64), u32> {
+    let client = async_nats::connect(cluster.urls()).await.unwrap();
+    let js = jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut stream = loop {
+        if let Ok(s) = js.get_stream(STREAM).await {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no stream {STREAM}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        let n = stream.info().await.unwrap().state.messages;
+        if n >= expected || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    let mut read = 0;
+    while read < total {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            let h = m.headers.as_ref().expect("headers");
+            let get = |k: &str| h.get(k).expect(k).as_str().to_owned();
+            let key = (
+                get("Iot-Device"),
+                get("Iot-Boot").parse().unwrap(),
+                get("Iot-Seq").parse().unwrap(),
+            );
+            // The payload says the same.
+            let j: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(j["device"], key.0.as_str());
+            assert_eq!(j["seq"], key.2);
+            *seen.entry(key).or_insert(0) += 1;
+            read += 1;
+            m.ack().await.unwrap();
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_put_every_acked_record_into_the_stream_once() {
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let (n, per) = (100usize, 10u32);
+    let mut gateways = Vec::new();
+    for g in 0..3 {
+        gateways.push(fleet_gateway(&cluster, &format!("g{g}"), g).await);
+    }
+    let mut devices = Vec::new();
+    for (g, tg) in gateways.iter().enumerate() {
+        for i in 0..n {
+            devices.push(tg.device(&format!("f{g}-{i:03}"), 9).await.0);
+        }
+    }
+    stream_records(&mut devices, 1, per).await;
+
+    let want = (3 * n) as u64 * u64::from(per);
+    let seen = read_stream(&cluster, want).await;
+    assert_eq!(seen.len() as u64, want, "every acked record");
+    assert!(seen.values().all(|&c| c == 1), "once each");
+    for g in 0..3 {
+        for i in 0..n {
+            let d = format!("f{g}-{i:03}");
+            for s in 1..=u64::from(per) {
+                assert!(seen.contains_key(&(d.clone(), 9, s)), "{d} {s}");
+            }
+        }
+    }
+    // Replicated: a leader and two followers.
+    let client = async_nats::connect(cluster.urls()).await.unwrap();
+    let mut stream = jetstream::new(client).get_stream(STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    let replicas = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    assert_eq!(replicas, 2, "{:?}", info.cluster);
+    for tg in &gateways {
+        assert_eq!(
+            metric(&tg.gw, "gateway_fleet_backlog_records").await,
+            Some(0.0)
+        );
+        assert_eq!(metric(&tg.gw, "gateway_fleet_connected").await, Some(1.0));
+    }
+}
+
+/// A device that moved: it sent records 1–5 to gateway A, then (its acks lost, say)
+/// sends 1–10 to gateway B. Both gateways relay what they stored; the stream keeps
+/// each record once, and B counts the five it already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_relayed_by_two_gateways_is_kept_once() {
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let a = fleet_gateway(&cluster, "a", 0).await;
+    let b = fleet_gateway(&cluster, "b", 1).await;
+    let (mut dev, _) = a.device("mover", 4).await;
+    stream_records(std::slice::from_mut(&mut dev), 1, 5).await;
+    eventually("A relayed its five", || async {
+        (metric(&a.gw, "gateway_fleet_published_total").await? == 5.0).then_some(())
+    })
+    .await;
+    drop(dev);
+    let (mut dev, _) = b.device("mover", 4).await;
+    stream_records(std::slice::from_mut(&mut dev), 1, 10).await;
+    eventually("B relayed its ten", || async {
+        (metric(&b.gw, "gateway_fleet_published_total").await? == 10.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&b.gw, "gateway_fleet_duplicates_total").await,
+        Some(5.0)
+    );
+    let seen = read_stream(&cluster, 10).await;
+    assert_eq!(seen.len(), 10);
+    assert!(seen.values().all(|&c| c == 1), "{seen:?}");
+}
