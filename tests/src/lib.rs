@@ -11,6 +11,7 @@ pub mod logs;
 pub mod mqtt;
 pub mod nats;
 pub mod process;
+pub mod sim;
 
 use std::io;
 use std::net::SocketAddr;

@@ -14,6 +14,25 @@ use futures_util::StreamExt;
 use gateway::config::FleetSettings;
 
 const STREAM: &str = "IOT_TELEMETRY";
+/// `gateway/src/main.rs`, built by this package.
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
+
+/// The command line of a gateway process of the fleet on `cluster`, named `id`.
+fn process_args(
+    pki: &e2e::Pki,
+    cluster: &NatsCluster,
+    data: &std::path::Path,
+    id: &str,
+) -> Vec<String> {
+    let mut args = pki.gateway_args(data, "127.0.0.1:0");
+    args.extend([
+        "--fleet".into(),
+        cluster.urls().join(","),
+        "--fleet-gateway-id".into(),
+        id.into(),
+    ]);
+    args
+}
 
 /// A gateway of the fleet on `cluster`, named `id` (its servers listed from `first`).
 async fn fleet_gateway(cluster: &NatsCluster, id: &str, first: usize) -> TestGateway {
@@ -250,17 +269,10 @@ async fn a_gateway_killed_mid_run_relays_the_rest_once_after_restart() {
     if !NatsCluster::available() {
         return;
     }
-    const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
     let cluster = NatsCluster::start();
     let pki = e2e::Pki::new();
     let data = tempfile::tempdir().unwrap();
-    let mut args = pki.gateway_args(data.path(), "127.0.0.1:0");
-    args.extend([
-        "--fleet".into(),
-        cluster.urls().join(","),
-        "--fleet-gateway-id".into(),
-        "k1".into(),
-    ]);
+    let args = process_args(&pki, &cluster, data.path(), "k1");
     let (gw, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
     let mut devices = Vec::new();
     for i in 0..20 {
@@ -281,4 +293,81 @@ async fn a_gateway_killed_mid_run_relays_the_rest_once_after_restart() {
     assert_eq!(seen.len(), 2000, "every acked record");
     assert!(seen.values().all(|&c| c == 1), "once each");
     drop(gw);
+}
+
+/// Simulated devices given the three gateways' addresses spread over them; SIGKILL of
+/// one gateway process: its devices reconnect to the other two within their backoff and
+/// keep streaming. Once it restarts it relays what it had not, and the stream holds
+/// every acked record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_move_to_the_other_gateways_when_one_is_killed() {
+    use device_client::sim::{SimConfig, Simulator};
+    use e2e::process::GatewayProcess;
+    use e2e::sim::{SIM_WAIT, loaded, until};
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let pki = e2e::Pki::new();
+    let mut gateways = Vec::new();
+    for g in 0..3 {
+        let data = tempfile::tempdir().unwrap();
+        let args = process_args(&pki, &cluster, data.path(), &format!("p{g}"));
+        let (process, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
+        gateways.push((process, addr, args, data));
+    }
+    let n = 30;
+    let addrs: Vec<String> = gateways.iter().map(|g| g.1.to_string()).collect();
+    let mut config = SimConfig::new(addrs.join(","), loaded(&pki, n));
+    config.rate = 20.0;
+    config.threads = Some(1);
+    config.ring_bytes = 16 * 1024;
+    config.backoff_min = Duration::from_millis(100);
+    config.backoff_max = Duration::from_secs(1);
+    config.drain_timeout = SIM_WAIT;
+    let sim = Simulator::start(config).unwrap();
+    let mon = sim.monitor();
+    until(&mon, "every device connected", |s| s.ever_connected == n).await;
+    until(&mon, "records acked", |s| s.acked >= 300).await;
+
+    let (killed, _, args, _data) = gateways.remove(0);
+    let before = mon.stats();
+    killed.kill();
+    // A third of the devices lose their gateway and find another.
+    until(&mon, "its devices back on the others", |s| {
+        s.connected == n as u64 && s.connects >= before.connects + (n / 3) as u64
+    })
+    .await;
+    let moved = mon.stats().acked;
+    until(&mon, "streaming on", |s| s.acked >= moved + 300).await;
+    mon.stop();
+    let summary = sim.wait().await.unwrap();
+
+    // The killed gateway comes back (on another port: no device needs it) and relays
+    // what it stored and had not relayed.
+    let (_again, _) = GatewayProcess::start(BIN.as_ref(), &args).await;
+    let acked: u64 = summary
+        .per_device
+        .iter()
+        .flat_map(|d| d.boots.iter().map(|b| u64::from(b.acked)))
+        .sum();
+    let seen = read_stream(&cluster, acked).await;
+    assert!(seen.values().all(|&c| c == 1), "once each");
+    for d in &summary.per_device {
+        for b in &d.boots {
+            for seq in 1..=u64::from(b.acked) {
+                assert!(
+                    seen.contains_key(&(d.id.clone(), b.boot_id, seq)),
+                    "{} boot {} seq {seq} was acked and is not in the stream",
+                    d.id,
+                    b.boot_id
+                );
+            }
+        }
+    }
+    println!(
+        "acked {acked}; in the stream {}; reconnects {}",
+        seen.len(),
+        summary.reconnects
+    );
 }

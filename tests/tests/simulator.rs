@@ -6,64 +6,17 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use device_client::sim::{
-    DeviceIdentity, Devices, Monitor, SimConfig, Simulator, Stats, Summary, client_config,
-};
+use device_client::sim::{Devices, SimConfig, Simulator, Summary};
 use e2e::process::GatewayProcess;
+use e2e::sim::{SIM_WAIT, loaded, mint, until};
 use e2e::{Pki, TestGateway};
 use gateway::CommandState;
 use serde_json::json;
 
 /// `gateway/src/main.rs`, built by this package.
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
-
-/// How long a test waits for a condition of the simulation (hundreds of debug-build
-/// handshakes on a 2-core CI box take a while).
-const SIM_WAIT: Duration = Duration::from_secs(90);
-
-/// Certificates for `n` devices `sim-0000`... minted in memory, issued on every core.
-fn mint(pki: &Pki, n: usize) -> Vec<(String, certs::Issued)> {
-    let ids = device_client::sim::sequential_ids("sim-", 0, n);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk = n.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = ids
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|id| (id.clone(), pki.device(id)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// `n` devices as TLS settings in memory.
-fn loaded(pki: &Pki, n: usize) -> Devices {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.certificate_der()).unwrap();
-    let roots = Arc::new(roots);
-    Devices::Loaded(
-        mint(pki, n)
-            .into_iter()
-            .map(|(id, cert)| DeviceIdentity {
-                id,
-                tls: client_config(
-                    roots.clone(),
-                    vec![cert.certificate_der()],
-                    cert.private_key_der(),
-                )
-                .unwrap(),
-            })
-            .collect(),
-    )
-}
 
 /// `n` devices written to `pki`'s directory as `certs devices` lays them out.
 fn on_disk(pki: &Pki, n: usize) -> Devices {
@@ -91,22 +44,6 @@ fn config(addr: impl ToString, devices: Devices, rate: f64) -> SimConfig {
     c.backoff_max = Duration::from_secs(1);
     c.drain_timeout = SIM_WAIT;
     c
-}
-
-/// Waits until the simulation's counters satisfy `cond`; panics after [`SIM_WAIT`].
-async fn until(mon: &Monitor, what: &str, cond: impl Fn(&Stats) -> bool) -> Stats {
-    let deadline = tokio::time::Instant::now() + SIM_WAIT;
-    loop {
-        let s = mon.stats();
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// (count, min seq, max seq) per (device, boot id), straight from the SQLite file.

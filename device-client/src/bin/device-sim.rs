@@ -40,7 +40,8 @@ Exit status: 0 when every record was acked, 2 when some were still unacked at th
 1 on errors."
 )]
 struct Cli {
-    /// The gateway's device listener.
+    /// The gateway's device listener; or several, comma-separated (a fleet: devices
+    /// spread over them, and move to the next after a failed connect).
     #[arg(long, value_name = "HOST:PORT")]
     gateway: String,
     /// The certs directory (ca.pem and devices/ID/{cert,key}.pem, as `certs` writes it).

@@ -97,10 +97,62 @@ where
 /// A TLS connection to the gateway, split for reading and writing at once.
 pub type TlsConnection = Halves<ReadHalf<TlsStream<TcpStream>>, WriteHalf<TlsStream<TcpStream>>>;
 
-/// Opens TCP + mutual TLS to one gateway address.
+/// One or more gateway addresses (`host:port`; in text, comma-separated): a device
+/// connects to the current one and moves on to the next after a failed attempt, so a
+/// gateway that dies sends its devices to the others within their reconnect backoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAddrs {
+    addrs: Vec<String>,
+    current: usize,
+}
+
+impl GatewayAddrs {
+    /// `a:7443` or `a:7443,b:7443,c:7443` (spaces around commas are ignored).
+    pub fn parse(list: &str) -> Self {
+        let mut addrs: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        if addrs.is_empty() {
+            addrs.push(String::from(list));
+        }
+        Self { addrs, current: 0 }
+    }
+
+    /// Starts at the `i`-th address (modulo their number): many devices with different
+    /// `i` spread over the gateways.
+    pub fn starting_at(mut self, i: usize) -> Self {
+        self.current = i % self.addrs.len();
+        self
+    }
+
+    /// The address to try now.
+    pub fn current(&self) -> &str {
+        &self.addrs[self.current]
+    }
+
+    /// The attempt on the current address failed: the next one is tried next.
+    pub fn failed(&mut self) {
+        self.current = (self.current + 1) % self.addrs.len();
+    }
+
+    /// How many addresses.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Never true: there is always at least one address.
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+}
+
+/// Opens TCP + mutual TLS to a gateway: the current one of [`GatewayAddrs`].
 #[derive(Clone)]
 pub struct TlsConnector {
-    addr: String,
+    addrs: GatewayAddrs,
     server_name: ServerName<'static>,
     connector: tokio_rustls::TlsConnector,
     /// Time allowed for TCP connect plus the TLS handshake.
@@ -108,8 +160,9 @@ pub struct TlsConnector {
 }
 
 impl TlsConnector {
-    /// Connects to `addr` (`host:port`) and checks the gateway's certificate for
-    /// `server_name` against the CA in `config`.
+    /// Connects to `addr` (`host:port`, or several comma-separated: see
+    /// [`GatewayAddrs`]) and checks the gateway's certificate for `server_name`
+    /// against the CA in `config`.
     pub fn new(
         addr: impl Into<String>,
         server_name: &str,
@@ -118,7 +171,7 @@ impl TlsConnector {
         let server_name = ServerName::try_from(String::from(server_name))
             .map_err(|_| LoadError::ServerName(server_name.into()))?;
         Ok(Self {
-            addr: addr.into(),
+            addrs: GatewayAddrs::parse(&addr.into()),
             server_name,
             connector: tokio_rustls::TlsConnector::from(config),
             timeout: Duration::from_secs(10),
@@ -132,18 +185,23 @@ impl Connector for TlsConnector {
 
     async fn connect(&mut self) -> Result<TlsConnection, io::Error> {
         let attempt = async {
-            let tcp = TcpStream::connect(&self.addr).await?;
+            let tcp = TcpStream::connect(self.addrs.current()).await?;
             tcp.set_nodelay(true)?;
             self.connector.connect(self.server_name.clone(), tcp).await
         };
-        let tls = tokio::time::timeout(self.timeout, attempt)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        let (r, w) = tokio::io::split(tls);
-        Ok(Halves {
-            reader: FromTokio::new(r),
-            writer: FromTokio::new(w),
-        })
+        let failure = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(tls)) => {
+                let (r, w) = tokio::io::split(tls);
+                return Ok(Halves {
+                    reader: FromTokio::new(r),
+                    writer: FromTokio::new(w),
+                });
+            }
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+        };
+        self.addrs.failed();
+        Err(failure)
     }
 }
 
@@ -200,4 +258,26 @@ pub fn client_config_from_dir(dir: &Path, id: &str) -> Result<Arc<ClientConfig>,
         &device.join("cert.pem"),
         &device.join("key.pem"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GatewayAddrs;
+
+    #[test]
+    fn gateway_addresses_rotate_after_failures() {
+        let mut a = GatewayAddrs::parse("a:1, b:2,c:3");
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.current(), "a:1");
+        a.failed();
+        assert_eq!(a.current(), "b:2");
+        a.failed();
+        a.failed();
+        assert_eq!(a.current(), "a:1");
+        assert_eq!(GatewayAddrs::parse("x:9").starting_at(7).current(), "x:9");
+        assert_eq!(
+            GatewayAddrs::parse("a:1,b:2").starting_at(3).current(),
+            "b:2"
+        );
+    }
 }

@@ -35,6 +35,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::device::ThreadCtx;
+use crate::driver::tokio::GatewayAddrs;
 use crate::driver::{Connection, Connector};
 
 /// The TLS stream of one connection.
@@ -111,7 +112,8 @@ pub(crate) fn refusal_alert(e: &io::Error) -> Option<AlertDescription> {
 /// at once across all devices, so thousands of devices starting (or coming back after
 /// a gateway restart) do not overflow the gateway's accept backlog.
 pub(crate) struct SimConnector {
-    addr: String,
+    /// The gateways, this device's own first (devices spread over them).
+    addrs: GatewayAddrs,
     server_name: ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
     /// Time allowed for TCP connect plus the TLS handshake.
@@ -123,16 +125,18 @@ pub(crate) struct SimConnector {
 
 impl SimConnector {
     /// Fails if `server_name` is neither a DNS name nor an IP address.
+    /// `spread` picks the device's first gateway among several.
     pub(crate) fn new(
         ctx: Rc<ThreadCtx>,
         link: Rc<Link>,
         tls: Arc<rustls::ClientConfig>,
+        spread: usize,
     ) -> Result<Self, String> {
         let settings = &ctx.settings;
         let server_name = ServerName::try_from(settings.server_name.clone())
             .map_err(|_| format!("invalid server name {:?}", settings.server_name))?;
         Ok(Self {
-            addr: settings.gateway.clone(),
+            addrs: GatewayAddrs::parse(&settings.gateway).starting_at(spread),
             server_name,
             tls: tokio_rustls::TlsConnector::from(tls),
             timeout: settings.connect_timeout,
@@ -144,7 +148,7 @@ impl SimConnector {
 
     async fn open(&self) -> io::Result<Stream> {
         let attempt = async {
-            let tcp = TcpStream::connect(self.addr.as_str()).await?;
+            let tcp = TcpStream::connect(self.addrs.current()).await?;
             tcp.set_nodelay(true)?;
             self.tls.connect(self.server_name.clone(), tcp).await
         };
@@ -176,6 +180,8 @@ impl Connector for SimConnector {
             }
             Err(e) => {
                 self.link.refused(&self.ctx, &e);
+                // The next attempt, after the backoff, goes to the next gateway.
+                self.addrs.failed();
                 Err(e)
             }
         }

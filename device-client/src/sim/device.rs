@@ -525,10 +525,12 @@ enum BootEnd {
     Fatal(String),
 }
 
-/// Runs one device until the simulation stops; reboots make new clients.
+/// Runs one device until the simulation stops; reboots make new clients. `index`
+/// (the device's place in the run) picks its first gateway when there are several.
 pub(crate) async fn device<const RING: usize>(
     ctx: Rc<ThreadCtx>,
     ident: DeviceIdentity,
+    index: usize,
     seed: u64,
     mut phase: watch::Receiver<Phase>,
 ) -> DeviceSummary {
@@ -549,7 +551,7 @@ pub(crate) async fn device<const RING: usize>(
         fatal: None,
         link: Rc::new(Link::default()),
     };
-    let mut connector = match SimConnector::new(ctx.clone(), dev.link.clone(), ident.tls) {
+    let mut connector = match SimConnector::new(ctx.clone(), dev.link.clone(), ident.tls, index) {
         Ok(c) => c,
         Err(why) => {
             dev.fatal = Some(why);

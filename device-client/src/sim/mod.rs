@@ -94,7 +94,9 @@ pub enum Devices {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SimConfig {
-    /// The gateway's device listener, `host:port`.
+    /// The gateway's device listener, `host:port`; or several, comma-separated (a
+    /// fleet): each device starts at one of them (devices spread evenly) and moves to
+    /// the next after a failed connect.
     pub gateway: String,
     /// The name the gateway's certificate must carry.
     pub server_name: String,
@@ -602,7 +604,8 @@ impl Worker {
             for (i, ident) in self.devices {
                 let id = ident.id.clone();
                 let seed = self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let handle = spawn_device(self.ring, ctx.clone(), ident, seed, self.phase.clone());
+                let handle =
+                    spawn_device(self.ring, ctx.clone(), ident, i, seed, self.phase.clone());
                 tasks.push((i, id, handle));
             }
             let mut out = Vec::with_capacity(tasks.len());
@@ -629,18 +632,19 @@ fn spawn_device(
     ring: usize,
     ctx: std::rc::Rc<device::ThreadCtx>,
     ident: DeviceIdentity,
+    index: usize,
     seed: u64,
     phase: watch::Receiver<Phase>,
 ) -> tokio::task::JoinHandle<DeviceSummary> {
     use tokio::task::spawn_local;
     match ring {
-        1024 => spawn_local(device::device::<1024>(ctx, ident, seed, phase)),
-        2048 => spawn_local(device::device::<2048>(ctx, ident, seed, phase)),
-        4096 => spawn_local(device::device::<4096>(ctx, ident, seed, phase)),
-        8192 => spawn_local(device::device::<8192>(ctx, ident, seed, phase)),
-        16384 => spawn_local(device::device::<16384>(ctx, ident, seed, phase)),
-        32768 => spawn_local(device::device::<32768>(ctx, ident, seed, phase)),
-        _ => spawn_local(device::device::<65536>(ctx, ident, seed, phase)),
+        1024 => spawn_local(device::device::<1024>(ctx, ident, index, seed, phase)),
+        2048 => spawn_local(device::device::<2048>(ctx, ident, index, seed, phase)),
+        4096 => spawn_local(device::device::<4096>(ctx, ident, index, seed, phase)),
+        8192 => spawn_local(device::device::<8192>(ctx, ident, index, seed, phase)),
+        16384 => spawn_local(device::device::<16384>(ctx, ident, index, seed, phase)),
+        32768 => spawn_local(device::device::<32768>(ctx, ident, index, seed, phase)),
+        _ => spawn_local(device::device::<65536>(ctx, ident, index, seed, phase)),
     }
 }
 
