@@ -192,6 +192,8 @@ pub struct FleetSettings {
     pub gateway_id: String,
     /// The JetStream stream that holds the fleet's telemetry.
     pub stream: String,
+    /// The key-value bucket that holds the fleet's device registry.
+    pub bucket: String,
     /// First token of every subject: `{subject_prefix}.telemetry.{device}`.
     pub subject_prefix: String,
     /// Copies of the stream in the cluster (1, 3 or 5).
@@ -215,6 +217,7 @@ impl Default for FleetSettings {
             urls: vec!["nats://127.0.0.1:4222".into()],
             gateway_id: "gateway".into(),
             stream: "IOT_TELEMETRY".into(),
+            bucket: "IOT_DEVICES".into(),
             subject_prefix: "iot".into(),
             replicas: 3,
             duplicate_window: Duration::from_secs(600),
@@ -538,6 +541,9 @@ impl Config {
             }
             if bad_token(&f.stream) {
                 return invalid("fleet.stream", "letters, digits, '-' and '_' only".into());
+            }
+            if bad_token(&f.bucket) {
+                return invalid("fleet.bucket", "letters, digits, '-' and '_' only".into());
             }
             if bad_token(&f.subject_prefix) {
                 return invalid(

@@ -91,6 +91,8 @@ pub struct Shared {
     pub bridge: Option<Arc<bridge::BridgeStatus>>,
     /// The fleet sink's state, if it runs.
     pub fleet: Option<Arc<fleet::FleetStatus>>,
+    /// The fleet's device registry, if this gateway is in a fleet.
+    pub fleet_registry: Option<Arc<fleet::registry::FleetRegistry>>,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).
@@ -242,6 +244,66 @@ pub fn ttl_from_secs(t: f64) -> Option<Duration> {
     (t.is_finite() && t > 0.0 && t <= 365.0 * 86_400.0).then(|| Duration::from_secs_f64(t))
 }
 
+/// A page of devices in a fleet: this gateway's page merged with the fleet registry's
+/// (devices held elsewhere, by id), each saying which gateway holds it.
+fn fleet_page(
+    fleet: &fleet::registry::FleetRegistry,
+    local: Vec<DeviceRecord>,
+    after: Option<&str>,
+    limit: u32,
+) -> Vec<DeviceRecord> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut merged: std::collections::BTreeMap<String, DeviceRecord> = local
+        .into_iter()
+        .map(|mut d| {
+            let holder = fleet.holder(&d.id);
+            with_holder(fleet, &mut d, holder);
+            (d.id.clone(), d)
+        })
+        .collect();
+    for (id, h) in fleet.page(after, limit) {
+        merged
+            .entry(id.clone())
+            .or_insert_with(|| remote_device(id, h));
+    }
+    merged.into_values().take(limit).collect()
+}
+
+/// A device this gateway knows, as the fleet sees it: its holder, and online if it is
+/// online there.
+fn with_holder(
+    fleet: &fleet::registry::FleetRegistry,
+    d: &mut DeviceRecord,
+    holder: Option<fleet::registry::Holder>,
+) {
+    match holder {
+        Some(h) if h.gateway != fleet.me() => {
+            d.online = h.online;
+            d.last_seen_ms = Some(d.last_seen_ms.map_or(h.since_ms, |s| s.max(h.since_ms)));
+            d.gateway = Some(h.gateway);
+        }
+        _ => d.gateway = Some(fleet.me().to_owned()),
+    }
+}
+
+/// A device only another gateway of the fleet knows.
+fn remote_device(id: String, h: fleet::registry::Holder) -> DeviceRecord {
+    DeviceRecord {
+        id,
+        online: h.online,
+        first_seen_ms: None,
+        last_seen_ms: Some(h.since_ms),
+        cert_serial: None,
+        cert_not_after: None,
+        firmware: None,
+        peer_addr: h.peer,
+        boot_id: None,
+        connects: 0,
+        latest: None,
+        gateway: Some(h.gateway),
+    }
+}
+
 /// How long before the CRL's next update, or the gateway certificate's expiry, the
 /// gateway starts warning.
 pub const WARN_AHEAD_S: i64 = 7 * 86_400;
@@ -343,6 +405,7 @@ struct Tasks {
     stop: watch::Sender<bool>,
     bridge: Option<JoinHandle<()>>,
     fleet: Option<JoinHandle<()>>,
+    fleet_registry: Option<JoinHandle<()>>,
     server: JoinHandle<()>,
     api: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
@@ -415,6 +478,10 @@ impl Gateway {
             }
             None => (None, None),
         };
+        let fleet_registry = config
+            .fleet
+            .clone()
+            .map(|f| Arc::new(fleet::registry::FleetRegistry::new(f)));
         let (events, _) = broadcast::channel(4096);
         let (control, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
@@ -436,6 +503,7 @@ impl Gateway {
             gateway_cert_warned: std::sync::atomic::AtomicBool::new(false),
             bridge: bridge_status.clone(),
             fleet: fleet_status,
+            fleet_registry,
         });
         info!(
             max_connections = budgets.max_connections,
@@ -483,6 +551,11 @@ impl Gateway {
         });
         let bridge = bridge.map(|b| tokio::spawn(b.run(gw.clone(), stop_rx.clone())));
         let fleet = fleet.map(|f| tokio::spawn(f.run(stop_rx.clone())));
+        let fleet_registry = gw
+            .shared
+            .fleet_registry
+            .clone()
+            .map(|r| tokio::spawn(r.run(gw.clone(), stop_rx.clone())));
         // The router and the bridge hold clones made before `api` was set; they need
         // only the shared state, never the API address.
         gw.tasks = Arc::new(Mutex::new(Some(Tasks {
@@ -492,6 +565,7 @@ impl Gateway {
             housekeeping,
             bridge,
             fleet,
+            fleet_registry,
             writer,
             _lock: lock,
         })));
@@ -637,9 +711,12 @@ impl Gateway {
         after: Option<String>,
         limit: u32,
     ) -> Result<Vec<DeviceRecord>, StoreError> {
-        let mut page = self.shared.store.devices_page(after, limit).await?;
+        let mut page = self.shared.store.devices_page(after.clone(), limit).await?;
         for d in &mut page {
             self.live_last_seen(d);
+        }
+        if let Some(fleet) = &self.shared.fleet_registry {
+            page = fleet_page(fleet, page, after.as_deref(), limit);
         }
         Ok(page)
     }
@@ -649,6 +726,17 @@ impl Gateway {
         let mut d = self.shared.store.device(id).await?;
         if let Some(d) = &mut d {
             self.live_last_seen(d);
+        }
+        if let Some(fleet) = &self.shared.fleet_registry {
+            let holder = fleet.holder(id);
+            d = match (d, holder) {
+                (Some(mut d), h) => {
+                    with_holder(fleet, &mut d, h);
+                    Some(d)
+                }
+                (None, Some(h)) => Some(remote_device(id.to_owned(), h)),
+                (None, None) => None,
+            };
         }
         Ok(d)
     }
@@ -711,6 +799,9 @@ impl Gateway {
         }
         if let Some(f) = tasks.fleet {
             let _ = f.await;
+        }
+        if let Some(r) = tasks.fleet_registry {
+            let _ = r.await;
         }
         tasks.housekeeping.abort();
         self.shared.save_refusals().await;

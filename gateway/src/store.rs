@@ -312,6 +312,9 @@ pub struct DeviceRecord {
     /// Its newest stored record (by device time; of equal times the last to arrive),
     /// if any.
     pub latest: Option<TelemetryRecord>,
+    /// In a fleet: the gateway that holds it (its last session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// One stored telemetry record.
@@ -1446,6 +1449,7 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
             rusqlite::types::ValueRef::Null => None,
             _ => Some(telemetry_from_row(r, 10, r.get(0)?)?),
         },
+        gateway: None,
     })
 }
 

@@ -371,3 +371,70 @@ async fn devices_move_to_the_other_gateways_when_one_is_killed() {
         summary.reconnects
     );
 }
+
+/// One device connecting to gateway 2 while gateway 1 holds its session: gateway 1's
+/// session ends with `Goodbye{Replaced}` (decided by the registry's compare-and-set),
+/// and either gateway's device list says where each device of the fleet is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_per_device_fleet_wide_and_one_device_list() {
+    use device_client::proto::GoodbyeReason;
+    use e2e::process::GatewayProcess;
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let pki = e2e::Pki::new();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (g1, a1) =
+        GatewayProcess::start(BIN.as_ref(), &process_args(&pki, &cluster, d1.path(), "r1")).await;
+    let (g2, a2) =
+        GatewayProcess::start(BIN.as_ref(), &process_args(&pki, &cluster, d2.path(), "r2")).await;
+    let api1 = g1.api_addr().await;
+    let token1 = std::fs::read_to_string(d1.path().join("db/api-token")).unwrap();
+    let devices_on_1 = || async {
+        let (status, body) = e2e::http_get(api1, "/api/v1/devices", Some(token1.trim())).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    };
+    let find = |list: &[serde_json::Value], id: &str| list.iter().find(|d| d["id"] == id).cloned();
+
+    let mut first = pki.session(a1, "dup", 1).await;
+    let _only2 = pki.session(a2, "only-on-2", 1).await;
+    eventually("gateway 1 lists both, with their gateways", || async {
+        let list = devices_on_1().await;
+        let dup = find(&list, "dup")?;
+        let other = find(&list, "only-on-2")?;
+        (dup["gateway"] == "r1" && other["gateway"] == "r2" && other["online"] == true)
+            .then_some(())
+    })
+    .await;
+
+    // The same device on gateway 2: gateway 1's session ends, replaced.
+    let mut second = pki.session(a2, "dup", 2).await;
+    let bye = tokio::time::timeout(Duration::from_secs(15), first.goodbye())
+        .await
+        .expect("gateway 1 ended its session");
+    assert_eq!(bye.map(|g| g.reason), Some(GoodbyeReason::Replaced));
+    eventually("gateway 1 says dup is on r2", || async {
+        let dup = find(&devices_on_1().await, "dup")?;
+        (dup["gateway"] == "r2" && dup["online"] == true).then_some(())
+    })
+    .await;
+    // The survivor is still served.
+    second.telemetry(1).await.unwrap();
+    second.wait_ack(1).await;
+
+    // Both at once: exactly one survives, whichever claim came last.
+    let (mut x, mut y) = tokio::join!(pki.session(a1, "race", 1), pki.session(a2, "race", 2));
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::select! {
+            bye = x.goodbye() => (bye, &mut y),
+            bye = y.goodbye() => (bye, &mut x),
+        }
+    });
+    let (bye, survivor) = ended.await.expect("one of the two sessions ended");
+    assert_eq!(bye.map(|g| g.reason), Some(GoodbyeReason::Replaced));
+    survivor.telemetry(1).await.unwrap();
+    survivor.wait_ack(1).await;
+    drop((g1, g2));
+}

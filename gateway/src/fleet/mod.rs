@@ -29,6 +29,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::bridge::{json_payload, open_cursor, stopped};
+
+pub mod registry;
 use crate::config::FleetSettings;
 use crate::store::{Store, body_to_json};
 
@@ -67,6 +69,30 @@ impl FleetStatus {
         self.failures.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
+}
+
+/// A JetStream context on the fleet's NATS servers (credentials and TLS as set).
+pub(crate) async fn connect(s: &FleetSettings) -> Result<jetstream::Context, String> {
+    let mut options = match &s.creds {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("fleet.creds {}: {e}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    options = options
+        .name(format!("iot-gateway {}", s.gateway_id))
+        .connection_timeout(TIMEOUT);
+    if let Some(ca) = &s.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let client = options
+        .connect(s.urls.as_slice())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", s.urls.join(",")))?;
+    Ok(jetstream::ContextBuilder::new()
+        .timeout(TIMEOUT)
+        .max_ack_inflight(WINDOW)
+        .build(client))
 }
 
 /// The fleet telemetry sink.
@@ -126,26 +152,7 @@ impl FleetSink {
 
     async fn connect(&self) -> Result<jetstream::Context, String> {
         let s = &self.settings;
-        let mut options = match &s.creds {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|e| format!("fleet.creds {}: {e}", path.display()))?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        options = options
-            .name(format!("iot-gateway {}", s.gateway_id))
-            .connection_timeout(TIMEOUT);
-        if let Some(ca) = &s.ca {
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        let client = options
-            .connect(s.urls.as_slice())
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", s.urls.join(",")))?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(TIMEOUT)
-            .max_ack_inflight(WINDOW)
-            .build(client);
+        let js = connect(s).await?;
         js.get_or_create_stream(stream::Config {
             name: s.stream.clone(),
             subjects: vec![format!("{}.telemetry.>", s.subject_prefix)],
