@@ -226,6 +226,8 @@ async fn live_values_appear_in_headless_chromium() {
         bridge.len() == 1 && bridge[0].contains_key("hidden"),
         "{bridge:?}"
     );
+    // Nor a fleet.
+    assert!(elements(&dom, "fleet")[0].contains_key("hidden"));
     // Live events (not only the initial fetch) reached the page.
     assert!(
         live_events(&dom) > 0,
@@ -460,4 +462,48 @@ async fn a_time_range_draws_pauses_as_gaps() {
         ("11", "3"),
         "{dom}"
     );
+}
+
+/// In a fleet the header counts the gateways and each device row says which gateway
+/// holds the device, including devices only another gateway has seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_and_where_each_device_is() {
+    use e2e::nats::NatsCluster;
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let fleet = |id: &'static str| {
+        let urls = cluster.urls();
+        move |c: &mut gateway::Config| {
+            c.fleet = Some(gateway::config::FleetSettings {
+                urls,
+                gateway_id: id.into(),
+                ..Default::default()
+            })
+        }
+    };
+    let here = TestGateway::start_with(fleet("east")).await;
+    let there = TestGateway::start_with(fleet("west")).await;
+    let (_a, _) = here.device("dash-east", 1).await;
+    let (_b, _) = there.device("dash-west", 1).await;
+    let page = page_url(&here, "");
+    let shown = |dom: &str| {
+        let rows = elements(dom, "device-row");
+        let on = |id: &str, gw: &str| {
+            rows.iter().any(|r| {
+                r.get("data-device").map(String::as_str) == Some(id)
+                    && r.get("data-gateway").map(String::as_str) == Some(gw)
+            })
+        };
+        on("dash-east", "east") && on("dash-west", "west")
+    };
+    let dom = dump_dom_until(&bin, &page, shown).await;
+    assert!(shown(&dom), "{dom}");
+    let header = &elements(&dom, "fleet")[0];
+    assert!(!header.contains_key("hidden"), "{header:?}");
+    assert_eq!(header["data-gateways"], "east west");
 }
