@@ -432,6 +432,32 @@ fn welcome_timeout() {
     assert_eq!(h.advance_to(10_000), Err(Disconnect::WelcomeTimeout));
 }
 
+/// PROTOCOL.md §6: no peer may announce a `max_frame` below 128. A `Welcome` that does
+/// ends the connection (nothing could be sent to such a gateway) instead of opening a
+/// session in which every record waits forever.
+#[test]
+fn a_welcome_with_a_max_frame_below_the_minimum_is_refused() {
+    let mut h = Harness::new();
+    h.dev.handle_connected(0);
+    let mut buf = [0u8; 512];
+    assert!(h.dev.poll_transmit(0, &mut buf).is_some(), "Hello");
+    let mut frame = [0u8; MAX_DOWNLINK_FRAME];
+    let n = proto::encode(
+        &Downlink::Welcome(Welcome {
+            version: 1,
+            heartbeat_s: H,
+            last_acked: None,
+            server_time_ms: 1_764_100_000_000,
+            max_frame: 64,
+        }),
+        &mut frame,
+    )
+    .unwrap();
+    let r = h.dev.handle_input(0, &frame[..n]);
+    assert_eq!(r, Err(Disconnect::MaxFrameTooSmall(64)));
+    assert!(!h.dev.is_connected());
+}
+
 #[test]
 fn garbage_from_the_gateway_drops_the_connection() {
     let mut h = Harness::new();

@@ -675,6 +675,10 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                     self.expect_down(got, Disconnect::UnsupportedVersion(w.version));
                     return None;
                 }
+                if w.max_frame < MIN_MAX_FRAME {
+                    self.expect_down(got, Disconnect::MaxFrameTooSmall(w.max_frame));
+                    return None;
+                }
                 self.m.link = MLink::Open(MSession {
                     peer_max: usize::from(w.max_frame),
                     heartbeat_ms: Millis::from(w.heartbeat_s.max(1)) * 1000,

@@ -101,12 +101,16 @@ pub enum Disconnect {
     Unexpected,
     /// The gateway chose a protocol version this client does not speak.
     UnsupportedVersion(u8),
+    /// The gateway announced a `max_frame` below the protocol's minimum
+    /// ([`MIN_MAX_FRAME`]): nothing could be sent to it.
+    MaxFrameTooSmall(u16),
 }
 
 impl Disconnect {
     /// A short lowercase name for logs without `core::fmt`: the `Goodbye` reason's
     /// ([`GoodbyeReason::as_str`]), or `closed`, `welcome_timeout`, `dead_peer`,
-    /// `bad_frame`, `bad_message`, `unexpected_message`, `unsupported_version`.
+    /// `bad_frame`, `bad_message`, `unexpected_message`, `unsupported_version`,
+    /// `max_frame_too_small`.
     pub const fn as_str(&self) -> &'static str {
         match self {
             Disconnect::Goodbye { reason, .. } => reason.as_str(),
@@ -117,6 +121,7 @@ impl Disconnect {
             Disconnect::BadMessage(_) => "bad_message",
             Disconnect::Unexpected => "unexpected_message",
             Disconnect::UnsupportedVersion(_) => "unsupported_version",
+            Disconnect::MaxFrameTooSmall(_) => "max_frame_too_small",
         }
     }
 
@@ -449,6 +454,9 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
                 }
                 if w.version != PROTOCOL_VERSION {
                     return Err(self.down(now, Disconnect::UnsupportedVersion(w.version)));
+                }
+                if w.max_frame < MIN_MAX_FRAME {
+                    return Err(self.down(now, Disconnect::MaxFrameTooSmall(w.max_frame)));
                 }
                 self.link = Link::Open(Session {
                     peer_max_frame: usize::from(w.max_frame),

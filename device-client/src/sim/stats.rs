@@ -158,7 +158,7 @@ pub struct LatencySummary {
 }
 
 /// Why sessions ended, for [`Stats::disconnects_by_reason`].
-const REASONS: [&str; 15] = [
+const REASONS: [&str; 16] = [
     "closed",
     "welcome_timeout",
     "dead_peer",
@@ -174,6 +174,7 @@ const REASONS: [&str; 15] = [
     "goodbye_revoked",
     "goodbye_server_error",
     "goodbye_other",
+    "max_frame_too_small",
 ];
 
 fn reason_index(d: &Disconnect) -> usize {
@@ -185,6 +186,7 @@ fn reason_index(d: &Disconnect) -> usize {
         Disconnect::BadMessage(_) => 4,
         Disconnect::Unexpected => 5,
         Disconnect::UnsupportedVersion(_) => 6,
+        Disconnect::MaxFrameTooSmall(_) => 15,
         Disconnect::Goodbye { reason, .. } => match reason {
             GoodbyeReason::Shutdown => 7,
             GoodbyeReason::Overload => 8,
