@@ -142,17 +142,7 @@ impl FleetRegistry {
         // bucket was away is missing, and one made by another gateway meanwhile is
         // newer than ours and shows up in the watch.
         *control = control.resubscribe();
-        let online: Vec<String> = gw
-            .devices()
-            .await
-            .map_err(|e| format!("reading the devices: {e}"))?
-            .into_iter()
-            .filter(|d| gw.is_online(&d.id))
-            .map(|d| d.id)
-            .collect();
-        for device in online {
-            self.claim(&kv, &device, None).await;
-        }
+        self.catch_up(gw, &kv).await?;
         self.ready.store(true, Ordering::Relaxed);
         info!(bucket = %self.settings.bucket, "fleet registry ready");
         loop {
@@ -172,14 +162,44 @@ impl FleetRegistry {
                             }
                         }
                     }
+                    // Fell behind (thousands of devices connecting at once): what the
+                    // events would have said is read from the sessions instead.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Err("fell behind the gateway's events".into());
+                        *control = control.resubscribe();
+                        self.catch_up(gw, &kv).await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 () = stopped(stop) => return Ok(()),
             }
         }
+    }
+
+    /// Claims every device with a session here that has no claim of ours, and
+    /// releases those whose sessions ended, many at a time (after a connect, or after
+    /// falling behind the events: a claim is a round trip to the cluster).
+    async fn catch_up(&self, gw: &Gateway, kv: &kv::Store) -> Result<(), String> {
+        const AT_ONCE: usize = 64;
+        let ended: Vec<String> = lock(&self.claims)
+            .keys()
+            .filter(|d| !gw.is_online(d))
+            .cloned()
+            .collect();
+        futures_util::stream::iter(ended)
+            .for_each_concurrent(AT_ONCE, |d| async move { self.release(kv, &d).await })
+            .await;
+        let online: Vec<String> = gw
+            .devices()
+            .await
+            .map_err(|e| format!("reading the devices: {e}"))?
+            .into_iter()
+            .filter(|d| gw.is_online(&d.id) && !lock(&self.claims).contains_key(&d.id))
+            .map(|d| d.id)
+            .collect();
+        futures_util::stream::iter(online)
+            .for_each_concurrent(AT_ONCE, |d| async move { self.claim(kv, &d, None).await })
+            .await;
+        Ok(())
     }
 
     /// The bucket, made if missing. Made as its backing stream (`KV_<bucket>`): the
