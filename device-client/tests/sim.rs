@@ -328,3 +328,25 @@ fn version_names_device_sim() {
         format!("device-sim {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// Progress and errors go to stderr for a person; stderr gone (a pipe whose reader
+/// quit, `device-sim ... 2>&1 | head -1`) must not turn an error exit into a panic.
+#[test]
+fn a_closed_stderr_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args([
+            "--gateway",
+            "127.0.0.1:9",
+            "--certs",
+            "/nonexistent",
+            "--devices",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "an error exit, not a panic (101)");
+}

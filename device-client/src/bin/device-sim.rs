@@ -14,6 +14,24 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use device_client::sim::{Devices, Histogram, SimConfig, Simulator, Stats, Summary};
 
+/// `eprintln!` that never panics: progress and errors are for a person, and a stderr
+/// that is gone (a pipe whose reader quit) must not turn the run or its exit status
+/// into a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see `say!`).
+macro_rules! say_inline {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Simulated devices: each has its own certificate and TLS connection, sends drifting
 /// telemetry (temperature, humidity, battery, uptime, signal) at --rate records per
 /// second, keeps unacked records in a ring and replays them after a reconnect, and
@@ -95,7 +113,7 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("device-sim: error: {e:#}");
+            say!("device-sim: error: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -114,7 +132,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     if let Some(limit) = open_file_limit()
         && cli.devices + 64 > limit
     {
-        eprintln!(
+        say!(
             "device-sim: warning: {} devices need as many sockets, but the open-file limit is {limit}: raise it (ulimit -n {}) or run fewer devices per process",
             cli.devices,
             cli.devices + 256
@@ -139,14 +157,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
     config.max_handshakes = cli.max_handshakes;
     config.backoff_min = seconds("backoff-min", cli.backoff_min)?;
 
-    eprintln!(
+    say!(
         "device-sim: loading {count} device certificates from {}",
         cli.certs.display()
     );
     let sim = Simulator::start(config)?;
-    eprintln!(
+    say!(
         "device-sim: {count} devices -> {} ({} records/s each); Ctrl-C stops",
-        cli.gateway, cli.rate
+        cli.gateway,
+        cli.rate
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -154,7 +173,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let summary = runtime.block_on(watch(sim))?;
     let human = human_summary(&summary);
     if cli.json {
-        eprint!("{human}");
+        say_inline!("{human}");
         let mut json = serde_json::to_vec_pretty(&summary)?;
         json.push(b'\n');
         print_out(&json)?;
@@ -196,7 +215,7 @@ async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
         tokio::select! {
             summary = &mut done => {
                 if tty {
-                    eprintln!();
+                    say!();
                 }
                 return Ok(summary?);
             }
@@ -205,17 +224,17 @@ async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
                 let line = progress(&stats, &last);
                 last = stats.ack_latency.clone();
                 if tty {
-                    eprint!("\r\x1b[2K{line}");
+                    say_inline!("\r\x1b[2K{line}");
                 } else {
-                    eprintln!("{line}");
+                    say!("{line}");
                 }
                 hinted = hint(&stats, hinted, tty);
                 if let (false, Some(after)) = (all_connected, stats.all_connected_after) {
                     all_connected = true;
                     if tty {
-                        eprintln!();
+                        say!();
                     }
-                    eprintln!(
+                    say!(
                         "device-sim: all {} devices connected after {:.2} s",
                         stats.devices,
                         after.as_secs_f64()
@@ -225,10 +244,10 @@ async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
             _ = tokio::signal::ctrl_c() => {
                 interrupts += 1;
                 if tty {
-                    eprintln!();
+                    say!();
                 }
                 if interrupts == 1 {
-                    eprintln!("device-sim: stopping: waiting for the last acks (Ctrl-C again to quit now)");
+                    say!("device-sim: stopping: waiting for the last acks (Ctrl-C again to quit now)");
                     monitor.stop();
                 } else {
                     monitor.abort();
@@ -244,9 +263,9 @@ fn hint(s: &Stats, hinted: bool, tty: bool) -> bool {
         return hinted;
     }
     if tty {
-        eprintln!();
+        say!();
     }
-    eprintln!(
+    say!(
         "device-sim: no device has connected after {:.0} s (connect failures: {:?}, disconnects: {:?}): is the gateway running at that address, does its certificate carry --server-name, and does it trust this CA?",
         s.elapsed.as_secs_f64(),
         s.connect_failures_by_reason,
