@@ -502,7 +502,7 @@ impl Session {
             let encoded = match (Name::new(&cmd.name), values::borrow_readings(&cmd.args)) {
                 (Ok(name), Ok(args)) => {
                     let msg = Downlink::Command(Command {
-                        id: u32::try_from(cmd.id).unwrap_or(u32::MAX),
+                        id: wire_id(cmd.id),
                         name,
                         args,
                         ttl_ms,
@@ -547,11 +547,15 @@ impl Session {
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let id = i64::from(r.id);
         // Only a command sent on this session has a result to record (a re-sent one
         // included: a new session sends every unanswered command again). Anything else
         // costs no store work and no task, however many the device sends.
-        let Some(at) = open.commands_in_flight.iter().position(|c| *c == id) else {
+        let Some(at) = open
+            .commands_in_flight
+            .iter()
+            .position(|c| wire_id(*c) == r.id)
+        else {
+            let id = r.id;
             self.shared
                 .metrics
                 .command_results_ignored
@@ -559,7 +563,7 @@ impl Session {
             debug!(command = id, "result for a command not in flight: ignored");
             return;
         };
-        open.commands_in_flight.swap_remove(at);
+        let id = open.commands_in_flight.swap_remove(at);
         let device_key = open.device_key;
         let state = crate::store::state_for(r.status);
         let status = r.status.as_str().to_owned();
@@ -833,4 +837,11 @@ impl Session {
         }
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
+}
+
+/// A command's id as the device sees it: the low 32 bits of the store's id. In a
+/// fleet the store numbers commands from `slot × 2³²`; the low 32 bits of its rows are
+/// still unique (store/fleet.rs), so a result maps back to one command.
+fn wire_id(id: i64) -> u32 {
+    (id & 0xFFFF_FFFF) as u32
 }

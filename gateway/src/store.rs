@@ -33,7 +33,10 @@ use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::values::{self, OwnedReadings};
+
+mod fleet;
 use device_client::proto::{self, CommandStatus, Seq, Uplink};
+pub use fleet::{Handoff, Route, slot_of};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -400,9 +403,10 @@ impl CommandState {
 }
 
 /// A command and, once it ended, its result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct CommandRecord {
-    /// Command id (unique in this gateway; sent to the device).
+    /// Command id: unique in this gateway, in a fleet unique in the fleet (the device
+    /// gets its low 32 bits).
     pub id: i64,
     /// Target device.
     pub device: String,
@@ -578,6 +582,7 @@ enum Op {
         args: OwnedReadings,
         ttl_ms: i64,
         now_ms: i64,
+        route: Route,
         reply: oneshot::Sender<Result<CommandRecord, StoreError>>,
     },
     TakeCommands {
@@ -853,13 +858,15 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
-    /// Queues a command; its arguments must already be valid.
+    /// Queues a command; its arguments must already be valid. `route` says who
+    /// delivers it (in a fleet, maybe another gateway).
     pub async fn enqueue_command(
         &self,
         device: &str,
         name: &str,
         args: OwnedReadings,
         ttl: Duration,
+        route: Route,
     ) -> Result<CommandRecord, StoreError> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
         self.call(|reply| Op::Enqueue {
@@ -868,6 +875,7 @@ impl Store {
             args,
             ttl_ms,
             now_ms: now_ms(),
+            route,
             reply,
         })
         .await
@@ -1011,13 +1019,14 @@ impl Store {
     }
 
     /// Cancels a command that is still queued. One that was sent cannot be called
-    /// back from the device: [`Cancel::TooLate`].
+    /// back from the device, nor one handed to the gateway holding its device (which
+    /// sends it at once): [`Cancel::TooLate`].
     pub async fn cancel_command(&self, id: i64) -> Result<Cancel, StoreError> {
         let now = now_ms();
         self.write(move |c| {
             let n = c.execute(
                 "UPDATE commands SET state = 'canceled', finished_ms = ?2
-                  WHERE id = ?1 AND state = 'queued'",
+                  WHERE id = ?1 AND state = 'queued' AND fleet IS NOT 'held'",
                 params![id, now],
             )?;
             Ok(match command_by_id(c, id)? {
@@ -1471,7 +1480,8 @@ fn telemetry_from_row(
     })
 }
 
-const COMMAND_SELECT: &str = "SELECT c.id, d.id, c.name, c.args, c.state, c.created_ms,
+const COMMAND_SELECT: &str =
+    "SELECT coalesce(c.owner_id, c.id), d.id, c.name, c.args, c.state, c.created_ms,
     c.expires_ms, c.sent_ms, c.finished_ms, c.attempts, c.status, c.result, c.error
     FROM commands c JOIN devices d ON d.key = c.device";
 
@@ -1558,6 +1568,7 @@ fn open_writer_connection(
     conn.pragma_update(None, "synchronous", sync)?;
     conn.execute_batch(SCHEMA)?;
     migrate_unique_key(&conn)?;
+    migrate_fleet_columns(&conn)?;
     // A previous run may have died with sessions open: nobody is online at start.
     conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
     Ok(conn)
@@ -1621,6 +1632,47 @@ fn private_files(db: &Path) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Commands of stores made before fleets had no fleet columns: add them (once, at
+/// open). `ADD COLUMN` with no default rewrites nothing.
+fn migrate_fleet_columns(conn: &Connection) -> Result<(), StoreError> {
+    let mut have = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('commands')")?;
+        for name in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            have.push(name?);
+        }
+    }
+    for (column, ty) in FLEET_COLUMNS {
+        if !have.iter().any(|h| h == column) {
+            conn.execute(
+                &format!("ALTER TABLE commands ADD COLUMN {column} {ty}"),
+                [],
+            )?;
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS commands_copies ON commands(owner, owner_id)
+           WHERE owner IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS commands_fleet ON commands(fleet) WHERE fleet IS NOT NULL;",
+    )?;
+    Ok(())
+}
+
+/// The commands table's fleet columns (docs/FLEET.md, "Commands across the fleet").
+/// A command asked of this gateway: `fleet` is NULL (delivered here), `publish` (to
+/// go into the fleet's pending stream), `pending` (in it, at `pending_seq`) or `held`
+/// (handed to the gateway `held_by`, which holds the device's session). A copy of a
+/// command asked of another gateway, delivered here: `owner`, `owner_id` (its id
+/// there) and `reported` (the last state that gateway acknowledged).
+const FLEET_COLUMNS: [(&str, &str); 6] = [
+    ("fleet", "TEXT"),
+    ("held_by", "TEXT"),
+    ("pending_seq", "INTEGER"),
+    ("owner", "TEXT"),
+    ("owner_id", "INTEGER"),
+    ("reported", "TEXT"),
+];
 
 fn migrate_unique_key(conn: &Connection) -> Result<(), StoreError> {
     let old: bool = conn.query_row(
@@ -1934,8 +1986,12 @@ impl Writer {
                 args,
                 ttl_ms,
                 now_ms,
+                route,
                 reply,
-            } => after(reply, self.enqueue(&device, &name, &args, ttl_ms, now_ms)),
+            } => after(
+                reply,
+                self.enqueue(&device, &name, &args, ttl_ms, now_ms, &route),
+            ),
             Op::TakeCommands {
                 device_key,
                 now_ms,
@@ -2097,6 +2153,7 @@ impl Writer {
         args: &OwnedReadings,
         ttl_ms: i64,
         now_ms: i64,
+        route: &Route,
     ) -> Result<CommandRecord, StoreError> {
         let c = &self.conn;
         // A command may target a device that has never connected yet.
@@ -2118,15 +2175,23 @@ impl Writer {
                 limit: self.max_queued_commands,
             });
         }
+        let (fleet, held_by) = match route {
+            Route::Local => (None, None),
+            Route::Publish => (Some("publish"), None),
+            Route::HeldBy(g) => (Some("held"), Some(g.as_str())),
+        };
         c.execute(
-            "INSERT INTO commands(device, name, args, state, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            "INSERT INTO commands(device, name, args, state, created_ms, expires_ms, fleet,
+                                  held_by)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
             params![
                 key,
                 name,
                 values::owned_to_json(args).to_string(),
                 now_ms,
-                now_ms.saturating_add(ttl_ms)
+                now_ms.saturating_add(ttl_ms),
+                fleet,
+                held_by
             ],
         )?;
         let id = c.last_insert_rowid();
@@ -2148,10 +2213,11 @@ impl Writer {
         };
         let rows = c
             .prepare_cached(&format!(
-                "UPDATE commands SET state = 'sent', sent_ms = ?2, attempts = attempts + 1
+                "UPDATE commands SET state = 'sent', sent_ms = ?2, attempts = attempts + 1,
+                        fleet = CASE fleet WHEN 'publish' THEN NULL ELSE fleet END
                   WHERE id IN (SELECT id FROM commands
                                 WHERE device = ?1 AND state IN ({states})
-                                  AND expires_ms > ?2
+                                  AND expires_ms > ?2 AND fleet IS NOT 'held'
                                 ORDER BY id LIMIT ?3)
                   RETURNING id, name, args, expires_ms"
             ))?
@@ -2772,17 +2838,23 @@ mod tests {
         let (store, writer) = open(dir.path());
         let args = vec![("x".to_string(), values::OwnedValue::U64(1))];
         let a = store
-            .enqueue_command("d3", "a", args.clone(), Duration::from_secs(60))
+            .enqueue_command(
+                "d3",
+                "a",
+                args.clone(),
+                Duration::from_secs(60),
+                Route::Local,
+            )
             .await
             .unwrap();
         let b = store
-            .enqueue_command("d3", "b", vec![], Duration::ZERO)
+            .enqueue_command("d3", "b", vec![], Duration::ZERO, Route::Local)
             .await
             .unwrap();
         // The per-device limit is 2.
         assert!(matches!(
             store
-                .enqueue_command("d3", "c", vec![], Duration::from_secs(60))
+                .enqueue_command("d3", "c", vec![], Duration::from_secs(60), Route::Local)
                 .await,
             Err(StoreError::QueueFull { .. })
         ));
