@@ -194,6 +194,8 @@ pub struct FleetSettings {
     pub stream: String,
     /// The key-value bucket that holds the fleet's device registry.
     pub bucket: String,
+    /// The JetStream stream that holds commands waiting for a device online nowhere.
+    pub commands_stream: String,
     /// First token of every subject: `{subject_prefix}.telemetry.{device}`.
     pub subject_prefix: String,
     /// Copies of the stream in the cluster (1, 3 or 5).
@@ -218,6 +220,7 @@ impl Default for FleetSettings {
             gateway_id: "gateway".into(),
             stream: "IOT_TELEMETRY".into(),
             bucket: "IOT_DEVICES".into(),
+            commands_stream: "IOT_COMMANDS".into(),
             subject_prefix: "iot".into(),
             replicas: 3,
             duplicate_window: Duration::from_secs(600),
@@ -544,6 +547,12 @@ impl Config {
             }
             if bad_token(&f.bucket) {
                 return invalid("fleet.bucket", "letters, digits, '-' and '_' only".into());
+            }
+            if bad_token(&f.commands_stream) {
+                return invalid(
+                    "fleet.commands_stream",
+                    "letters, digits, '-' and '_' only".into(),
+                );
             }
             if bad_token(&f.subject_prefix) {
                 return invalid(

@@ -93,6 +93,8 @@ pub struct Shared {
     pub fleet: Option<Arc<fleet::FleetStatus>>,
     /// The fleet's device registry, if this gateway is in a fleet.
     pub fleet_registry: Option<Arc<fleet::registry::FleetRegistry>>,
+    /// Commands across the fleet, if this gateway is in one.
+    pub fleet_commands: Option<Arc<fleet::commands::FleetCommands>>,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).
@@ -160,6 +162,10 @@ impl Shared {
             }
         }
         self.publish_control(Event::Command(rec));
+        // A copy's new state goes to its owner; a command may now go to the fleet.
+        if let Some(fc) = &self.fleet_commands {
+            fc.poke();
+        }
     }
 
     /// Why the gateway cannot keep what it acknowledges right now, if it cannot: what
@@ -377,6 +383,9 @@ pub enum CommandError {
     /// The command did not end within the wait.
     #[error("no result within the wait")]
     Timeout,
+    /// The fleet could not be asked.
+    #[error(transparent)]
+    Fleet(#[from] fleet::commands::FleetError),
 }
 
 /// A running gateway. Cheap to clone; every clone is the same gateway.
@@ -406,6 +415,7 @@ struct Tasks {
     bridge: Option<JoinHandle<()>>,
     fleet: Option<JoinHandle<()>>,
     fleet_registry: Option<JoinHandle<()>>,
+    fleet_commands: Option<JoinHandle<()>>,
     server: JoinHandle<()>,
     api: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
@@ -482,6 +492,10 @@ impl Gateway {
             .fleet
             .clone()
             .map(|f| Arc::new(fleet::registry::FleetRegistry::new(f)));
+        let fleet_commands = config
+            .fleet
+            .clone()
+            .map(|f| Arc::new(fleet::commands::FleetCommands::new(f)));
         let (events, _) = broadcast::channel(4096);
         let (control, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
@@ -504,6 +518,7 @@ impl Gateway {
             bridge: bridge_status.clone(),
             fleet: fleet_status,
             fleet_registry,
+            fleet_commands,
         });
         info!(
             max_connections = budgets.max_connections,
@@ -556,6 +571,11 @@ impl Gateway {
             .fleet_registry
             .clone()
             .map(|r| tokio::spawn(r.run(gw.clone(), stop_rx.clone())));
+        let fleet_commands = gw
+            .shared
+            .fleet_commands
+            .clone()
+            .map(|c| tokio::spawn(c.run(gw.clone(), stop_rx.clone())));
         // The router and the bridge hold clones made before `api` was set; they need
         // only the shared state, never the API address.
         gw.tasks = Arc::new(Mutex::new(Some(Tasks {
@@ -566,6 +586,7 @@ impl Gateway {
             bridge,
             fleet,
             fleet_registry,
+            fleet_commands,
             writer,
             _lock: lock,
         })));
@@ -634,14 +655,51 @@ impl Gateway {
         proto::Name::new(name).map_err(CommandError::InvalidName)?;
         let args = values::args_from_json(args)?;
         let ttl = ttl.unwrap_or(self.shared.config.command_ttl);
+        let fleet = self.shared.fleet_commands.as_ref();
+        let route = fleet.map_or(store::Route::Local, |f| f.route(self, device));
         let rec = self
             .shared
             .store
-            .enqueue_command(device, name, args, ttl)
+            .enqueue_command(device, name, args, ttl, route.clone())
             .await?;
         self.shared.publish_control(Event::Command(rec.clone()));
         self.shared.registry.notify_commands(device);
+        // In a fleet: to the gateway holding the device, or into the pending stream,
+        // before answering (so the command is replicated when the caller hears of it).
+        if let Some(f) = fleet {
+            f.dispatch(self, &rec, &route).await;
+        }
         Ok(rec)
+    }
+
+    /// A command's record, from whichever gateway of the fleet keeps it.
+    pub async fn command_record(&self, id: i64) -> Result<Option<CommandRecord>, CommandError> {
+        if let Some(f) = &self.shared.fleet_commands
+            && let Some(remote) = f.remote_command(id).await?
+        {
+            return Ok(remote);
+        }
+        Ok(self.shared.store.command(id).await?)
+    }
+
+    /// Cancels a queued command, wherever in the fleet it is kept.
+    pub async fn cancel_command(&self, id: i64) -> Result<store::Cancel, CommandError> {
+        if let Some(f) = &self.shared.fleet_commands {
+            if let Some(c) = f.remote_cancel(id).await? {
+                return Ok(c);
+            }
+            // Waiting in the pending stream: whoever deletes its message first decides.
+            if f.cancel_pending(self, id).await? == Some(false)
+                && let Some(rec) = self.shared.store.command(id).await?
+            {
+                return Ok(store::Cancel::TooLate(rec));
+            }
+        }
+        let out = self.shared.store.cancel_command(id).await?;
+        if let store::Cancel::Canceled(rec) = &out {
+            self.shared.command_changed(rec.clone());
+        }
+        Ok(out)
     }
 
     /// Waits up to `wait` for a command to end (succeeded, failed or expired) and
@@ -802,6 +860,9 @@ impl Gateway {
         }
         if let Some(r) = tasks.fleet_registry {
             let _ = r.await;
+        }
+        if let Some(c) = tasks.fleet_commands {
+            let _ = c.await;
         }
         tasks.housekeeping.abort();
         self.shared.save_refusals().await;

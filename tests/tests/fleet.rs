@@ -137,12 +137,13 @@ async fn three_gateways_put_every_acked_record_into_the_stream_once() {
         }
     }
     // What the registry costs per device: its bucket's backing stream, one message per
-    // key (a measurement, printed).
+    // key — one per device, and one command-id slot per gateway (a measurement,
+    // printed).
     let js = jetstream::new(async_nats::connect(cluster.urls()).await.unwrap());
     let state = eventually("every device claimed", || async {
         let mut kv = js.get_stream("KV_IOT_DEVICES").await.ok()?;
         let st = kv.info().await.ok()?.state.clone();
-        (st.messages == 3 * n as u64).then_some(st)
+        (st.messages == 3 * n as u64 + 3).then_some(st)
     })
     .await;
     println!(
@@ -456,4 +457,202 @@ async fn one_session_per_device_fleet_wide_and_one_device_list() {
     survivor.telemetry(1).await.unwrap();
     survivor.wait_ack(1).await;
     drop((g1, g2));
+}
+
+/// A device that answers `echo` with its `text` and notes each text it was sent.
+fn echo_and_note(
+    mut dev: e2e::RawDevice,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use device_client::proto::{self, CommandStatus, Reading, Value};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(msg)) = dev.recv().await {
+            let e2e::Down::Command { id, args, .. } = msg else {
+                continue;
+            };
+            let text = args["text"].as_str().unwrap_or_default().to_owned();
+            noted.lock().unwrap().push(text.clone());
+            let n = proto::Name::new("text").unwrap();
+            let v = Value::str(&text).unwrap();
+            dev.result(id, CommandStatus::Succeeded, &[Reading::new(n, v)])
+                .await
+                .unwrap();
+        }
+    });
+    (task, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_their_device_on_any_gateway_and_answer_on_every_gateway() {
+    use e2e::process::GatewayProcess;
+    if !NatsCluster::available() {
+        return;
+    }
+    let cluster = NatsCluster::start();
+    let pki = e2e::Pki::new();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut procs = Vec::new();
+    let (mut devs, mut apis, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+    for (g, d) in dirs.iter().enumerate() {
+        let args = process_args(&pki, &cluster, d.path(), &format!("c{}", g + 1));
+        let (p, addr) = GatewayProcess::start(BIN.as_ref(), &args).await;
+        apis.push(p.api_addr().await);
+        devs.push(addr);
+        tokens.push(std::fs::read_to_string(d.path().join("db/api-token")).unwrap());
+        procs.push(p);
+    }
+    let get = |g: usize, path: String| {
+        let (api, token) = (apis[g], tokens[g].trim().to_owned());
+        async move {
+            let (s, body) = e2e::http_get(api, &path, Some(&token)).await;
+            (
+                s,
+                serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    let post = |g: usize, path: String, body: serde_json::Value| {
+        let (api, token) = (apis[g], tokens[g].trim().to_owned());
+        async move {
+            let (s, text) = e2e::http_post_json(api, &path, Some(&token), &body).await;
+            (
+                s,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default(),
+            )
+        }
+    };
+    let holder_on_1 = |device: &'static str, online: bool| {
+        let get = &get;
+        async move {
+            eventually(
+                &format!("gateway 1 sees {device} online={online}"),
+                || async {
+                    let (s, d) = get(0, format!("/api/v1/devices/{device}")).await;
+                    (s == 200 && d["online"] == online).then_some(d["gateway"].clone())
+                },
+            )
+            .await
+        }
+    };
+
+    // Each gateway has claimed its command-id slot (before, it numbers commands
+    // locally: they answer only on it).
+    for g in 0..3 {
+        let (api, token) = (apis[g], tokens[g].trim().to_owned());
+        eventually("a command-id slot", || async {
+            let (_, text) = e2e::http_get(api, "/metrics", Some(&token)).await;
+            let slot = text
+                .lines()
+                .find_map(|l| l.strip_prefix("gateway_fleet_command_slot "))?;
+            (slot != "0").then_some(())
+        })
+        .await;
+    }
+
+    // On gateway 3, asked through gateway 1: the result comes back synchronously.
+    let _on3 = e2e::answer_commands(pki.session(devs[2], "on-3", 1).await);
+    assert_eq!(holder_on_1("on-3", true).await, "c3");
+    let (s, rec) = post(
+        0,
+        "/api/v1/devices/on-3/commands".into(),
+        serde_json::json!({"name": "echo", "args": {"text": "hi"}, "wait_s": 10}),
+    )
+    .await;
+    assert_eq!(s, 200, "{rec}");
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    assert_eq!(rec["result"]["text"], "hi", "{rec}");
+    let id = rec["id"].as_i64().unwrap();
+    for g in 0..3 {
+        let (s, r) = get(g, format!("/api/v1/commands/{id}")).await;
+        assert_eq!(
+            (s, &r["state"]),
+            (200, &"succeeded".into()),
+            "gateway {g}: {r}"
+        );
+    }
+
+    // A device that was on gateway 3 and left: online nowhere.
+    drop(pki.session(devs[2], "away", 1).await);
+    assert_eq!(holder_on_1("away", false).await, "c3");
+    let ask = |g: usize, text: &str, ttl_s: u64| {
+        let body = serde_json::json!({"name": "echo", "args": {"text": text}, "ttl_s": ttl_s});
+        let post = &post;
+        async move {
+            let (s, r) = post(g, "/api/v1/devices/away/commands".into(), body).await;
+            assert_eq!((s, &r["state"]), (202, &"queued".into()), "{r}");
+            r["id"].as_i64().unwrap()
+        }
+    };
+    let queued = ask(0, "later", 60).await;
+    let expiring = ask(0, "too-late", 1).await;
+    let canceled = ask(1, "canceled", 60).await;
+    // Ids are fleet-unique: each gateway numbers in a slot of its own.
+    assert!(id >> 32 > 0 && canceled >> 32 > 0, "{id} {canceled}");
+    assert_ne!(id >> 32, canceled >> 32, "gateways 1 and 2 share a slot");
+    // Cancelled through gateway 3; it was gateway 2's, waiting in the pending stream.
+    let (s, r) = post(
+        2,
+        format!("/api/v1/commands/{canceled}/cancel"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!((s, &r["state"]), (200, &"canceled".into()), "{r}");
+    eventually("the short-lived command expires", || async {
+        let (_, r) = get(1, format!("/api/v1/commands/{expiring}")).await;
+        (r["state"] == "expired").then_some(())
+    })
+    .await;
+
+    // The device comes back on gateway 2: it gets the queued command, and only that.
+    let (_task, seen) = echo_and_note(pki.session(devs[1], "away", 2).await);
+    eventually(
+        "the queued command succeeds, seen from gateway 3",
+        || async {
+            let (_, r) = get(2, format!("/api/v1/commands/{queued}")).await;
+            (r["state"] == "succeeded" && r["result"]["text"] == "later").then_some(())
+        },
+    )
+    .await;
+    let (s, r) = post(
+        1,
+        "/api/v1/devices/away/commands".into(),
+        serde_json::json!({"name": "echo", "args": {"text": "fresh"}, "wait_s": 10}),
+    )
+    .await;
+    assert_eq!((s, &r["state"]), (200, &"succeeded".into()), "{r}");
+    assert_eq!(*seen.lock().unwrap(), ["later", "fresh"]);
+    let (_, r) = get(0, format!("/api/v1/commands/{expiring}")).await;
+    assert_eq!(r["attempts"], 0, "{r}");
+
+    // Sent on gateway 3 to a device that leaves without answering: it is handed back
+    // to the fleet and sent again where the device goes next (at least once).
+    let silent = pki.session(devs[2], "mover", 1).await;
+    assert_eq!(holder_on_1("mover", true).await, "c3");
+    let (s, r) = post(
+        0,
+        "/api/v1/devices/mover/commands".into(),
+        serde_json::json!({"name": "echo", "args": {"text": "again"}}),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let moved = r["id"].as_i64().unwrap();
+    eventually("gateway 1 hears it was sent", || async {
+        let (_, r) = get(0, format!("/api/v1/commands/{moved}")).await;
+        (r["state"] == "sent").then_some(())
+    })
+    .await;
+    drop(silent);
+    assert_eq!(holder_on_1("mover", false).await, "c3");
+    let (_task, seen) = echo_and_note(pki.session(devs[0], "mover", 2).await);
+    eventually("the moved command succeeds", || async {
+        let (_, r) = get(1, format!("/api/v1/commands/{moved}")).await;
+        (r["state"] == "succeeded" && r["result"]["text"] == "again").then_some(())
+    })
+    .await;
+    assert_eq!(*seen.lock().unwrap(), ["again"]);
+    drop(procs);
 }

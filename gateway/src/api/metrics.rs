@@ -51,6 +51,9 @@ pub(super) async fn handler(State(super::ApiState(api)): State<ApiState>) -> Res
     if let Some(f) = &api.gw.shared().fleet {
         fleet_metrics(&mut body, f, api.gw.store()).await;
     }
+    if let Some(c) = &api.gw.shared().fleet_commands {
+        fleet_command_metrics(&mut body, c);
+    }
     process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -353,6 +356,48 @@ async fn fleet_metrics(out: &mut String, f: &crate::fleet::FleetStatus, store: &
             "gauge",
             "Age of the oldest record not delivered to the fleet yet (0: none).",
             format!("{age}"),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
+/// The fleet's command routing.
+fn fleet_command_metrics(out: &mut String, c: &crate::fleet::commands::FleetCommands) {
+    let n = &c.counts;
+    for (name, kind, help, value) in [
+        (
+            "gateway_fleet_command_slot",
+            "gauge",
+            "This gateway's command-id slot in the fleet (ids are slot * 2^32 + n; 0 until claimed).",
+            u64::from(c.slot()),
+        ),
+        (
+            "gateway_fleet_commands_handed_total",
+            "counter",
+            "Commands asked here and handed to the gateway that holds their device.",
+            n.handed.load(Ordering::Relaxed),
+        ),
+        (
+            "gateway_fleet_commands_published_total",
+            "counter",
+            "Commands put into the fleet's pending stream (device online nowhere).",
+            n.published.load(Ordering::Relaxed),
+        ),
+        (
+            "gateway_fleet_commands_taken_total",
+            "counter",
+            "Commands of other gateways taken here for delivery.",
+            n.taken.load(Ordering::Relaxed),
+        ),
+        (
+            "gateway_fleet_commands_expired_total",
+            "counter",
+            "Pending commands found past their time to live and dropped.",
+            n.expired.load(Ordering::Relaxed),
         ),
     ] {
         let _ = writeln!(

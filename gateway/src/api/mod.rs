@@ -864,6 +864,11 @@ fn command_error(e: CommandError) -> ApiError {
             api_error(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
         }
         CommandError::Store(s) => store_error(s),
+        CommandError::Fleet(_) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fleet_unavailable",
+            e.to_string(),
+        ),
         CommandError::InvalidDevice(_) => {
             api_error(StatusCode::BAD_REQUEST, "bad_device_id", e.to_string())
         }
@@ -938,14 +943,14 @@ async fn post_command(
 }
 
 async fn get_command(State(ApiState(api)): State<ApiState>, Path(id): Path<i64>) -> Response {
-    match api.gw.store().command(id).await {
+    match api.gw.command_record(id).await {
         Ok(Some(c)) => axum::Json(c).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "no_command",
             format!("no command {id}"),
         ),
-        Err(e) => store_error(e).into_response(),
+        Err(e) => command_error(e).into_response(),
     }
 }
 
@@ -956,11 +961,8 @@ async fn cancel_command(
     State(ApiState(api)): State<ApiState>,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    match api.gw.store().cancel_command(id).await {
-        Ok(Cancel::Canceled(rec)) => {
-            api.gw.shared().command_changed(rec.clone());
-            Ok(axum::Json(rec).into_response())
-        }
+    match api.gw.cancel_command(id).await {
+        Ok(Cancel::Canceled(rec)) => Ok(axum::Json(rec).into_response()),
         Ok(Cancel::TooLate(rec)) => Ok((
             StatusCode::CONFLICT,
             axum::Json(json!({
@@ -975,7 +977,7 @@ async fn cancel_command(
             "no_command",
             format!("no command {id}"),
         )),
-        Err(e) => Err(store_error(e)),
+        Err(e) => Err(command_error(e)),
     }
 }
 

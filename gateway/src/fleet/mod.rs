@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::bridge::{json_payload, open_cursor, stopped};
 
+pub mod commands;
 pub mod registry;
 use crate::config::FleetSettings;
 use crate::store::{Store, body_to_json};
@@ -45,6 +46,34 @@ const CURSOR_EVERY: Duration = Duration::from_millis(250);
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits between connection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
+
+/// The pause between a fleet task's connection attempts: from 0.5 s, doubling up to
+/// 5 s, and from the start again after a connection that had worked.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(BACKOFF.0)
+    }
+
+    /// A connection failed (`worked`: it had been up): the pause to take now.
+    pub(crate) fn failed(&mut self, worked: bool) -> Duration {
+        if worked {
+            self.0 = BACKOFF.0;
+        }
+        let now = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF.1);
+        now
+    }
+
+    /// Waits `pause`; `false` if told to stop meanwhile.
+    pub(crate) async fn wait(pause: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = stopped(stop) => false,
+        }
+    }
+}
 
 /// What the sink is doing, for `/metrics`.
 #[derive(Debug, Default)]
@@ -122,31 +151,23 @@ impl FleetSink {
             return;
         };
         self.status.cursor.store(cursor, Ordering::Relaxed);
-        let mut backoff = BACKOFF.0;
+        let mut backoff = Backoff::new();
         loop {
             let mut saved = cursor;
             let end = self.session(&mut cursor, &mut saved, &mut stop).await;
             self.save(cursor, &mut saved).await;
-            match end {
-                Ok(()) => return,
-                Err(why) => {
-                    if self.status.connected.load(Ordering::Relaxed) {
-                        backoff = BACKOFF.0;
-                    }
-                    self.status.failed(why.clone());
-                    warn!(
-                        error = %why,
-                        retry_in = ?backoff,
-                        "fleet: cannot relay to NATS JetStream; telemetry is kept in the \
-                         store and relayed when it is back"
-                    );
-                }
+            let Err(why) = end else { return };
+            let pause = backoff.failed(self.status.connected.load(Ordering::Relaxed));
+            self.status.failed(why.clone());
+            warn!(
+                error = %why,
+                retry_in = ?pause,
+                "fleet: cannot relay to NATS JetStream; telemetry is kept in the store and \
+                 relayed when it is back"
+            );
+            if !Backoff::wait(pause, &mut stop).await {
+                return;
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = stopped(&mut stop) => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF.1);
         }
     }
 

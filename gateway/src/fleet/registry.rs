@@ -18,7 +18,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use device_client::proto::GoodbyeReason;
@@ -35,8 +34,6 @@ use crate::store::now_ms;
 
 /// Attempts at a claim before giving up on it (each one lost to a concurrent claim).
 const CLAIM_TRIES: usize = 10;
-/// Waits between connection attempts: doubles from the first to the last.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
 
 /// Who holds a device, as the bucket says (the value of its key, JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,22 +104,13 @@ impl FleetRegistry {
     /// claimed its device later.
     pub async fn run(self: Arc<Self>, gw: Gateway, mut stop: watch::Receiver<bool>) {
         let mut control = gw.shared().subscribe_control();
-        let mut backoff = BACKOFF.0;
-        loop {
-            match self.session(&gw, &mut control, &mut stop).await {
-                Ok(()) => return,
-                Err(why) => {
-                    if self.ready.swap(false, Ordering::Relaxed) {
-                        backoff = BACKOFF.0;
-                    }
-                    warn!(error = %why, retry_in = ?backoff, "fleet registry: no connection to the bucket");
-                }
+        let mut backoff = super::Backoff::new();
+        while let Err(why) = self.session(&gw, &mut control, &mut stop).await {
+            let pause = backoff.failed(self.ready.swap(false, Ordering::Relaxed));
+            warn!(error = %why, retry_in = ?pause, "fleet registry: no connection to the bucket");
+            if !super::Backoff::wait(pause, &mut stop).await {
+                return;
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = stopped(&mut stop) => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF.1);
         }
     }
 
@@ -133,7 +121,7 @@ impl FleetRegistry {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let js = super::connect(&self.settings).await?;
-        let kv = self.bucket(&js).await?;
+        let kv = open_bucket(&js, &self.settings).await?;
         let mut entries = kv
             .watch_with_history(">")
             .await
@@ -202,29 +190,6 @@ impl FleetRegistry {
         Ok(())
     }
 
-    /// The bucket, made if missing. Made as its backing stream (`KV_<bucket>`): the
-    /// client's bucket creation fails against nats-server 2.9.
-    async fn bucket(&self, js: &jetstream::Context) -> Result<kv::Store, String> {
-        let s = &self.settings;
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{}", s.bucket),
-            subjects: vec![format!("$KV.{}.>", s.bucket)],
-            max_messages_per_subject: 1,
-            num_replicas: s.replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("bucket {}: {e}", s.bucket))?;
-        js.get_key_value(s.bucket.clone())
-            .await
-            .map_err(|e| format!("bucket {}: {e}", s.bucket))
-    }
-
     /// Writes "held here, online" over whatever the key holds (compare-and-set on its
     /// revision, again if another gateway wrote in between).
     async fn claim(&self, kv: &kv::Store, device: &str, peer: Option<String>) {
@@ -283,6 +248,10 @@ impl FleetRegistry {
 
     /// A key changed (or is reported at the start of the watch).
     fn seen(&self, gw: &Gateway, e: kv::Entry) {
+        // `=slot.N`: a gateway's command-id slot (fleet/commands.rs), not a device.
+        if e.key.starts_with('=') {
+            return;
+        }
         if e.operation != kv::Operation::Put {
             lock(&self.mirror).remove(&e.key);
             return;
@@ -303,6 +272,31 @@ impl FleetRegistry {
         }
         lock(&self.mirror).insert(e.key, (holder, e.revision));
     }
+}
+
+/// The bucket, made if missing. Made as its backing stream (`KV_<bucket>`): the
+/// client's bucket creation fails against nats-server 2.9.
+pub(crate) async fn open_bucket(
+    js: &jetstream::Context,
+    s: &FleetSettings,
+) -> Result<kv::Store, String> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{}", s.bucket),
+        subjects: vec![format!("$KV.{}.>", s.bucket)],
+        max_messages_per_subject: 1,
+        num_replicas: s.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("bucket {}: {e}", s.bucket))?;
+    js.get_key_value(s.bucket.clone())
+        .await
+        .map_err(|e| format!("bucket {}: {e}", s.bucket))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
