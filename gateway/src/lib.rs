@@ -151,6 +151,7 @@ impl Shared {
 
     /// A command changed state: publish it, and wake whoever waits for its end.
     pub fn command_changed(&self, rec: CommandRecord) {
+        let rec_id = rec.id;
         if rec.state.is_final() {
             let waiting = self
                 .waiters
@@ -162,8 +163,11 @@ impl Shared {
             }
         }
         self.publish_control(Event::Command(rec));
-        // A copy's new state goes to its owner; a command may now go to the fleet.
-        if let Some(fc) = &self.fleet_commands {
+        // A copy of another gateway's command (shown with its owner's id, in another
+        // slot): its new state goes to the owner now, not at the next retry tick.
+        if let Some(fc) = &self.fleet_commands
+            && store::slot_of(rec_id) != fc.slot()
+        {
             fc.poke();
         }
     }
