@@ -475,8 +475,21 @@ impl FleetCommands {
         }
     }
 
-    /// Reads the pending commands of every device online here.
+    /// Reads the pending commands of every device online here, and hands back to the
+    /// fleet the commands of devices no longer here (a restart or a lost connection
+    /// hid their session's end).
     async fn catch_up(&self, gw: &Gateway) {
+        match gw.store().hand_off_offline().await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(
+                    commands = n,
+                    "commands of devices not here go back to the fleet"
+                );
+                self.publish_pending(gw).await;
+            }
+            Err(e) => warn!(error = %e, "handing commands back to the fleet failed"),
+        }
         let online: Vec<String> = match gw.devices().await {
             Ok(d) => d
                 .into_iter()

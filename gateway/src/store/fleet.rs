@@ -346,6 +346,23 @@ impl Store {
     }
 }
 
+impl Store {
+    /// [`hand_off`](Self::hand_off) for every device with no session here: after a
+    /// restart (a crash ends sessions without their events) or a reconnect to NATS,
+    /// commands left with devices that went away go back to the fleet.
+    pub async fn hand_off_offline(&self) -> Result<usize, StoreError> {
+        self.write(|c| {
+            Ok(c.execute(
+                "UPDATE commands SET fleet = 'publish'
+                  WHERE state IN ('queued', 'sent') AND fleet IS NULL
+                    AND device IN (SELECT key FROM devices WHERE online = 0)",
+                [],
+            )?)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +513,37 @@ mod tests {
         assert_eq!((out[0].0, out[0].1.id), (local.id, local.id));
         store.mark_published(local.id, 42).await.unwrap();
         assert!(store.to_publish(10).await.unwrap().is_empty());
+        writer.stop(&store).await;
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_commands_of_devices_not_here_go_back_to_the_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let h = Handoff {
+            owner: "gw-1".into(),
+            id: (1 << 32) + 9,
+            device: "gone".into(),
+            name: "go".into(),
+            args: serde_json::json!({}),
+            created_ms: 1,
+            expires_ms: i64::MAX / 2,
+        };
+        store.insert_copy(h.clone()).await.unwrap().unwrap();
+        let own = ask(&store, "gone", Route::Local).await;
+        // (The process died here: no session event said the device left.)
+        writer.stop(&store).await;
+        let (store, writer) = open(dir.path());
+        assert_eq!(store.hand_off_offline().await.unwrap(), 2);
+        let mut ids: Vec<i64> = store
+            .to_publish(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, h)| h.id)
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [own.id, h.id]);
         writer.stop(&store).await;
     }
 }
