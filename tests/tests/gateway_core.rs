@@ -234,7 +234,7 @@ async fn commands_wait_for_offline_devices_and_expired_ones_never_go() {
     assert_eq!(args, json!({"interval_s": 5}));
     assert!(ttl_ms > 0 && ttl_ms <= 3_600_000);
     // The device gets a command before the commit that marks it sent (one fsync
-    // sooner, store.rs `TakeCommands`): the state follows within that commit.
+    // sooner, store/commands.rs `Store::take_commands`): the state follows within that commit.
     eventually("the command marked sent", || async {
         let sent = gw.store().command(live.id).await.unwrap().unwrap();
         (sent.state == CommandState::Sent).then_some(())

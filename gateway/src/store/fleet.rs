@@ -18,7 +18,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{CommandRecord, CommandState, Store, StoreError, command_by_id};
+use super::commands::command_by_id;
+use super::{CommandRecord, CommandState, Store, StoreError};
 
 /// Who delivers a command queued on this gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]

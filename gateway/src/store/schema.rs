@@ -1,0 +1,226 @@
+//! The store's schema, the migrations of older stores, and the files' permissions.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS devices(
+    key             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    first_seen_ms   INTEGER,
+    last_seen_ms    INTEGER,
+    online          INTEGER NOT NULL DEFAULT 0,
+    cert_serial     TEXT,
+    cert_not_after  INTEGER,
+    firmware        TEXT,
+    peer_addr       TEXT,
+    boot_id         INTEGER,
+    connects        INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS telemetry(
+    device       INTEGER NOT NULL,
+    boot_id      INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    received_ms  INTEGER NOT NULL,
+    body         BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS telemetry_time ON telemetry(device, time_ms);
+-- The highest seq stored per device boot: what deduplicates records (PROTOCOL.md §8.2)
+-- and answers Welcome.last_acked. One small row per boot instead of a unique index
+-- over every record; `last_ms` (arrival of that record) lets retention prune it.
+CREATE TABLE IF NOT EXISTS boots(
+    device    INTEGER NOT NULL,
+    boot_id   INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    last_ms   INTEGER NOT NULL,
+    PRIMARY KEY (device, boot_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commands(
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    device       INTEGER NOT NULL,
+    name         TEXT NOT NULL,
+    args         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    sent_ms      INTEGER,
+    finished_ms  INTEGER,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    status       TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
+CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+-- Where each northbound sink (the MQTT bridge) is in the telemetry table: the rowid
+-- of the last record it delivered. Rowids grow in commit order (one writer), and
+-- retention keeps the newest row, so `rowid > cursor` is exactly what is left to send.
+CREATE TABLE IF NOT EXISTS sinks(
+    name    TEXT PRIMARY KEY,
+    cursor  INTEGER NOT NULL
+) WITHOUT ROWID;
+-- The newest refused handshakes, kept across restarts (a bounded copy of the
+-- in-memory list, saved every few seconds).
+CREATE TABLE IF NOT EXISTS refusals(
+    time_ms  INTEGER NOT NULL,
+    peer     TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    subject  TEXT,
+    serial   TEXT
+);
+CREATE TABLE IF NOT EXISTS groups(
+    name    TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    PRIMARY KEY (name, device)
+) WITHOUT ROWID;
+"#;
+
+/// The writer's connection: WAL, the schema (migrated), nobody online.
+pub(super) fn open_writer_connection(
+    path: &Path,
+    danger_ack_before_fsync: bool,
+) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = if danger_ack_before_fsync {
+        "NORMAL"
+    } else {
+        "FULL"
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.execute_batch(SCHEMA)?;
+    migrate_unique_key(&conn)?;
+    migrate_fleet_columns(&conn)?;
+    // A previous run may have died with sessions open: nobody is online at start.
+    conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
+    Ok(conn)
+}
+
+/// Creates the data directory readable by this user only (0700). An existing one is
+/// left as the operator made it, with a warning if others can read it.
+pub(super) fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory is open to other users; chmod 700 it"
+            );
+        }
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)
+}
+
+/// Makes the store's files readable by this user only (0600): the database is created
+/// so before SQLite opens it, and SQLite gives its `-wal` and `-shm` files the
+/// database's mode. Files of an older, laxer version are tightened.
+pub(super) fn private_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(io(db))?;
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    for f in [db.to_owned(), PathBuf::from(wal), PathBuf::from(shm)] {
+        match std::fs::metadata(&f) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io(&f))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&f)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Commands of stores made before fleets had no fleet columns: add them (once, at
+/// open). `ADD COLUMN` with no default rewrites nothing.
+fn migrate_fleet_columns(conn: &Connection) -> Result<(), StoreError> {
+    let mut have = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('commands')")?;
+        for name in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            have.push(name?);
+        }
+    }
+    for (column, ty) in FLEET_COLUMNS {
+        if !have.iter().any(|h| h == column) {
+            conn.execute(
+                &format!("ALTER TABLE commands ADD COLUMN {column} {ty}"),
+                [],
+            )?;
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS commands_copies ON commands(owner, owner_id)
+           WHERE owner IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS commands_fleet ON commands(fleet) WHERE fleet IS NOT NULL;",
+    )?;
+    Ok(())
+}
+
+/// The commands table's fleet columns (docs/FLEET.md, "Commands across the fleet").
+/// A command asked of this gateway: `fleet` is NULL (delivered here), `publish` (to
+/// go into the fleet's pending stream), `pending` (in it, at `pending_seq`) or `held`
+/// (handed to the gateway `held_by`, which holds the device's session). A copy of a
+/// command asked of another gateway, delivered here: `owner`, `owner_id` (its id
+/// there) and `reported` (the last state that gateway acknowledged).
+const FLEET_COLUMNS: [(&str, &str); 6] = [
+    ("fleet", "TEXT"),
+    ("held_by", "TEXT"),
+    ("pending_seq", "INTEGER"),
+    ("owner", "TEXT"),
+    ("owner_id", "INTEGER"),
+    ("reported", "TEXT"),
+];
+
+/// Stores made before `boots` deduplicated telemetry with a unique index on
+/// `(device, boot_id, seq)`: fill `boots` from it and drop it (once, at open).
+fn migrate_unique_key(conn: &Connection) -> Result<(), StoreError> {
+    let old: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'telemetry_key'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    tracing::info!("store: moving deduplication to per-boot high-water marks (once)");
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT OR REPLACE INTO boots(device, boot_id, last_seq, last_ms)
+           SELECT device, boot_id, max(seq), max(received_ms) FROM telemetry
+            GROUP BY device, boot_id;
+         DROP INDEX telemetry_key;
+         COMMIT;",
+    )?;
+    Ok(())
+}

@@ -1,0 +1,508 @@
+//! The store's tests: group commit and its failures, migration, retention, commands.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_client::proto::{self, Reading, Readings, Seq, Telemetry, Uplink, Value};
+use rusqlite::{OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::devices::{close_session_op, open_session};
+use super::schema::open_writer_connection;
+use super::writer::{Op, Writer};
+use super::*;
+use crate::values;
+
+fn open(dir: &Path) -> (Store, WriterThread) {
+    Store::open(StoreOptions {
+        path: dir.join("t.sqlite"),
+        danger_ack_before_fsync: false,
+        max_commit_records: 1000,
+        max_queued_commands: 2,
+        sinks: Vec::new(),
+    })
+    .unwrap()
+}
+
+fn body(seq: Seq) -> Vec<u8> {
+    let mut readings = Readings::new();
+    let name = proto::Name::new("v").unwrap();
+    readings
+        .push(Reading::new(name, Value::U64(u64::from(seq))))
+        .unwrap();
+    let msg = Uplink::Telemetry(Telemetry {
+        seq,
+        time_ms: None,
+        readings,
+    });
+    let mut buf = [0u8; 64];
+    let n = proto::encode(&msg, &mut buf).unwrap();
+    buf[2..n].to_vec()
+}
+
+async fn session(store: &Store, device: &str, boot: u64) -> Opened {
+    store
+        .open_session(SessionInfo {
+            device: device.into(),
+            cert_serial: "01".into(),
+            cert_not_after: 0,
+            firmware: "fw".into(),
+            peer_addr: "127.0.0.1:1".into(),
+            boot_id: boot,
+        })
+        .await
+        .unwrap()
+}
+
+async fn insert(
+    store: &Store,
+    o: Opened,
+    boot: u64,
+    seqs: std::ops::RangeInclusive<Seq>,
+    received_ms: i64,
+) -> usize {
+    let mut batch = Batch::new(o.device_key, boot);
+    batch.received_ms = received_ms;
+    for s in seqs {
+        batch.push(s, received_ms, &body(s));
+    }
+    let done = store.submit(batch).await.unwrap().await.unwrap();
+    done.result.unwrap()
+}
+
+#[tokio::test]
+async fn duplicates_are_ignored_and_last_acked_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let o = session(&store, "d1", u64::MAX).await;
+    assert_eq!(o.last_acked, None);
+    assert_eq!(insert(&store, o, u64::MAX, 1..=10, now_ms()).await, 10);
+    assert_eq!(insert(&store, o, u64::MAX, 5..=12, now_ms()).await, 2);
+    let o2 = session(&store, "d1", u64::MAX).await;
+    assert_eq!(o2.last_acked, Some(12));
+    assert_eq!(o2.device_key, o.device_key);
+    let recs = store
+        .telemetry("d1", TelemetryQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(recs.len(), 12);
+    assert_eq!(recs[0].boot_id, u64::MAX, "boot ids survive the i64 column");
+    assert_eq!(recs.iter().find(|r| r.seq == 7).unwrap().values["v"], 7);
+    writer.stop(&store).await;
+    assert!(matches!(store.flush().await, Err(StoreError::Closed)));
+}
+
+/// A writer on a fresh file, with sessions open for `devices` (their keys).
+fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open_writer_connection(&dir.path().join("t.sqlite"), false).unwrap();
+    let w = Writer {
+        conn,
+        synchronous_full: true,
+        max_commit_records: 1000,
+        max_queued_commands: 10,
+        sinks: Vec::new(),
+        health: Arc::new(StoreHealth::default()),
+        commits: Arc::new(tokio::sync::watch::Sender::new(0)),
+    };
+    let keys = devices
+        .iter()
+        .map(|d| {
+            let info = SessionInfo {
+                device: (*d).into(),
+                cert_serial: "01".into(),
+                cert_not_after: 0,
+                firmware: "fw".into(),
+                peer_addr: "127.0.0.1:1".into(),
+                boot_id: 1,
+            };
+            open_session(&w, &info, 0).unwrap().device_key
+        })
+        .collect();
+    (dir, w, keys)
+}
+
+fn batch_of(key: i64, n: Seq, size: usize) -> Box<Batch> {
+    let mut b = Batch::new(key, 1);
+    for seq in 1..=n {
+        b.push(seq, 0, &vec![0u8; size]);
+    }
+    b
+}
+
+fn rows_of(w: &Writer, key: i64) -> i64 {
+    w.conn
+        .query_row(
+            "SELECT count(*) FROM telemetry WHERE device = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// Commits three batches as one group; returns their results.
+fn commit_three(w: &mut Writer, batches: [Box<Batch>; 3]) -> Vec<Result<usize, Arc<StoreError>>> {
+    let mut rxs = Vec::new();
+    let mut ops = Vec::new();
+    for b in batches {
+        let (tx, rx) = oneshot::channel();
+        ops.push(Op::Telemetry(b, tx));
+        rxs.push(rx);
+    }
+    w.commit_group(&mut ops);
+    rxs.into_iter()
+        .map(|mut rx| rx.try_recv().unwrap().result)
+        .collect()
+}
+
+/// One op of a group fails part-way (a trigger refuses its 100th record): it is
+/// undone alone and answers its error; the ops before and after it in the same
+/// transaction are kept and answer success.
+#[test]
+fn an_op_that_fails_part_way_is_undone_alone() {
+    let (_dir, mut w, keys) = writer_with(&["a", "b", "c"]);
+    w.conn
+        .execute_batch(&format!(
+            "CREATE TRIGGER inject BEFORE INSERT ON telemetry
+              WHEN NEW.device = {} AND NEW.seq = 100
+              BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
+            keys[1]
+        ))
+        .unwrap();
+    let out = commit_three(
+        &mut w,
+        [
+            batch_of(keys[0], 1, 10),
+            batch_of(keys[1], 200, 10),
+            batch_of(keys[2], 1, 10),
+        ],
+    );
+    assert_eq!(*out[0].as_ref().unwrap(), 1);
+    assert!(out[1].is_err(), "a batch not stored is never answered done");
+    assert_eq!(*out[2].as_ref().unwrap(), 1);
+    let rows: Vec<i64> = keys.iter().map(|k| rows_of(&w, *k)).collect();
+    assert_eq!(
+        rows,
+        [1, 0, 1],
+        "none of the failed batch, all of the others"
+    );
+    let mark: Option<i64> = w
+        .conn
+        .query_row(
+            "SELECT last_seq FROM boots WHERE device = ?1",
+            [keys[1]],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap();
+    assert_eq!(mark, None, "the failed batch raised no high-water mark");
+    assert!(
+        w.health.failing().is_some(),
+        "the store reports it is failing"
+    );
+}
+
+/// The file reaches its size limit in the middle of a group: SQLite gives up the
+/// whole transaction, so every op of the group answers the failure (none is acked,
+/// none is stored), and the store reports it until a commit succeeds again.
+#[test]
+fn a_full_disk_fails_the_whole_group_and_acks_nothing() {
+    let (_dir, mut w, keys) = writer_with(&["a", "b", "c"]);
+    let pages: i64 = w
+        .conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    w.conn
+        .pragma_update(None, "max_page_count", pages + 2)
+        .unwrap();
+    let out = commit_three(
+        &mut w,
+        [
+            batch_of(keys[0], 1, 10),
+            // ~200 KB: far past two free pages.
+            batch_of(keys[1], 200, 1000),
+            batch_of(keys[2], 1, 10),
+        ],
+    );
+    assert!(out.iter().all(Result::is_err), "{out:?}");
+    let rows: Vec<i64> = keys.iter().map(|k| rows_of(&w, *k)).collect();
+    assert_eq!(rows, [0, 0, 0]);
+    assert!(w.health.failing().is_some());
+
+    // Room again. A one-page update does not show that telemetry can be stored
+    // again; the next commit of telemetry does.
+    w.conn
+        .pragma_update(None, "max_page_count", 1_000_000)
+        .unwrap();
+    w.commit_group(&mut vec![close_session_op(keys[0], 1)]);
+    assert!(w.health.failing().is_some(), "still failing for telemetry");
+    let out = commit_three(
+        &mut w,
+        [
+            batch_of(keys[0], 1, 10),
+            batch_of(keys[1], 200, 1000),
+            batch_of(keys[2], 1, 10),
+        ],
+    );
+    assert_eq!(
+        out.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        [1, 200, 1]
+    );
+    assert!(w.health.failing().is_none());
+}
+
+#[tokio::test]
+async fn a_store_from_before_boots_is_migrated_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sqlite");
+    {
+        // The old layout: deduplication by a unique index over every record.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE devices(key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                first_seen_ms INTEGER, last_seen_ms INTEGER,
+                online INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, cert_not_after INTEGER,
+                firmware TEXT, peer_addr TEXT, boot_id INTEGER,
+                connects INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE telemetry(device INTEGER NOT NULL, boot_id INTEGER NOT NULL,
+                seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+                body BLOB NOT NULL);
+             CREATE UNIQUE INDEX telemetry_key ON telemetry(device, boot_id, seq);
+             INSERT INTO devices(key, id, boot_id) VALUES (1, 'old', 7);",
+        )
+        .unwrap();
+        for seq in 1..=5 {
+            c.execute(
+                "INSERT INTO telemetry VALUES (1, 7, ?1, 0, 0, ?2)",
+                params![seq, body(seq)],
+            )
+            .unwrap();
+        }
+    }
+    // Opened twice: the migration runs once and the marks keep moving.
+    for (acked, new) in [(5, 1), (6, 0)] {
+        let (store, writer) = open(dir.path());
+        let o = session(&store, "old", 7).await;
+        assert_eq!(o.last_acked, Some(acked), "the high-water mark came over");
+        assert_eq!(insert(&store, o, 7, 4..=6, now_ms()).await, new);
+        writer.stop(&store).await;
+    }
+    let c = Connection::open(&path).unwrap();
+    let index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'telemetry_key'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 0, "the unique index is gone");
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 6);
+}
+
+async fn prune_by_age(store: &Store, age: Duration) -> u64 {
+    store
+        .apply_retention(Some(age), None)
+        .await
+        .unwrap()
+        .deleted
+}
+
+/// A store with the `mqtt` sink running.
+fn open_with_sink(dir: &Path, drop_undelivered: bool) -> (Store, WriterThread) {
+    Store::open(StoreOptions {
+        path: dir.join("t.sqlite"),
+        danger_ack_before_fsync: false,
+        max_commit_records: 1000,
+        max_queued_commands: 2,
+        sinks: vec![SinkSpec {
+            name: "mqtt",
+            drop_undelivered,
+        }],
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open_with_sink(dir.path(), false);
+    let day = Duration::from_secs(86_400);
+    let o = session(&store, "r1", 1).await;
+    let start = store.open_sink("mqtt").await.unwrap();
+    insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+    // All old, none delivered: none deleted.
+    assert_eq!(prune_by_age(&store, day).await, 0);
+    assert_eq!(
+        store.apply_retention(None, Some(1)).await.unwrap().deleted,
+        0
+    );
+    // Four delivered: those four may go.
+    let rows = store.telemetry_after(start, 4).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    store.set_sink_cursor("mqtt", rows[3].row).await.unwrap();
+    assert_eq!(prune_by_age(&store, day).await, 4);
+    // All delivered: all but the newest row, which keeps rowids growing.
+    let rest = store.telemetry_after(rows[3].row, 100).await.unwrap();
+    assert_eq!(rest.len(), 6);
+    store.set_sink_cursor("mqtt", rest[5].row).await.unwrap();
+    assert_eq!(prune_by_age(&store, day).await, 5);
+    assert_eq!(store.telemetry_count(None).await.unwrap(), 1);
+    // The next record gets a rowid after the cursor.
+    insert(&store, o, 1, 11..=11, now_ms()).await;
+    let next = store.telemetry_after(rest[5].row, 10).await.unwrap();
+    assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [11]);
+    writer.stop(&store).await;
+}
+
+#[tokio::test]
+async fn retention_may_drop_what_a_sink_has_not_delivered_when_told_and_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open_with_sink(dir.path(), true);
+    let o = session(&store, "r2", 1).await;
+    let start = store.open_sink("mqtt").await.unwrap();
+    insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+    let rows = store.telemetry_after(start, 3).await.unwrap();
+    store.set_sink_cursor("mqtt", rows[2].row).await.unwrap();
+    // Three delivered, seven not: all but the newest go, six of them undelivered.
+    let pruned = store
+        .apply_retention(Some(Duration::from_secs(86_400)), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            deleted: 9,
+            undelivered: 6
+        }
+    );
+    let left = store.telemetry_after(rows[2].row, 100).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), [10]);
+    writer.stop(&store).await;
+}
+
+#[tokio::test]
+async fn retention_forgets_past_boots_but_not_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let day = 86_400_000;
+    let old = session(&store, "d4", 1).await;
+    insert(&store, old, 1, 1..=3, now_ms() - 3 * day).await;
+    let cur = session(&store, "d4", 2).await;
+    insert(&store, cur, 2, 1..=3, now_ms() - 3 * day).await;
+    store
+        .apply_retention(Some(Duration::from_secs(86_400)), None)
+        .await
+        .unwrap();
+    assert_eq!(store.telemetry_count(Some("d4")).await.unwrap(), 0);
+    // The current boot still knows what it stored; the past one starts afresh.
+    assert_eq!(session(&store, "d4", 2).await.last_acked, Some(3));
+    assert_eq!(session(&store, "d4", 1).await.last_acked, None);
+    writer.stop(&store).await;
+}
+
+#[tokio::test]
+async fn retention_by_age_and_by_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let o = session(&store, "d2", 1).await;
+    let day = 86_400_000;
+    insert(&store, o, 1, 1..=100, now_ms() - 3 * day).await;
+    insert(&store, o, 1, 101..=150, now_ms()).await;
+    let deleted = store
+        .apply_retention(Some(Duration::from_secs(86_400)), None)
+        .await
+        .unwrap()
+        .deleted;
+    assert_eq!(deleted, 100);
+    assert_eq!(store.telemetry_count(Some("d2")).await.unwrap(), 50);
+    let deleted = store.apply_retention(None, Some(20)).await.unwrap().deleted;
+    assert_eq!(deleted, 30);
+    let left = store
+        .telemetry("d2", TelemetryQuery::default())
+        .await
+        .unwrap();
+    let mut seqs: Vec<_> = left.iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (131..=150).collect::<Vec<_>>(),
+        "the newest rows stay"
+    );
+    writer.stop(&store).await;
+}
+
+#[tokio::test]
+async fn command_queue_lifecycle_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let args = vec![("x".to_string(), values::OwnedValue::U64(1))];
+    let a = store
+        .enqueue_command(
+            "d3",
+            "a",
+            args.clone(),
+            Duration::from_secs(60),
+            Route::Local,
+        )
+        .await
+        .unwrap();
+    let b = store
+        .enqueue_command("d3", "b", vec![], Duration::ZERO, Route::Local)
+        .await
+        .unwrap();
+    // The per-device limit is 2.
+    assert!(matches!(
+        store
+            .enqueue_command("d3", "c", vec![], Duration::from_secs(60), Route::Local)
+            .await,
+        Err(StoreError::QueueFull { .. })
+    ));
+    let expired = store.expire_commands().await.unwrap();
+    assert_eq!(expired.iter().map(|c| c.id).collect::<Vec<_>>(), vec![b.id]);
+    let o = session(&store, "d3", 1).await;
+    let out = store.take_commands(o.device_key, 10, true).await.unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].id, a.id);
+    assert_eq!(out[0].args, args);
+    // Sent and unanswered: only a new session (include_sent) takes it again.
+    assert!(
+        store
+            .take_commands(o.device_key, 10, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .take_commands(o.device_key, 10, true)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let done = store
+        .finish_command(
+            o.device_key,
+            a.id,
+            CommandState::Succeeded,
+            Some("succeeded".into()),
+            Some(serde_json::json!({"ok": true})),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.attempts, 2);
+    // A second result for a finished command changes nothing.
+    let again = store
+        .finish_command(o.device_key, a.id, CommandState::Failed, None, None, None)
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    writer.stop(&store).await;
+}
