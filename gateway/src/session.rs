@@ -77,7 +77,13 @@ pub enum End {
     Io(#[from] io::Error),
     /// The store failed.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] Arc<StoreError>),
+}
+
+impl From<StoreError> for End {
+    fn from(e: StoreError) -> Self {
+        End::Store(Arc::new(e))
+    }
 }
 
 impl From<Stop> for End {
@@ -302,7 +308,7 @@ impl Session {
             }
             Wake::Committed(Some(done)) => self.committed(done).err(),
             // The store dropped the batch: it is stopping.
-            Wake::Committed(None) => Some(End::Store("the store stopped".into())),
+            Wake::Committed(None) => Some(StoreError::Closed.into()),
             Wake::Readable(Ok(())) => self.read_available().await.err(),
             Wake::Readable(Err(e)) => Some(End::Io(e)),
             Wake::Deadline if hello_done => {
@@ -442,7 +448,7 @@ impl Session {
             Err(e) => {
                 shared.registry.remove(&self.device, session_no);
                 self.goodbye(GoodbyeReason::ServerError);
-                return Err(End::Store(e.to_string()));
+                return Err(e.into());
             }
         };
         shared.metrics.sessions.fetch_add(1, Ordering::Relaxed);
@@ -495,7 +501,7 @@ impl Session {
             .store
             .take_commands(device_key, room, include_sent)
             .await
-            .map_err(|e| End::Store(e.to_string()))?;
+            .map_err(End::from)?;
         let now = now_ms();
         for cmd in cmds {
             let ttl_ms = u32::try_from((cmd.expires_ms - now).max(1)).unwrap_or(u32::MAX);
@@ -533,7 +539,7 @@ impl Session {
                             Some(why),
                         )
                         .await
-                        .map_err(|e| End::Store(e.to_string()))?;
+                        .map_err(End::from)?;
                     if let Some(rec) = rec {
                         shared.command_changed(rec);
                     }
@@ -613,7 +619,7 @@ impl Session {
             }
             Err(crate::store::TrySubmit::Closed) => Err(StoreError::Closed),
         }
-        .map_err(|e| End::Store(e.to_string()))?;
+        .map_err(End::from)?;
         self.commit = Some(rx);
         Ok(())
     }
@@ -630,7 +636,7 @@ impl Session {
             Ok(n) => n,
             Err(e) => {
                 self.goodbye(GoodbyeReason::ServerError);
-                return Err(End::Store(e.to_string()));
+                return Err(End::Store(e));
             }
         };
         let m = &shared.metrics;

@@ -54,15 +54,22 @@ impl CommandState {
         CommandState::Canceled,
     ];
 
-    fn parse(s: &str) -> Self {
-        match s {
-            "queued" => CommandState::Queued,
-            "sent" => CommandState::Sent,
-            "succeeded" => CommandState::Succeeded,
-            "expired" => CommandState::Expired,
-            "canceled" => CommandState::Canceled,
-            _ => CommandState::Failed,
-        }
+    /// The state stored as `s`; `None` for a name no version of the gateway wrote.
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Reads a state column; a name that is not a state is an error of the row (a
+    /// damaged store), not a guess.
+    fn from_column(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
+        let name: String = r.get(at)?;
+        Self::parse(&name).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                at,
+                rusqlite::types::Type::Text,
+                format!("{name:?} is not a command state").into(),
+            )
+        })
     }
 
     /// Whether the command is over.
@@ -262,10 +269,7 @@ impl Store {
             let mut stmt =
                 c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
             let rows = stmt.query_map([], |r| {
-                Ok((
-                    CommandState::parse(&r.get::<_, String>(0)?),
-                    r.get::<_, i64>(1)? as u64,
-                ))
+                Ok((CommandState::from_column(r, 0)?, r.get::<_, i64>(1)? as u64))
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -285,7 +289,7 @@ fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
         device: r.get(1)?,
         name: r.get(2)?,
         args: json(r.get(3)?).unwrap_or(Json::Null),
-        state: CommandState::parse(&r.get::<_, String>(4)?),
+        state: CommandState::from_column(r, 4)?,
         created_ms: r.get(5)?,
         expires_ms: r.get(6)?,
         sent_ms: r.get(7)?,

@@ -506,3 +506,28 @@ async fn command_queue_lifecycle_and_limits() {
     assert!(again.is_none());
     writer.stop(&store).await;
 }
+
+/// A state no version of the gateway wrote (a damaged store) is an error of the read,
+/// not a command that silently "failed".
+#[tokio::test]
+async fn an_unknown_command_state_is_an_error_not_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let rec = store
+        .enqueue_command("d", "go", Vec::new(), Duration::from_secs(60), Route::Local)
+        .await
+        .unwrap();
+    store
+        .write(move |c| {
+            c.execute(
+                "UPDATE commands SET state = 'bogus' WHERE id = ?1",
+                [rec.id],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let read = store.command(rec.id).await;
+    assert!(read.is_err(), "{read:?}");
+    writer.stop(&store).await;
+}
