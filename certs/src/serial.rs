@@ -44,27 +44,15 @@ impl Serial {
         let bad = || Error::InvalidSerial {
             input: input.to_owned(),
         };
-        let digits: Vec<u8> = input.bytes().filter(|&b| b != b':').collect();
+        let mut digits: String = input.chars().filter(|&c| c != ':').collect();
         if digits.is_empty() || digits.len() > 2 * 64 {
             return Err(bad());
         }
-        let mut nibbles = Vec::with_capacity(digits.len() + 1);
+        // An odd count is a leading zero left out (`0` for zero).
         if digits.len() % 2 == 1 {
-            nibbles.push(0);
+            digits.insert(0, '0');
         }
-        for d in digits {
-            let v = match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                b'A'..=b'F' => d - b'A' + 10,
-                _ => return Err(bad()),
-            };
-            nibbles.push(v);
-        }
-        let bytes: Vec<u8> = nibbles
-            .chunks(2)
-            .map(|pair| pair.iter().fold(0u8, |acc, n| (acc << 4) | n))
-            .collect();
+        let bytes = hex::decode(&digits).map_err(|_| bad())?;
         Ok(Self::from_be_bytes(&bytes))
     }
 
@@ -78,7 +66,7 @@ impl Serial {
         if self.0.is_empty() {
             return "00".to_owned();
         }
-        self.0.iter().map(|b| format!("{b:02X}")).collect()
+        hex::encode_upper(&self.0)
     }
 
     /// The serial as rcgen wants it: a positive DER INTEGER's magnitude.

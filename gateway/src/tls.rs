@@ -268,7 +268,7 @@ impl CertSummary {
             .collect();
         Some(Self {
             subject,
-            serial: hex(&normalize_serial(parsed.raw_serial())),
+            serial: hex::encode(normalize_serial(parsed.raw_serial())),
         })
     }
 }
@@ -305,16 +305,6 @@ where
             (r, refused)
         })
     }
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// The certificate's single subject CN, if it is a valid device id.
@@ -443,7 +433,7 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// The serial as lowercase hex, for logs and the registry.
     pub fn serial_hex(&self) -> String {
-        hex(&self.serial)
+        hex::encode(&self.serial)
     }
 }
 
@@ -570,11 +560,9 @@ pub fn identify(
     })
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch (the store's clock, [`crate::store::now_ms`]).
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    crate::store::now_ms() / 1000
 }
 
 #[cfg(test)]
