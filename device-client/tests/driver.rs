@@ -164,3 +164,50 @@ async fn a_dropped_run_resumes_with_a_new_connection() {
         })
         .await;
 }
+
+/// Buffers smaller than the client's frame limits: `run` says so at once instead of
+/// connecting, failing on the first large frame, and reconnecting forever.
+#[tokio::test]
+async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
+    use device_client::machine::Disconnect;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let connects = Rc::new(Cell::new(0));
+            let mut connector = Pipes {
+                connects: connects.clone(),
+            };
+            let mut app = Recorder {
+                wake_at: None,
+                connected: Rc::new(Cell::new(0)),
+                acked: Rc::new(Cell::new(0)),
+                changed: Rc::new(Notify::new()),
+            };
+            let mut client: Client<1024> = Client::new(Config::new(1, "test"));
+            let clock = TokioClock::new();
+            let (mut rx, mut tx) = ([0u8; 256], [0u8; 512]);
+            let end = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                run(
+                    &mut client,
+                    &mut connector,
+                    &clock,
+                    &mut app,
+                    &mut rx,
+                    &mut tx,
+                ),
+            )
+            .await
+            .expect("run returned");
+            assert_eq!(
+                end,
+                Disconnect::BuffersTooSmall {
+                    rx_needed: 512,
+                    tx_needed: 512
+                }
+            );
+            assert!(end.is_fatal());
+            assert_eq!(connects.get(), 0, "never connected");
+        })
+        .await;
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use device_client::machine::{
-    Client, CompleteError, Config, Disconnect, Event, Input, Millis, SendError,
+    Client, CompleteError, Config, Disconnect, Event, Input, Millis, SendError, Unacked,
 };
 use device_client::proto::{
     self, Ack, Command, CommandStatus, Downlink, Goodbye, GoodbyeReason, MAX_DOWNLINK_FRAME,
@@ -219,7 +219,7 @@ fn records_are_acked_and_leave_the_ring() {
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
     h.pump();
     assert_eq!(h.stored(), seqs);
-    assert_eq!(h.dev.unacked(), (0, 0));
+    assert_eq!(h.dev.unacked(), Unacked::default());
     assert_eq!(h.dev.acked(), Some(20));
 }
 
@@ -230,12 +230,16 @@ fn lost_acks_are_settled_by_welcome_last_acked() {
     h.gw.ack = false; // the gateway stores but its acks are lost
     h.send(5);
     h.pump();
-    assert_eq!(h.dev.unacked().0, 5, "nothing acked: all kept");
+    assert_eq!(h.dev.unacked().records, 5, "nothing acked: all kept");
     h.dev.handle_closed(h.now);
     h.gw.ack = true;
     h.now = h.dev.poll_connect().unwrap();
     h.connect();
-    assert_eq!(h.dev.unacked().0, 0, "Welcome.last_acked = 5 frees them");
+    assert_eq!(
+        h.dev.unacked().records,
+        0,
+        "Welcome.last_acked = 5 frees them"
+    );
     assert_eq!(
         h.gw.received,
         vec![1, 2, 3, 4, 5],
@@ -265,7 +269,7 @@ fn reconnect_mid_batch_replays_the_rest_once() {
         "5..=10 replayed once"
     );
     assert_eq!(h.stored(), (1..=10).collect::<Vec<_>>());
-    assert_eq!(h.dev.unacked().0, 0);
+    assert_eq!(h.dev.unacked().records, 0);
 }
 
 #[test]
@@ -315,7 +319,7 @@ fn a_full_ring_is_an_error_never_an_overwrite() {
     }
     // 28 bytes a record (4 of seq, 24 of frame) in 1024 bytes.
     assert_eq!(sent, 1024 / 28);
-    assert_eq!(h.dev.unacked().0, sent);
+    assert_eq!(h.dev.unacked().records, sent);
     // Connecting delivers all of them, in order, then there is room again.
     h.connect();
     assert_eq!(h.stored(), (1..=sent as Seq).collect::<Vec<_>>());
@@ -492,6 +496,6 @@ fn telemetry_over_the_frame_limit_is_refused() {
     let long = Value::str(&text).unwrap();
     let r = dev.send_telemetry(None, &[Reading::new(Name::new("s").unwrap(), long)]);
     assert_eq!(r, Err(SendError::TooLarge));
-    assert_eq!(dev.unacked(), (0, 0));
+    assert_eq!(dev.unacked(), Unacked::default());
     let _ = Readings::new();
 }

@@ -940,9 +940,10 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
         let m = &self.m;
         assert_eq!(c.is_connected(), !matches!(m.link, MLink::Down { .. }));
         assert_eq!(c.is_open(), m.is_open());
-        assert_eq!(c.unacked(), (m.ring.len(), m.ring_bytes()), "unacked");
+        let u = c.unacked();
+        assert_eq!((u.records, u.bytes), (m.ring.len(), m.ring_bytes()), "unacked");
         assert!(
-            c.unacked().1 <= RING,
+            u.bytes <= RING,
             "the ring holds more than {RING} bytes"
         );
         assert_eq!(c.acked(), m.acked, "acked");

@@ -266,6 +266,6 @@ impl<'i> Setup<'i> {
             && app.commands == 1
             && app.connected == 1
             && app.acked == 1
-            && client.unacked() == (0, 0)
+            && client.unacked().records == 0
     }
 }

@@ -172,7 +172,7 @@ pub mod call {
 
     /// [`Client::unacked`](device_client::machine::Client::unacked).
     #[inline(never)]
-    pub fn unacked(c: &mut Client) -> (usize, usize) {
+    pub fn unacked(c: &mut Client) -> device_client::machine::Unacked {
         c.unacked()
     }
 }
@@ -232,7 +232,7 @@ pub fn session(client: &mut Client, rx: &mut [u8], tx: &mut [u8], inputs: &Input
         Ok(Input::Frame { command: None, .. })
     );
     ok &= matches!(call::poll_event(client), Some(Event::Acked { seq: 42 }));
-    ok &= call::unacked(client) == (0, 0);
+    ok &= call::unacked(client).records == 0;
 
     match call::handle_input(client, now, receive(rx, frames::COMMAND)) {
         Ok(Input::Frame {

@@ -108,8 +108,9 @@ pub trait App {
 /// unsupported protocol version) and returns that reason. Connection failures are
 /// retried with the client's backoff. (If the client is down for good and the
 /// application never wants to wake up again, there is nothing left to do: `run`
-/// returns the last disconnect reason, or `Disconnect::Closed`.) `rx` must hold `client.config().max_frame_in` bytes and
-/// `tx` `client.config().max_frame_out` bytes.
+/// returns the last disconnect reason, or `Disconnect::Closed`.) `rx` must hold
+/// `client.config().max_frame_in` bytes and `tx` `client.config().max_frame_out` bytes;
+/// smaller ones return [`Disconnect::BuffersTooSmall`] at once.
 pub async fn run<C, K, A, const R: usize, const O: usize>(
     client: &mut Client<R, O>,
     connector: &mut C,
@@ -123,6 +124,15 @@ where
     K: Clock,
     A: App,
 {
+    // Checked before anything: a frame that does not fit would end every session
+    // the same way, and reconnecting forever would hide why.
+    let cfg = client.config();
+    if rx.len() < usize::from(cfg.max_frame_in) || tx.len() < usize::from(cfg.max_frame_out) {
+        return Disconnect::BuffersTooSmall {
+            rx_needed: cfg.max_frame_in,
+            tx_needed: cfg.max_frame_out,
+        };
+    }
     // A previous `run` may have been dropped in the middle of a session: that
     // connection is gone, so the client must schedule a new one.
     if client.is_connected() {

@@ -36,6 +36,15 @@ pub type Millis = u64;
 /// How many recently seen command ids the client remembers (PROTOCOL.md §8.3).
 pub const RECENT_COMMANDS: usize = 8;
 
+/// Records kept until the gateway acks them ([`Client::unacked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unacked {
+    /// How many.
+    pub records: usize,
+    /// The bytes they take in the ring.
+    pub bytes: usize,
+}
+
 /// Settings of a [`Client`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -104,13 +113,22 @@ pub enum Disconnect {
     /// The gateway announced a `max_frame` below the protocol's minimum
     /// ([`MIN_MAX_FRAME`]): nothing could be sent to it.
     MaxFrameTooSmall(u16),
+    /// The driver was given receive or transmit buffers smaller than the client's
+    /// `max_frame_in` / `max_frame_out` (what they must hold): a frame would not fit,
+    /// and reconnecting would not help.
+    BuffersTooSmall {
+        /// Bytes the receive buffer must hold (`max_frame_in`).
+        rx_needed: u16,
+        /// Bytes the transmit buffer must hold (`max_frame_out`).
+        tx_needed: u16,
+    },
 }
 
 impl Disconnect {
     /// A short lowercase name for logs without `core::fmt`: the `Goodbye` reason's
     /// ([`GoodbyeReason::as_str`]), or `closed`, `welcome_timeout`, `dead_peer`,
     /// `bad_frame`, `bad_message`, `unexpected_message`, `unsupported_version`,
-    /// `max_frame_too_small`.
+    /// `max_frame_too_small`, `buffers_too_small`.
     pub const fn as_str(&self) -> &'static str {
         match self {
             Disconnect::Goodbye { reason, .. } => reason.as_str(),
@@ -122,10 +140,12 @@ impl Disconnect {
             Disconnect::Unexpected => "unexpected_message",
             Disconnect::UnsupportedVersion(_) => "unsupported_version",
             Disconnect::MaxFrameTooSmall(_) => "max_frame_too_small",
+            Disconnect::BuffersTooSmall { .. } => "buffers_too_small",
         }
     }
 
-    /// Whether reconnecting is pointless (revoked, wrong version).
+    /// Whether reconnecting is pointless (revoked, wrong version, buffers too small).
+    #[must_use]
     pub const fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -133,6 +153,7 @@ impl Disconnect {
                 reason: GoodbyeReason::Revoked | GoodbyeReason::UnsupportedVersion,
                 ..
             } | Disconnect::UnsupportedVersion(_)
+                | Disconnect::BuffersTooSmall { .. }
         )
     }
 }
@@ -295,27 +316,35 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
     }
 
     /// The settings.
+    #[must_use]
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
     /// Whether a connection is in use (from `handle_connected` until it goes down).
+    #[must_use]
     pub fn is_connected(&self) -> bool {
         !matches!(self.link, Link::Down { .. })
     }
 
     /// Whether a session is open (after `Welcome`).
+    #[must_use]
     pub fn is_open(&self) -> bool {
         matches!(self.link, Link::Open(_))
     }
 
     /// Records waiting for an ack, and the bytes they take.
-    pub fn unacked(&self) -> (usize, usize) {
-        (self.ring.len(), self.ring.used_bytes())
+    #[must_use]
+    pub fn unacked(&self) -> Unacked {
+        Unacked {
+            records: self.ring.len(),
+            bytes: self.ring.used_bytes(),
+        }
     }
 
     /// Command results queued and not yet sent (e.g. to send a `reboot` result before
     /// rebooting).
+    #[must_use]
     pub fn pending_results(&self) -> usize {
         let mut n = 0;
         let mut rest = self.outbox.as_slice();
@@ -328,6 +357,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
     }
 
     /// The highest seq the gateway acknowledged in this boot.
+    #[must_use]
     pub fn acked(&self) -> Option<Seq> {
         self.acked
     }
@@ -393,6 +423,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
 
     /// When to open a connection: `Some(t)` once `now >= t` (at once if `t <= now`),
     /// `None` while connected or after a fatal disconnect.
+    #[must_use]
     pub fn poll_connect(&self) -> Option<Millis> {
         match self.link {
             Link::Down { at } => at,
@@ -580,6 +611,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
 
     /// The next frame to send, written to `buf`; returns its length. Call until `None`
     /// after every input, timeout and application call.
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Millis, buf: &mut [u8]) -> Option<usize> {
         let cfg = self.cfg;
         match &mut self.link {
@@ -632,6 +664,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
 
     /// When [`handle_timeout`](Self::handle_timeout) or
     /// [`poll_transmit`](Self::poll_transmit) next has something to do.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Millis> {
         match self.link {
             Link::Down { at } => at,
@@ -644,6 +677,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
     }
 
     /// The next event for the application.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

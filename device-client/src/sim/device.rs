@@ -390,7 +390,7 @@ impl SimApp<'_> {
         };
         // The first check runs in the driver's control loop before it transmits the
         // result and the last record; a later check comes after that transmit.
-        let drained = client.unacked().0 == 0 && self.results.is_empty() && r.checks > 0;
+        let drained = client.unacked().records == 0 && self.results.is_empty() && r.checks > 0;
         r.checks += 1;
         r.check_at = now + REBOOT_POLL_MS;
         if (drained || now >= r.deadline) && !self.reboot_signalled {
@@ -618,7 +618,7 @@ pub(crate) async fn device<const RING: usize>(
             Shard::add(&shard.closed, 1);
         }
         let lost = match end {
-            BootEnd::Reboot => client.unacked().0 as u32,
+            BootEnd::Reboot => client.unacked().records as u32,
             _ => 0,
         };
         Shard::add(&shard.lost_on_reboot, u64::from(lost));

@@ -158,7 +158,7 @@ pub struct LatencySummary {
 }
 
 /// Why sessions ended, for [`Stats::disconnects_by_reason`].
-const REASONS: [&str; 16] = [
+const REASONS: [&str; 17] = [
     "closed",
     "welcome_timeout",
     "dead_peer",
@@ -175,6 +175,7 @@ const REASONS: [&str; 16] = [
     "goodbye_server_error",
     "goodbye_other",
     "max_frame_too_small",
+    "buffers_too_small",
 ];
 
 fn reason_index(d: &Disconnect) -> usize {
@@ -187,6 +188,7 @@ fn reason_index(d: &Disconnect) -> usize {
         Disconnect::Unexpected => 5,
         Disconnect::UnsupportedVersion(_) => 6,
         Disconnect::MaxFrameTooSmall(_) => 15,
+        Disconnect::BuffersTooSmall { .. } => 16,
         Disconnect::Goodbye { reason, .. } => match reason {
             GoodbyeReason::Shutdown => 7,
             GoodbyeReason::Overload => 8,
