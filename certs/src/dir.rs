@@ -36,32 +36,13 @@ pub const DEFAULT_CRL_DAYS: u16 = 365;
 /// Default subject CN of a new CA.
 pub const DEFAULT_CA_NAME: &str = "IoT Gateway CA";
 
-/// `DIR/ca.pem`.
-pub const CA_CERT_FILE: &str = "ca.pem";
-/// `DIR/ca/`: what only the CA needs (its private key), mode 0700, kept apart from the
-/// files the gateway and the devices read so that it can be moved offline whole.
-pub const CA_PRIVATE_DIR: &str = "ca";
-/// `DIR/ca/ca.key.pem`. Directories made before `DIR/ca/` existed hold it as
-/// `DIR/ca.key.pem` ([`LEGACY_CA_KEY_FILE`]); both are read.
-pub const CA_KEY_FILE: &str = "ca.key.pem";
+// The layout's names are spelled once, in the device client (its readers use them too).
+pub use device_client::layout::{
+    CA_CERT_FILE, CA_KEY_FILE, CA_PRIVATE_DIR, CRL_FILE, DEVICE_CERT_DER, DEVICE_CERT_PEM,
+    DEVICE_KEY_DER, DEVICE_KEY_PEM, DEVICES_DIR, GATEWAY_CERT_FILE, GATEWAY_KEY_FILE,
+};
 /// `DIR/ca.key.pem`: where the CA key was kept before `DIR/ca/`, still read.
 pub const LEGACY_CA_KEY_FILE: &str = "ca.key.pem";
-/// `DIR/gateway.pem`.
-pub const GATEWAY_CERT_FILE: &str = "gateway.pem";
-/// `DIR/gateway.key.pem`.
-pub const GATEWAY_KEY_FILE: &str = "gateway.key.pem";
-/// `DIR/crl.pem`.
-pub const CRL_FILE: &str = "crl.pem";
-/// `DIR/devices/`.
-pub const DEVICES_DIR: &str = "devices";
-/// `DIR/devices/<id>/cert.pem`.
-pub const DEVICE_CERT_PEM: &str = "cert.pem";
-/// `DIR/devices/<id>/cert.der`.
-pub const DEVICE_CERT_DER: &str = "cert.der";
-/// `DIR/devices/<id>/key.pem` (PKCS#8).
-pub const DEVICE_KEY_PEM: &str = "key.pem";
-/// `DIR/devices/<id>/key.der` (SEC1).
-pub const DEVICE_KEY_DER: &str = "key.der";
 
 /// Mode of private key files.
 pub const KEY_MODE: u32 = 0o600;

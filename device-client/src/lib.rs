@@ -22,6 +22,7 @@ extern crate std;
 #[cfg(feature = "x509")]
 mod der;
 pub mod driver;
+pub mod layout;
 pub mod machine;
 pub mod proto;
 #[cfg(feature = "sim")]

@@ -37,18 +37,19 @@ fn main() {
     let Some(id) = id.to_str().map(str::to_owned) else {
         fail("DEVICE_ID is not UTF-8");
     };
-    let device = dir.join("devices").join(&id);
+    use device_client::layout::{CA_CERT_FILE, DEVICE_CERT_DER, DEVICE_KEY_DER, DEVICES_DIR};
+    let device = dir.join(DEVICES_DIR).join(&id);
 
-    let ca_pem = read(&dir.join("ca.pem"));
+    let ca_pem = read(&dir.join(CA_CERT_FILE));
     let Some(ca_der) = pem_certificate(&ca_pem) else {
         fail(&format!(
             "{}: no CERTIFICATE block",
-            dir.join("ca.pem").display()
+            dir.join(CA_CERT_FILE).display()
         ));
     };
     fs::write(out.join("ca.der"), ca_der).expect("write ca.der");
-    fs::write(out.join("cert.der"), read(&device.join("cert.der"))).expect("write cert.der");
-    fs::write(out.join("key.der"), read(&device.join("key.der"))).expect("write key.der");
+    fs::write(out.join("cert.der"), read(&device.join(DEVICE_CERT_DER))).expect("write cert.der");
+    fs::write(out.join("key.der"), read(&device.join(DEVICE_KEY_DER))).expect("write key.der");
     println!("cargo:rustc-env=DEVICE_ID={id}");
 
     // A fresh seed per build, for the emulator-only RNG (src/rng.rs).

@@ -252,11 +252,12 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
 /// [`client_config`] for the layout the `certs` tool writes: `DIR/ca.pem` and
 /// `DIR/devices/ID/{cert,key}.pem`.
 pub fn client_config_from_dir(dir: &Path, id: &str) -> Result<Arc<ClientConfig>, LoadError> {
-    let device = dir.join("devices").join(id);
+    use crate::layout::{CA_CERT_FILE, DEVICE_CERT_PEM, DEVICE_KEY_PEM, DEVICES_DIR};
+    let device = dir.join(DEVICES_DIR).join(id);
     client_config(
-        &dir.join("ca.pem"),
-        &device.join("cert.pem"),
-        &device.join("key.pem"),
+        &dir.join(CA_CERT_FILE),
+        &device.join(DEVICE_CERT_PEM),
+        &device.join(DEVICE_KEY_PEM),
     )
 }
 

@@ -3,6 +3,7 @@
 
 extern crate std;
 
+use crate::layout::{CA_CERT_FILE, DEVICE_CERT_PEM, DEVICE_KEY_PEM, DEVICES_DIR};
 use std::format;
 use std::path::{Path, PathBuf};
 use std::string::{String, ToString};
@@ -89,7 +90,7 @@ pub fn load_dir(
     first: u64,
     count: usize,
 ) -> Result<Vec<DeviceIdentity>, SimError> {
-    let ca_path = dir.join("ca.pem");
+    let ca_path = dir.join(CA_CERT_FILE);
     if !ca_path.is_file() {
         return Err(SimError::NoCa {
             path: ca_path,
@@ -116,7 +117,7 @@ pub fn load_dir(
     }
     let roots = Arc::new(roots);
 
-    let devices = dir.join("devices");
+    let devices = dir.join(DEVICES_DIR);
     let mut ids = sequential_ids(prefix, first, count);
     if let Some(id) = ids.first()
         && !devices.join(id).is_dir()
@@ -155,8 +156,8 @@ pub fn load_dir(
                 s.spawn(move || {
                     part.iter()
                         .map(|id| {
-                            let cert = devices.join(id).join("cert.pem");
-                            let key = devices.join(id).join("key.pem");
+                            let cert = devices.join(id).join(DEVICE_CERT_PEM);
+                            let key = devices.join(id).join(DEVICE_KEY_PEM);
                             for p in [&cert, &key] {
                                 if !p.is_file() {
                                     return Err(missing(id, p.clone()));
