@@ -22,17 +22,16 @@
 //! open-file limit together (`budget`); docs/SECURITY.md has the threat model.
 
 pub mod api;
-pub mod bridge;
-pub mod budget;
+pub(crate) mod bridge;
+pub(crate) mod budget;
 pub mod config;
 pub mod events;
-pub mod fleet;
+pub(crate) mod fleet;
 pub mod inbound;
 mod loglimit;
-pub mod quickstart;
-pub mod registry;
-pub mod server;
-pub mod session;
+pub(crate) mod registry;
+pub(crate) mod server;
+pub(crate) mod session;
 pub mod store;
 pub mod tail;
 pub mod tls;
@@ -57,7 +56,7 @@ pub use store::{
 use tls::{TlsSettings, TlsState};
 
 /// State shared by the listener, the sessions and the handle.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Settings.
     pub config: Config,
     /// The store.
@@ -621,8 +620,13 @@ impl Gateway {
     }
 
     /// The shared state (settings, store, metrics).
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     /// The store, for queries.

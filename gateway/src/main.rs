@@ -9,6 +9,10 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use gateway::{Config, Gateway, LogFormat};
 
+// A module of the binary, not the library: only it needs the simulator and the PKI tool.
+#[cfg(feature = "quickstart")]
+mod quickstart;
+
 /// IoT device gateway: devices connect with mutual TLS, their telemetry is stored
 /// durably and acknowledged, and commands are relayed to them.
 #[derive(Parser)]
@@ -45,9 +49,11 @@ enum Cmd {
     /// (made if absent), the gateway on built-in defaults (devices on 127.0.0.1:7443,
     /// dashboard and API on 127.0.0.1:8080), and simulated devices in this process.
     /// Prints the dashboard URL with its token. Ctrl-C stops everything.
+    #[cfg(feature = "quickstart")]
     Quickstart(QuickstartArgs),
 }
 
+#[cfg(feature = "quickstart")]
 #[derive(Args)]
 struct QuickstartArgs {
     /// Simulated devices.
@@ -374,6 +380,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
+        #[cfg(feature = "quickstart")]
         Cmd::Quickstart(args) => {
             init_logs_quiet();
             tokio::runtime::Builder::new_multi_thread()
@@ -402,6 +409,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
 
 /// Quickstart logs only warnings unless RUST_LOG says otherwise: its own status lines
 /// say what happens.
+#[cfg(feature = "quickstart")]
 fn init_logs_quiet() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -412,8 +420,9 @@ fn init_logs_quiet() {
         .init();
 }
 
+#[cfg(feature = "quickstart")]
 async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
-    use gateway::quickstart::{Options, prepare, start_devices};
+    use crate::quickstart::{Options, prepare, start_devices};
     let opts = Options {
         dir: args.dir.clone(),
         devices: args.devices,
@@ -449,7 +458,7 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
     let sim = start_devices(&opts, gw.local_addr()).context("starting the simulated devices")?;
     let monitor = sim.monitor();
     let api = gw.api().context("the API did not start")?;
-    let token_file = gw.shared().config.token_path();
+    let token_file = gw.config().token_path();
     eprintln!(
         "\n  gateway    devices connect to {} (mutual TLS)\n  \
          dashboard  http://{}/#token={}\n  \
@@ -510,7 +519,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     if let Some(api) = gw.api() {
-        let token_file = gw.shared().config.token_path();
+        let token_file = gw.config().token_path();
         tracing::info!(
             url = %format!("http://{}/", api.addr),
             token_file = %token_file.display(),

@@ -9,14 +9,14 @@
 //!  device_client::sim  N devices, one record per device per second
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use certs::Validity;
 use certs::dir::{Existing, InitOptions, PkiDir};
 use device_client::sim::{Devices, SimConfig, Simulator};
 
-use crate::Config;
+use gateway::Config;
 
 /// Where the quickstart keeps its files, and how many devices it runs.
 #[derive(Debug, Clone)]
@@ -106,9 +106,4 @@ pub fn start_devices(
     gateway: std::net::SocketAddr,
 ) -> Result<Simulator, device_client::sim::SimError> {
     Simulator::start(simulation(opts, gateway))
-}
-
-/// The directory the quickstart uses by default: `./quickstart`.
-pub fn default_dir() -> PathBuf {
-    Path::new("quickstart").to_owned()
 }
