@@ -111,6 +111,21 @@ impl App for Recorder {
     }
 }
 
+/// A connector to fake gateways and a recording application, sharing their counters
+/// with the test.
+fn rig() -> (Pipes, Recorder) {
+    let pipes = Pipes {
+        connects: Rc::new(Cell::new(0)),
+    };
+    let app = Recorder {
+        wake_at: None,
+        connected: Rc::new(Cell::new(0)),
+        acked: Rc::new(Cell::new(0)),
+        changed: Rc::new(Notify::new()),
+    };
+    (pipes, app)
+}
+
 async fn until(changed: &Notify, check: impl Fn() -> bool) {
     while !check() {
         changed.notified().await;
@@ -122,19 +137,13 @@ async fn a_dropped_run_resumes_with_a_new_connection() {
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
-            let connects = Rc::new(Cell::new(0));
-            let connected = Rc::new(Cell::new(0));
-            let acked = Rc::new(Cell::new(0));
-            let changed = Rc::new(Notify::new());
-            let mut connector = Pipes {
-                connects: connects.clone(),
-            };
-            let mut app = Recorder {
-                wake_at: None,
-                connected: connected.clone(),
-                acked: acked.clone(),
-                changed: changed.clone(),
-            };
+            let (mut connector, mut app) = rig();
+            let connects = connector.connects.clone();
+            let (connected, acked, changed) = (
+                app.connected.clone(),
+                app.acked.clone(),
+                app.changed.clone(),
+            );
             let mut client: Client<1024> = Client::new(Config::new(1, "test"));
             let clock = TokioClock::new();
             let (mut rx, mut tx) = ([0u8; 512], [0u8; 512]);
@@ -173,16 +182,8 @@ async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
-            let connects = Rc::new(Cell::new(0));
-            let mut connector = Pipes {
-                connects: connects.clone(),
-            };
-            let mut app = Recorder {
-                wake_at: None,
-                connected: Rc::new(Cell::new(0)),
-                acked: Rc::new(Cell::new(0)),
-                changed: Rc::new(Notify::new()),
-            };
+            let (mut connector, mut app) = rig();
+            let connects = connector.connects.clone();
             let mut client: Client<1024> = Client::new(Config::new(1, "test"));
             let clock = TokioClock::new();
             let (mut rx, mut tx) = ([0u8; 256], [0u8; 512]);

@@ -62,10 +62,7 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
     let m = gw.metrics();
     let mut out = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+        sample(&mut out, name, kind, help, &value)
     };
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed).to_string();
     metric(
@@ -249,173 +246,188 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
 
 /// The MQTT bridge's state.
 async fn bridge_metrics(out: &mut String, b: &crate::bridge::BridgeStatus, store: &crate::Store) {
-    let cursor = b.cursor.load(Ordering::Relaxed);
-    let (backlog, oldest) = store.backlog(cursor).await.unwrap_or((0, None));
-    let age = oldest.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
-    for (name, kind, help, value) in [
-        (
-            "gateway_mqtt_connected",
-            "gauge",
-            "1 while the MQTT bridge is connected to its broker.",
-            u8::from(b.connected.load(Ordering::Relaxed)).to_string(),
-        ),
-        (
-            "gateway_mqtt_published_total",
-            "counter",
-            "Records the broker acknowledged (QoS 1) or that were sent (QoS 0).",
-            b.published.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_connect_failures_total",
-            "counter",
-            "Connections to the broker that failed or broke.",
-            b.connect_failures.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_connects_total",
-            "counter",
-            "Connections the broker accepted (the first, then each reconnect).",
-            b.connects.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_refused_total",
-            "counter",
-            "Records the broker refused in its PUBACK (logged, not retried).",
-            b.refused.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_dropped_total",
-            "counter",
-            "Records retention deleted before the bridge delivered them (mqtt.drop_undelivered).",
-            b.dropped.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_commands_total",
-            "counter",
-            "Command requests taken from the broker (queued or answered with an error).",
-            b.commands.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_mqtt_backlog_records",
-            "gauge",
-            "Stored records the bridge has not delivered yet.",
-            backlog.to_string(),
-        ),
-        (
-            "gateway_mqtt_backlog_age_seconds",
-            "gauge",
-            "Age of the oldest record not delivered yet (0: none).",
-            format!("{age}"),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
+    samples(
+        out,
+        &[
+            (
+                "gateway_mqtt_connected",
+                "gauge",
+                "1 while the MQTT bridge is connected to its broker.",
+                u8::from(b.connected.load(Ordering::Relaxed)).to_string(),
+            ),
+            (
+                "gateway_mqtt_published_total",
+                "counter",
+                "Records the broker acknowledged (QoS 1) or that were sent (QoS 0).",
+                b.published.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_mqtt_connect_failures_total",
+                "counter",
+                "Connections to the broker that failed or broke.",
+                b.connect_failures.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_mqtt_connects_total",
+                "counter",
+                "Connections the broker accepted (the first, then each reconnect).",
+                b.connects.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_mqtt_refused_total",
+                "counter",
+                "Records the broker refused in its PUBACK (logged, not retried).",
+                b.refused.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_mqtt_dropped_total",
+                "counter",
+                "Records retention deleted before the bridge delivered them (mqtt.drop_undelivered).",
+                b.dropped.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_mqtt_commands_total",
+                "counter",
+                "Command requests taken from the broker (queued or answered with an error).",
+                b.commands.load(Ordering::Relaxed).to_string(),
+            ),
+        ],
+    );
+    sink_backlog(
+        out,
+        "mqtt",
+        "the bridge",
+        store,
+        b.cursor.load(Ordering::Relaxed),
+    )
+    .await;
 }
 
 /// The fleet sink's state.
 async fn fleet_metrics(out: &mut String, f: &crate::fleet::FleetStatus, store: &crate::Store) {
-    let cursor = f.cursor.load(Ordering::Relaxed);
+    samples(
+        out,
+        &[
+            (
+                "gateway_fleet_connected",
+                "gauge",
+                "1 while the fleet sink is connected to NATS with its stream in place.",
+                u8::from(f.connected.load(Ordering::Relaxed)).to_string(),
+            ),
+            (
+                "gateway_fleet_published_total",
+                "counter",
+                "Records the fleet's stream acknowledged (new or duplicate).",
+                f.published.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_fleet_duplicates_total",
+                "counter",
+                "Records the stream already had (sent again after a crash, or by another gateway).",
+                f.duplicates.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_fleet_failures_total",
+                "counter",
+                "Connections to NATS, or publishes, that failed.",
+                f.failures.load(Ordering::Relaxed).to_string(),
+            ),
+        ],
+    );
+    sink_backlog(
+        out,
+        "fleet",
+        "the fleet sink",
+        store,
+        f.cursor.load(Ordering::Relaxed),
+    )
+    .await;
+}
+
+/// A northbound sink's backlog: `gateway_{sink}_backlog_records` and
+/// `gateway_{sink}_backlog_age_seconds`.
+async fn sink_backlog(out: &mut String, sink: &str, who: &str, store: &crate::Store, cursor: i64) {
     let (backlog, oldest) = store.backlog(cursor).await.unwrap_or((0, None));
     let age = oldest.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
-    for (name, kind, help, value) in [
-        (
-            "gateway_fleet_connected",
-            "gauge",
-            "1 while the fleet sink is connected to NATS with its stream in place.",
-            u8::from(f.connected.load(Ordering::Relaxed)).to_string(),
-        ),
-        (
-            "gateway_fleet_published_total",
-            "counter",
-            "Records the fleet's stream acknowledged (new or duplicate).",
-            f.published.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_fleet_duplicates_total",
-            "counter",
-            "Records the stream already had (sent again after a crash, or by another gateway).",
-            f.duplicates.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_fleet_failures_total",
-            "counter",
-            "Connections to NATS, or publishes, that failed.",
-            f.failures.load(Ordering::Relaxed).to_string(),
-        ),
-        (
-            "gateway_fleet_backlog_records",
-            "gauge",
-            "Stored records the fleet sink has not delivered yet.",
-            backlog.to_string(),
-        ),
-        (
-            "gateway_fleet_backlog_age_seconds",
-            "gauge",
-            "Age of the oldest record not delivered to the fleet yet (0: none).",
-            format!("{age}"),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+    samples(
+        out,
+        &[
+            (
+                &format!("gateway_{sink}_backlog_records"),
+                "gauge",
+                &format!("Stored records {who} has not delivered yet."),
+                backlog.to_string(),
+            ),
+            (
+                &format!("gateway_{sink}_backlog_age_seconds"),
+                "gauge",
+                &format!("Age of the oldest record {who} has not delivered yet (0: none)."),
+                format!("{age}"),
+            ),
+        ],
+    );
+}
+
+/// Writes each sample with its HELP and TYPE lines: (name, type, help, value).
+fn samples(out: &mut String, rows: &[(&str, &str, &str, String)]) {
+    for (name, kind, help, value) in rows {
+        sample(out, name, kind, help, value);
     }
+}
+
+/// Writes one sample with its HELP and TYPE lines.
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 /// The fleet's command routing.
 fn fleet_command_metrics(out: &mut String, c: &crate::fleet::commands::FleetCommands) {
     let n = &c.counts;
-    for (name, kind, help, value) in [
-        (
-            "gateway_fleet_command_slot",
-            "gauge",
-            "This gateway's command-id slot in the fleet (ids are slot * 2^32 + n; 0 until claimed).",
-            u64::from(c.slot()),
-        ),
-        (
-            "gateway_fleet_commands_handed_total",
-            "counter",
-            "Commands asked here and handed to the gateway that holds their device.",
-            n.handed.load(Ordering::Relaxed),
-        ),
-        (
-            "gateway_fleet_commands_published_total",
-            "counter",
-            "Commands put into the fleet's pending stream (device online nowhere).",
-            n.published.load(Ordering::Relaxed),
-        ),
-        (
-            "gateway_fleet_commands_taken_total",
-            "counter",
-            "Commands of other gateways taken here for delivery.",
-            n.taken.load(Ordering::Relaxed),
-        ),
-        (
-            "gateway_fleet_commands_expired_total",
-            "counter",
-            "Pending commands found past their time to live and dropped.",
-            n.expired.load(Ordering::Relaxed),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
+    samples(
+        out,
+        &[
+            (
+                "gateway_fleet_command_slot",
+                "gauge",
+                "This gateway's command-id slot in the fleet (ids are slot * 2^32 + n; 0 until claimed).",
+                c.slot().to_string(),
+            ),
+            (
+                "gateway_fleet_commands_handed_total",
+                "counter",
+                "Commands asked here and handed to the gateway that holds their device.",
+                n.handed.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_fleet_commands_published_total",
+                "counter",
+                "Commands put into the fleet's pending stream (device online nowhere).",
+                n.published.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_fleet_commands_taken_total",
+                "counter",
+                "Commands of other gateways taken here for delivery.",
+                n.taken.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "gateway_fleet_commands_expired_total",
+                "counter",
+                "Pending commands found past their time to live and dropped.",
+                n.expired.load(Ordering::Relaxed).to_string(),
+            ),
+        ],
+    );
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (left out where it is not
 /// readable).
 fn process_metrics(out: &mut String) {
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
+    let mut metric =
+        |name: &str, kind: &str, help: &str, value: String| sample(out, name, kind, help, &value);
     // /proc counts CPU time in USER_HZ, which Linux fixes at 100 for user space.
     let ticks = 100.0;
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
