@@ -119,9 +119,10 @@ pub struct CommandRecord {
 /// A command ready to go to a device.
 #[derive(Debug, Clone)]
 pub struct OutgoingCommand {
-    /// Id.
+    /// The row's id in this store (the device is sent its low 32 bits; a copy of
+    /// another gateway's command has an id of its own here, its record the owner's).
     pub id: i64,
-    /// Name.
+    /// The command's name, as the device matches it.
     pub name: String,
     /// Arguments, bounded and valid.
     pub args: OwnedReadings,
