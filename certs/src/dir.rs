@@ -317,7 +317,7 @@ pub fn sequential_ids(prefix: &str, start: u64, count: u64) -> Result<Vec<String
             id: format!("{prefix}{start}+{count}"),
             source: device_client::proto::InvalidDeviceId::TooLong { len: usize::MAX },
         })?;
-    let width = last.to_string().len().max(4);
+    let width = device_client::layout::sequential_id_width(start, count);
     // Digits are always allowed and the last id is the longest, so checking the first
     // and the last id checks them all.
     for n in [start, last] {

@@ -33,3 +33,32 @@ pub const DEVICE_CERT_DER: &str = "cert.der";
 pub const DEVICE_KEY_PEM: &str = "key.pem";
 /// `DIR/devices/<id>/key.der` (SEC1).
 pub const DEVICE_KEY_DER: &str = "key.der";
+
+/// How wide the counter of bulk-issued device ids is (`certs devices --prefix P
+/// --start FIRST --count COUNT` issues `P` + the counter zero-padded to this many
+/// digits; the simulator finds them by the same rule): at least 4 digits, more if the
+/// last id needs them, so the ids sort in numeric order.
+pub const fn sequential_id_width(first: u64, count: u64) -> usize {
+    let mut last = first.saturating_add(count.saturating_sub(1));
+    let mut digits = 1;
+    while last >= 10 {
+        last /= 10;
+        digits += 1;
+    }
+    if digits < 4 { 4 } else { digits }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sequential_id_width;
+
+    #[test]
+    fn ids_are_padded_to_four_digits_or_what_the_last_needs() {
+        assert_eq!(sequential_id_width(0, 1), 4);
+        assert_eq!(sequential_id_width(0, 10_000), 4);
+        assert_eq!(sequential_id_width(0, 10_001), 5);
+        assert_eq!(sequential_id_width(9_998, 3), 5);
+        assert_eq!(sequential_id_width(0, 0), 4);
+        assert_eq!(sequential_id_width(u64::MAX, 2), 20);
+    }
+}

@@ -68,8 +68,7 @@ pub fn client_config(
 /// prefix and a decimal counter zero-padded to at least 4 digits (more if the last
 /// needs them).
 pub fn sequential_ids(prefix: &str, first: u64, count: usize) -> Vec<String> {
-    let last = first.saturating_add((count as u64).saturating_sub(1));
-    let width = last.to_string().len().max(4);
+    let width = crate::layout::sequential_id_width(first, count as u64);
     ids_with_width(prefix, first, count, width)
 }
 
