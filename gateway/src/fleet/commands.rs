@@ -545,7 +545,11 @@ impl FleetCommands {
                     break;
                 }
             };
-            from = msg.sequence + 1;
+            // A sequence from the server: saturating, so a bogus one ends the loop, not the task.
+            from = msg.sequence.saturating_add(1);
+            if from == u64::MAX {
+                break;
+            }
             match serde_json::from_slice::<Handoff>(&msg.payload) {
                 Ok(h) if h.device != device => {}
                 Ok(h) if h.expires_ms <= now_ms() => {
