@@ -59,6 +59,8 @@ use tls::{TlsSettings, TlsState};
 pub(crate) struct Shared {
     /// Settings.
     pub config: Config,
+    /// The settings every session obeys (from `config`).
+    pub session_rules: Arc<session::machine::Rules>,
     /// The store.
     pub store: Store,
     /// TLS material, reloadable.
@@ -503,6 +505,7 @@ impl Gateway {
         let (control, _) = broadcast::channel(4096);
         let (shutting_down, _) = watch::channel(false);
         let shared = Arc::new(Shared {
+            session_rules: Arc::new(session::machine::Rules::of(&config)),
             config,
             store,
             tls,

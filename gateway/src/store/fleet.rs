@@ -440,6 +440,8 @@ mod tests {
             2,
             "the row here has an id of this store"
         );
+        // A hand-out is answered before its commit; readers see it after.
+        store.flush().await.unwrap();
         let todo = store.unreported(10).await.unwrap();
         assert_eq!(todo.len(), 1);
         assert_eq!((todo[0].0.as_str(), todo[0].2.id), ("gw-1", h.id));
