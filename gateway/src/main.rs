@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use gateway::{Config, Gateway, LogFormat};
 
 // A module of the binary, not the library: only it needs the simulator and the PKI tool.
@@ -29,8 +29,7 @@ enum Cmd {
     /// Settings come from the defaults, then `--config FILE`, then flags. SIGHUP reloads
     /// the CA, CRL and gateway certificate; SIGINT/SIGTERM shut down gracefully.
     ///
-    /// Example: gateway run --ca certs/ca.pem --cert certs/gateway.pem \
-    ///   --key certs/gateway.key.pem --crl certs/crl.pem
+    /// Example: gateway run --ca certs/ca.pem --cert certs/gateway.pem --key certs/gateway.key.pem --crl certs/crl.pem
     Run(RunArgs),
     /// Print the effective settings as TOML (defaults, file and flags merged).
     PrintConfig(RunArgs),
@@ -121,93 +120,91 @@ struct RunArgs {
     o: Overrides,
 }
 
-/// One flag per setting; each overrides the file. See gateway.example.toml.
+/// One flag per setting; each overrides the file. See gateway.example.toml. The
+/// defaults shown in `--help` come from `Config::default()` ([`with_defaults`]).
 #[derive(Args)]
 struct Overrides {
-    /// Device listener address [default: 0.0.0.0:7443].
+    /// Device listener address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// CA bundle (PEM) that issues device certificates [default: certs/ca.pem].
+    /// CA bundle (PEM) that issues device certificates.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Gateway certificate chain (PEM) [default: certs/gateway.pem].
+    /// Gateway certificate chain (PEM).
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// Gateway private key (PEM) [default: certs/gateway.key.pem].
+    /// Gateway private key (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
     /// CRL (PEM); revoked devices are refused [default: none].
     #[arg(long)]
     crl: Option<PathBuf>,
-    /// Directory of the SQLite store [default: data].
+    /// Directory of the SQLite store.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Refuse TLS 1.2 [default: false].
+    /// Refuse TLS 1.2.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     tls13_only: Option<bool>,
-    /// Refuse every device while the CRL is past its next-update date [default: false:
-    /// warn only].
+    /// Refuse every device while the CRL is past its next-update date (false: warn only).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     refuse_stale_crl: Option<bool>,
     /// Largest TLS record sent, header included (>= 1024), for small devices [default:
     /// 16 KiB, TLS's own].
     #[arg(long)]
     max_fragment_size: Option<usize>,
-    /// Listen backlog of the device and API listeners [default: 1024].
+    /// Listen backlog of the device and API listeners.
     #[arg(long)]
     listen_backlog: Option<u32>,
     /// Most device connections past the TLS handshake at once [default: what the
     /// open-file limit leaves after the other budgets].
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Most connections in their TLS handshake at once [default: 1024].
+    /// Most connections in their TLS handshake at once.
     #[arg(long)]
     max_handshakes: Option<usize>,
-    /// Most connections in their TLS handshake at once from one address (IPv6: one
-    /// /64) [default: 64].
+    /// Most connections in their TLS handshake at once from one address (IPv6: one /64).
     #[arg(long)]
     max_handshakes_per_source: Option<usize>,
-    /// TLS handshake timeout [default: 10s].
+    /// TLS handshake timeout.
     #[arg(long, value_parser = humantime::parse_duration)]
     handshake_timeout: Option<Duration>,
-    /// Time allowed for Hello after the handshake [default: 10s].
+    /// Time allowed for Hello after the handshake.
     #[arg(long, value_parser = humantime::parse_duration)]
     hello_timeout: Option<Duration>,
-    /// Heartbeat interval sent to devices [default: 30s].
+    /// Heartbeat interval sent to devices.
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
-    /// Time allowed for one write to a device [default: 10s].
+    /// Time allowed for one write to a device.
     #[arg(long, value_parser = humantime::parse_duration)]
     write_timeout: Option<Duration>,
-    /// Largest frame accepted from a device, header included [default: 4096].
+    /// Largest frame accepted from a device, header included.
     #[arg(long)]
     max_frame: Option<u16>,
-    /// Records a session may hold waiting for a commit [default: 1024].
+    /// Records a session may hold waiting for a commit.
     #[arg(long)]
     max_pending_records: Option<usize>,
-    /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown} [default: 5].
+    /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown}.
     #[arg(long)]
     retry_after_s: Option<u16>,
-    /// Ack before fsync: a power loss may lose telemetry devices saw acked [default:
-    /// false].
+    /// Ack before fsync: a power loss may lose telemetry devices saw acked.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     danger_ack_before_fsync: Option<bool>,
-    /// Records in one group commit, at most [default: 20000].
+    /// Records in one group commit, at most.
     #[arg(long)]
     max_commit_records: Option<usize>,
-    /// Delete telemetry older than this, e.g. 30days [default: keep everything].
+    /// Delete telemetry older than this, e.g. 30days.
     #[arg(long, value_parser = humantime::parse_duration)]
     retention: Option<Duration>,
     /// Keep at most this many telemetry rows [default: no limit].
     #[arg(long)]
     retention_max_rows: Option<u64>,
-    /// Time to live of commands without one [default: 1h].
+    /// Time to live of commands without one.
     #[arg(long, value_parser = humantime::parse_duration)]
     command_ttl: Option<Duration>,
-    /// Commands queued per device, at most [default: 1000].
+    /// Commands queued per device, at most.
     #[arg(long)]
     max_queued_commands: Option<usize>,
-    /// Operator API and dashboard address [default: 127.0.0.1:8080].
+    /// Operator API and dashboard address.
     #[arg(long, conflicts_with = "no_api")]
     api_listen: Option<SocketAddr>,
     /// Run without the operator API and dashboard.
@@ -216,14 +213,14 @@ struct Overrides {
     /// File holding the API bearer token [default: DATA_DIR/api-token, made on first start].
     #[arg(long)]
     api_token_file: Option<PathBuf>,
-    /// Most operator API connections at once [default: 128].
+    /// Most operator API connections at once.
     #[arg(long)]
     api_max_connections: Option<usize>,
-    /// Time for an API request's headers, and the longest idle pause on an API
-    /// connection, e.g. 10s [default: 10s].
+    /// Time for an API request's headers, and the longest idle pause on an API connection,
+    /// e.g. 10s.
     #[arg(long, value_parser = humantime::parse_duration)]
     api_header_timeout: Option<Duration>,
-    /// Log format: text or json [default: text].
+    /// Log format: text or json.
     #[arg(long)]
     log_format: Option<LogFormat>,
     /// Relay telemetry to this MQTT broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]
@@ -240,7 +237,7 @@ struct Overrides {
     #[arg(long, value_name = "ID")]
     fleet_gateway_id: Option<String>,
     /// Log level: error, warn, info, debug, trace, or a filter such as
-    /// "info,gateway::session=debug" [default: info; RUST_LOG wins if set].
+    /// "info,gateway::session=debug". RUST_LOG wins if set.
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -344,7 +341,9 @@ fn init_logs(format: LogFormat, level: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run_cli(Cli::parse()) {
+    let matches = with_defaults(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run_cli(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);
@@ -621,4 +620,66 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
         std::fs::metadata(&args.to).map(|m| m.len()).unwrap_or(0)
     );
     Ok(())
+}
+
+/// Appends each setting's default, as `Config::default()` has it, to the help of its
+/// flag in `run` and `print-config`: the defaults are written once, in config.rs.
+/// (Settings without a default value say in their help what being unset means.)
+fn with_defaults(cmd: clap::Command) -> clap::Command {
+    let defaults = match toml::Table::try_from(Config::default()) {
+        Ok(t) => t,
+        Err(_) => return cmd,
+    };
+    let add = |sub: clap::Command| {
+        let ids: Vec<String> = sub
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        ids.into_iter()
+            .fold(sub, |sub, id| match defaults.get(&id) {
+                Some(v) if !v.is_table() => sub.mut_arg(&id, |a| {
+                    let shown = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                    a.help(format!("{help} [default: {shown}]"))
+                }),
+                _ => sub,
+            })
+    };
+    cmd.mut_subcommand("run", add)
+        .mut_subcommand("print-config", add)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_help(id: &str) -> String {
+        let cmd = with_defaults(Cli::command());
+        let run = cmd.find_subcommand("run").expect("run");
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .expect("the flag");
+        arg.get_help().map(ToString::to_string).unwrap_or_default()
+    }
+
+    #[test]
+    fn help_shows_the_defaults_of_the_config_once() {
+        // The help once said "keep everything" while the default was 30 days.
+        assert!(run_help("retention").ends_with("[default: 30days]"));
+        assert!(run_help("listen").ends_with("[default: 0.0.0.0:7443]"));
+        assert!(run_help("heartbeat").ends_with("[default: 30s]"));
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (key, v) in &defaults {
+            if v.is_table() {
+                continue;
+            }
+            let help = run_help(key);
+            assert_eq!(
+                help.matches("[default:").count(),
+                1,
+                "--{key}: one default, from the config: {help}"
+            );
+        }
+    }
 }
