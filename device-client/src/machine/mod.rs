@@ -45,8 +45,19 @@ pub struct Unacked {
     pub bytes: usize,
 }
 
-/// Settings of a [`Client`].
+/// Settings of a [`Client`]: [`Config::new`], then the `with_*` methods (usable in a
+/// `const`, so a firmware's settings can live in flash) or the public fields.
+/// `#[non_exhaustive]`: a new setting (with a default) is not a breaking change.
+///
+/// ```
+/// use device_client::machine::Config;
+/// const CONFIG: Config = Config::new(0x1234, "fw-1.0")
+///     .with_frames(1024, 512)
+///     .with_backoff_ms(500, 5_000);
+/// assert_eq!(CONFIG.max_frame_in, 1024);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Config {
     /// This boot's id: random per boot (PROTOCOL.md §5.1).
     pub boot_id: u64,
@@ -82,6 +93,37 @@ impl Config {
             welcome_timeout_ms: 10_000,
             jitter_seed: boot_id,
         }
+    }
+
+    /// The largest frames received (`max_frame_in`, the receive buffer) and sent
+    /// (`max_frame_out`, the transmit buffer).
+    #[must_use]
+    pub const fn with_frames(mut self, max_frame_in: u16, max_frame_out: u16) -> Self {
+        self.max_frame_in = max_frame_in;
+        self.max_frame_out = max_frame_out;
+        self
+    }
+
+    /// The first and the longest reconnect delay.
+    #[must_use]
+    pub const fn with_backoff_ms(mut self, min: Millis, max: Millis) -> Self {
+        self.backoff_min_ms = min;
+        self.backoff_max_ms = max;
+        self
+    }
+
+    /// Time allowed from connect to `Welcome`.
+    #[must_use]
+    pub const fn with_welcome_timeout_ms(mut self, ms: Millis) -> Self {
+        self.welcome_timeout_ms = ms;
+        self
+    }
+
+    /// Seeds the reconnect jitter (default: the boot id).
+    #[must_use]
+    pub const fn with_jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter_seed = seed;
+        self
     }
 }
 
