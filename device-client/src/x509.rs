@@ -46,6 +46,7 @@ use crate::der::{
 };
 
 /// Why a certificate or a handshake signature was refused.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CertError {

@@ -79,6 +79,7 @@ pub struct SoftwareKey {
 }
 
 /// The private key is not a SEC1 DER P-256 key.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidKey;
 
@@ -315,6 +316,7 @@ pub trait Transport {
 }
 
 /// Why a connection attempt failed.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum ConnectError<E> {

@@ -37,6 +37,7 @@ pub type Millis = u64;
 pub const RECENT_COMMANDS: usize = 8;
 
 /// Records kept until the gateway acks them ([`Client::unacked`]).
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Unacked {
     /// How many.
@@ -128,6 +129,7 @@ impl Config {
 }
 
 /// Why the client will not (or no longer) use a connection.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Disconnect {
@@ -201,6 +203,7 @@ impl Disconnect {
 }
 
 /// Something the application may want to know.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
@@ -255,6 +258,7 @@ pub enum Input<'b> {
 }
 
 /// Telemetry could not be queued.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
@@ -272,6 +276,7 @@ pub enum SendError {
 }
 
 /// A command result could not be queued.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CompleteError {

@@ -29,6 +29,7 @@ const _: () = assert!(MAX_UPLINK_FRAME <= MAX_FRAME_ON_WIRE);
 const _: () = assert!(MAX_DOWNLINK_FRAME <= MAX_FRAME_ON_WIRE);
 
 /// A frame that must not be read any further: the connection is broken.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -46,6 +47,7 @@ pub enum FrameError {
 }
 
 /// A body that is not a valid message of the expected direction.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
@@ -63,6 +65,7 @@ pub enum DecodeError {
 }
 
 /// A message that could not be encoded.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EncodeError {

@@ -16,6 +16,7 @@ pub const MAX_DEVICE_ID_LEN: usize = 64;
 pub struct DeviceId<'a>(&'a str);
 
 /// Why a string is not a device id.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidDeviceId {

@@ -81,6 +81,7 @@ pub struct CommandResult<'a> {
 }
 
 /// How a command ended on the device.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
 pub enum CommandStatus {
     /// `0`: it ran and succeeded.
@@ -182,6 +183,7 @@ pub struct Goodbye {
 }
 
 /// Why the gateway closes a session.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
 #[non_exhaustive]
 pub enum GoodbyeReason {

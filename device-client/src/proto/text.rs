@@ -27,6 +27,7 @@ pub const fn varint_len(n: usize) -> usize {
 }
 
 /// Why a string or byte string was refused.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TextError {
