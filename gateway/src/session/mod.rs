@@ -55,16 +55,19 @@ thread_local! {
 }
 
 /// Runs a session to its end. Never panics on device input.
-pub async fn run(
+///
+/// Not an `async fn`: the setup runs here, so that the future keeps the session only
+/// (an `async fn` keeps its arguments and every local beside it, and the future is
+/// what each idle connection costs).
+pub fn run(
     shared: Arc<Shared>,
     stream: Box<TlsStream<TcpStream>>,
     identity: PeerIdentity,
     peer: SocketAddr,
-) {
+) -> impl Future<Output = ()> + Send {
     let (ended_tx, ended_rx) = oneshot::channel();
     let signals = Arc::new(Signals::default());
     let session_no = shared.registry.next_session();
-    let device: Arc<str> = Arc::from(identity.device.as_str());
     // Recorded first, checked second (as in `open_session`): a reload since the
     // handshake either finds this connection or is seen here.
     shared
@@ -75,13 +78,13 @@ pub async fn run(
     }
     let machine = Machine::new(shared.session_rules.clone(), Now::real());
     let mut s = Session {
-        shared: shared.clone(),
-        stream,
-        device: device.clone(),
-        peer,
-        identity,
         deadline: Box::pin(sleep_until(Instant::from_std(machine.poll_timeout()))),
         machine,
+        device: Arc::from(identity.device.as_str()),
+        shared,
+        stream,
+        peer,
+        identity,
         commit: None,
         signals: signals.clone(),
         entry: Some(Entry {
@@ -90,37 +93,12 @@ pub async fn run(
             serial: Vec::new(),
             ended: ended_rx,
         }),
+        session_no,
+        _ended: ended_tx,
     };
-    let end = s.drive().await;
-    let reason = end.label();
-    match &end {
-        End::Violation(v) => {
-            shared
-                .metrics
-                .protocol_violations
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(reason = %v, "session closed: protocol violation");
-        }
-        End::Io(e) => info!(error = %e, "session closed: connection error"),
-        End::Store(e) => warn!(error = %e, "session closed: store failure"),
-        other => info!(reason = %other, "session closed"),
-    }
-    s.machine.ended(&end);
-    Box::pin(s.finish()).await;
-    if s.machine.is_open() {
-        shared.registry.remove(&device, session_no);
-        shared.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
-        shared.publish_control(Event::Presence {
-            device: device.clone(),
-            online: false,
-            peer: peer.to_string(),
-            reason: Some(reason.into()),
-        });
-    }
-    shared.registry.remove_unopened(session_no);
-    // Tells a session that is taking over that everything of this one is committed.
-    drop(ended_tx);
-    debug!("session task done");
+    // Captured by move and borrowed inside: one copy of the session in the future
+    // (an `async fn` taking `self` would keep two).
+    async move { s.run().await }
 }
 
 struct Session {
@@ -139,6 +117,10 @@ struct Session {
     entry: Option<Entry>,
     /// The machine's deadline as a timer.
     deadline: Pin<Box<Sleep>>,
+    session_no: u64,
+    /// Dropped with the session: tells a session taking over that everything of this
+    /// one is committed.
+    _ended: oneshot::Sender<()>,
 }
 
 /// The outcome of the batch at the store; pending forever if there is none. `None`
@@ -174,6 +156,38 @@ fn try_read(stream: &mut TlsStream<TcpStream>, buf: &mut [u8]) -> Option<io::Res
 }
 
 impl Session {
+    async fn run(&mut self) {
+        let end = self.drive().await;
+        let reason = end.label();
+        match &end {
+            End::Violation(v) => {
+                self.shared
+                    .metrics
+                    .protocol_violations
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(reason = %v, "session closed: protocol violation");
+            }
+            End::Io(e) => info!(error = %e, "session closed: connection error"),
+            End::Store(e) => warn!(error = %e, "session closed: store failure"),
+            other => info!(reason = %other, "session closed"),
+        }
+        self.machine.ended(&end);
+        Box::pin(self.finish()).await;
+        let shared = &self.shared;
+        if self.machine.is_open() {
+            shared.registry.remove(&self.device, self.session_no);
+            shared.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+            shared.publish_control(Event::Presence {
+                device: self.device.clone(),
+                online: false,
+                peer: self.peer.to_string(),
+                reason: Some(reason.into()),
+            });
+        }
+        shared.registry.remove_unopened(self.session_no);
+        debug!("session task done");
+    }
+
     async fn drive(&mut self) -> End {
         // The handshake may have read the first frames already (a device sends Hello
         // right behind its Finished): they wait inside TLS, and the socket will not turn
