@@ -77,42 +77,52 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         "Device sessions open (after Hello).",
         m.sessions.load(Ordering::Relaxed).to_string(),
     );
-    metric(
-        "gateway_handshakes_ok_total",
-        "counter",
-        "TLS handshakes completed.",
-        load(&m.handshakes_ok),
-    );
-    metric(
-        "gateway_telemetry_received_total",
-        "counter",
-        "Telemetry records received.",
-        load(&m.telemetry_received),
-    );
-    metric(
-        "gateway_telemetry_stored_total",
-        "counter",
-        "Telemetry records stored (new).",
-        load(&m.telemetry_stored),
-    );
-    metric(
-        "gateway_telemetry_duplicates_total",
-        "counter",
-        "Telemetry records received again and ignored.",
-        load(&m.telemetry_duplicates),
-    );
-    metric(
-        "gateway_protocol_violations_total",
-        "counter",
-        "Sessions closed for a protocol violation.",
-        load(&m.protocol_violations),
-    );
-    metric(
-        "gateway_overload_refusals_total",
-        "counter",
-        "Connections refused at max_connections.",
-        load(&m.overload_refusals),
-    );
+    // The plain counters, one row each.
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 8] = [
+        (
+            "gateway_handshakes_ok_total",
+            "TLS handshakes completed.",
+            &m.handshakes_ok,
+        ),
+        (
+            "gateway_telemetry_received_total",
+            "Telemetry records received.",
+            &m.telemetry_received,
+        ),
+        (
+            "gateway_telemetry_stored_total",
+            "Telemetry records stored (new).",
+            &m.telemetry_stored,
+        ),
+        (
+            "gateway_telemetry_duplicates_total",
+            "Telemetry records received again and ignored.",
+            &m.telemetry_duplicates,
+        ),
+        (
+            "gateway_protocol_violations_total",
+            "Sessions closed for a protocol violation.",
+            &m.protocol_violations,
+        ),
+        (
+            "gateway_overload_refusals_total",
+            "Connections refused at max_connections.",
+            &m.overload_refusals,
+        ),
+        (
+            "gateway_api_connections_refused_total",
+            "API connections closed at once at api_max_connections.",
+            &m.api_connections_refused,
+        ),
+        (
+            "gateway_command_results_ignored_total",
+            "Command results for commands not in flight on their session.",
+            &m.command_results_ignored,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(name, "counter", help, load(value));
+    }
     metric(
         "gateway_handshakes_in_progress",
         "gauge",
@@ -130,18 +140,6 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         "gauge",
         "Operator API connections open (WebSocket streams included).",
         m.api_connections.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "gateway_api_connections_refused_total",
-        "counter",
-        "API connections closed at once at api_max_connections.",
-        load(&m.api_connections_refused),
-    );
-    metric(
-        "gateway_command_results_ignored_total",
-        "counter",
-        "Command results for commands not in flight on their session.",
-        load(&m.command_results_ignored),
     );
     let failing = gw.shared().unhealthy();
     metric(
