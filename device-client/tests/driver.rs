@@ -7,7 +7,7 @@
 use std::cell::Cell;
 
 use device_client::driver::tokio::{Halves, TokioClock};
-use device_client::driver::{App, Connector, run};
+use device_client::driver::{App, Connector, LinkError, run};
 use device_client::machine::{Client, Config, Disconnect, Event, Millis};
 use device_client::proto::Command;
 use embedded_io_adapters::tokio_1::FromTokio;
@@ -89,4 +89,89 @@ async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
     );
     assert!(end.is_fatal());
     assert_eq!(connector.connects.get(), 0, "never connected");
+}
+
+/// Refuses the first two connects, then hands out connections whose far end is gone.
+#[derive(Default)]
+struct Flaky {
+    attempts: u32,
+}
+
+impl Connector for Flaky {
+    type Error = std::io::Error;
+    type Connection<'c> = Pipe;
+
+    async fn connect(&mut self) -> Result<Pipe, std::io::Error> {
+        self.attempts += 1;
+        if self.attempts <= 2 {
+            return Err(std::io::ErrorKind::ConnectionRefused.into());
+        }
+        let (device, gateway) = tokio::io::duplex(64);
+        drop(gateway);
+        let (r, w) = tokio::io::split(device);
+        Ok(Halves::new(FromTokio::new(r), FromTokio::new(w)))
+    }
+}
+
+/// Records what `on_link_error` was told.
+#[derive(Default)]
+struct Errors {
+    seen: Vec<String>,
+}
+
+impl App for Errors {
+    fn next_wake(&self) -> Option<Millis> {
+        None
+    }
+
+    fn on_wake<const R: usize, const O: usize>(&mut self, _: Millis, _: &mut Client<R, O>) {}
+
+    fn on_command<const R: usize, const O: usize>(
+        &mut self,
+        _: Millis,
+        _: &mut Client<R, O>,
+        _: &Command<'_>,
+    ) {
+    }
+
+    fn on_link_error(&mut self, _: Millis, error: LinkError<'_>) {
+        self.seen.push(format!("{error:?}"));
+    }
+}
+
+/// A failed connect and a broken connection reach the application with the transport's
+/// own error, not only as a closed connection.
+#[tokio::test(start_paused = true)]
+async fn the_transports_errors_reach_the_application() {
+    let mut connector = Flaky::default();
+    let mut app = Errors::default();
+    let mut client: Client<1024> = Client::new(Config::new(1, "test"));
+    let clock = TokioClock::new();
+    let (mut rx, mut tx) = ([0u8; 512], [0u8; 512]);
+    // Virtual time: the backoff waits pass at once; the run is cut after 30 s of it.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        run(
+            &mut client,
+            &mut connector,
+            &clock,
+            &mut app,
+            &mut rx,
+            &mut tx,
+        ),
+    )
+    .await;
+    assert!(connector.attempts >= 3, "{} attempts", connector.attempts);
+    assert_eq!(
+        &app.seen[..2],
+        [
+            "Connect(Kind(ConnectionRefused))",
+            "Connect(Kind(ConnectionRefused))"
+        ]
+    );
+    let broken = &app.seen[2];
+    assert!(
+        broken == "Closed" || broken.starts_with("Write("),
+        "the far end is gone: {broken}"
+    );
 }

@@ -24,7 +24,7 @@ use core::future::{Future, poll_fn};
 use core::task::{Poll, Waker};
 
 use embassy_futures::select::{Either, select};
-use embedded_io_async::{Read, Write};
+use embedded_io_async::{Error as _, ErrorKind, Read, Write};
 
 use crate::machine::{Client, Disconnect, Event, Input, Millis};
 use crate::proto::Command;
@@ -102,6 +102,28 @@ pub trait App {
     ) {
         let _ = (now, client, event);
     }
+
+    /// The link failed, and this is what the transport said (the client only sees a
+    /// closed connection: `Disconnect::Closed`, or a failed connect). Optional: for a
+    /// log line or a status LED. [`run`] retries on its own either way.
+    fn on_link_error(&mut self, now: Millis, error: LinkError<'_>) {
+        let _ = (now, error);
+    }
+}
+
+/// Why a connection could not be opened or ended, as the transport reported it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum LinkError<'e> {
+    /// [`Connector::connect`] failed: its own error (TCP refused, a TLS alert, the
+    /// gateway's certificate refused, a timeout ...).
+    Connect(&'e dyn core::fmt::Debug),
+    /// A read from the connection failed.
+    Read(ErrorKind),
+    /// A write to the connection failed.
+    Write(ErrorKind),
+    /// The gateway (or the network) closed the connection: end of stream.
+    Closed,
 }
 
 /// Runs the device until the gateway refuses it for good (revoked certificate,
@@ -160,10 +182,14 @@ where
                         session(&shared, &mut conn, clock, rx, tx).await;
                         shared.client.borrow_mut().handle_closed(clock.now());
                     }
-                    Err(_) => shared
-                        .client
-                        .borrow_mut()
-                        .handle_connect_failed(clock.now()),
+                    Err(e) => {
+                        let now = clock.now();
+                        shared
+                            .app
+                            .borrow_mut()
+                            .on_link_error(now, LinkError::Connect(&e));
+                        shared.client.borrow_mut().handle_connect_failed(now);
+                    }
                 }
                 continue;
             }
@@ -209,6 +235,15 @@ impl<A: App, const R: usize, const O: usize> Shared<'_, '_, A, R, O> {
         }
     }
 
+    /// Tells the application what the transport said, unless the client had already
+    /// closed the connection itself (a `Goodbye`, a protocol error: the end it
+    /// expected).
+    fn link_error(&self, now: Millis, error: LinkError<'_>) {
+        if self.client.borrow().is_connected() {
+            self.app.borrow_mut().on_link_error(now, error);
+        }
+    }
+
     fn app_wake_if_due(&self, now: Millis) {
         let due = self.app.borrow().next_wake().is_some_and(|t| t <= now);
         if due {
@@ -251,7 +286,8 @@ async fn read_loop<Rd: Read, K: Clock, A: App, const R: usize, const O: usize>(
             return;
         };
         match reader.read(free).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return shared.link_error(clock.now(), LinkError::Closed),
+            Err(e) => return shared.link_error(clock.now(), LinkError::Read(e.kind())),
             Ok(n) => filled += n,
         }
         let mut start = 0;
@@ -307,13 +343,13 @@ async fn control_loop<Wr: Write, K: Clock, A: App, const R: usize, const O: usiz
             let Some(frame) = n.and_then(|n| tx.get(..n)) else {
                 break;
             };
-            if writer.write_all(frame).await.is_err() {
-                return;
+            if let Err(e) = writer.write_all(frame).await {
+                return shared.link_error(clock.now(), LinkError::Write(e.kind()));
             }
             wrote = true;
         }
-        if wrote && writer.flush().await.is_err() {
-            return;
+        if wrote && let Err(e) = writer.flush().await {
+            return shared.link_error(clock.now(), LinkError::Write(e.kind()));
         }
         shared.drain_events(clock.now());
         if !shared.client.borrow().is_connected() {
