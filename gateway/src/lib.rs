@@ -21,7 +21,7 @@
 //! handshakes in progress and API clients have budgets of their own that fit the
 //! open-file limit together (`budget`); docs/SECURITY.md has the threat model.
 
-pub mod api;
+pub(crate) mod api;
 pub(crate) mod bridge;
 pub(crate) mod budget;
 pub mod config;
@@ -34,10 +34,10 @@ pub(crate) mod registry;
 pub(crate) mod server;
 pub(crate) mod session;
 mod shared;
-pub mod store;
+pub(crate) mod store;
 pub mod tail;
 pub mod tls;
-pub mod values;
+pub(crate) mod values;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +58,15 @@ pub use store::{
 use tls::{TlsSettings, TlsState};
 
 pub use handle::{CommandError, ttl_from_secs};
+pub use store::backup_file;
+
+/// What the end-to-end tests use beyond the handle: not an API for anyone else.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::api::routes as api_routes;
+    pub use crate::store::now_ms;
+    pub use crate::values::readings_to_json;
+}
 pub(crate) use shared::Shared;
 
 /// How long before the CRL's next update, or the gateway certificate's expiry, the

@@ -301,7 +301,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
         config.data_dir = d;
     }
     let from = config.database_path();
-    gateway::store::backup_file(&from, &args.to)
+    gateway::backup_file(&from, &args.to)
         .with_context(|| format!("backing up {} to {}", from.display(), args.to.display()))?;
     eprintln!(
         "backed up {} to {} ({} bytes)",

@@ -249,7 +249,7 @@ impl Down {
             Downlink::Command(c) => Down::Command {
                 id: c.id,
                 name: c.name.to_string(),
-                args: serde_json::Value::Object(gateway::values::readings_to_json(&c.args)),
+                args: serde_json::Value::Object(gateway::testing::readings_to_json(&c.args)),
                 ttl_ms: c.ttl_ms,
             },
             Downlink::Pong(p) => Down::Pong(p.nonce),

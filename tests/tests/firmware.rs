@@ -22,7 +22,7 @@ use std::time::Duration;
 use certs::{Ca, Issued, Validity};
 use device_client::proto::GoodbyeReason;
 use e2e::{RawDevice, TestGateway, WAIT, eventually};
-use gateway::store::CommandState;
+use gateway::CommandState;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -347,7 +347,7 @@ async fn last_seen_follows_every_frame() {
     let connected = j["last_seen_ms"].as_i64().unwrap();
     // A frame sent in a later millisecond than the connect.
     let later = eventually("the clock to move", || async {
-        let now = gateway::store::now_ms();
+        let now = gateway::testing::now_ms();
         (now > connected + 5).then_some(now)
     })
     .await;

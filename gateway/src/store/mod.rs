@@ -63,7 +63,7 @@ mod sinks;
 mod tests;
 mod writer;
 
-pub use batch::{Batch, BatchDone, BatchRecord, TrySubmit};
+pub use batch::{Batch, BatchDone, TrySubmit};
 pub use commands::{Cancel, CommandRecord, CommandState, OutgoingCommand, state_for};
 pub use devices::{Opened, SessionInfo};
 pub use error::{Failing, StoreError, StoreHealth};
