@@ -323,9 +323,15 @@ impl Machine {
         if matches!(end, End::Violation(_)) {
             self.goodbye(GoodbyeReason::ProtocolViolation);
         }
-        if matches!(end, End::Goodbye(GoodbyeReason::Revoked))
-            && let Some(open) = self.open.as_mut()
-        {
+        if matches!(end, End::Goodbye(GoodbyeReason::Revoked)) {
+            self.discard_uncommitted();
+        }
+    }
+
+    /// Drops the records waiting for a commit (not acked): the device's certificate
+    /// was revoked, and its data from now on is not kept.
+    pub(crate) fn discard_uncommitted(&mut self) {
+        if let Some(open) = self.open.as_mut() {
             open.filling.clear();
         }
     }

@@ -172,6 +172,11 @@ impl Session {
             other => info!(reason = %other, "session closed"),
         }
         self.machine.ended(&end);
+        // A revocation that came together with another end (the device closed at the
+        // same moment, say) still keeps nothing more of this device.
+        if self.signals.close_reason() == Some(GoodbyeReason::Revoked) {
+            self.machine.discard_uncommitted();
+        }
         Box::pin(self.finish()).await;
         let shared = &self.shared;
         if self.machine.is_open() {

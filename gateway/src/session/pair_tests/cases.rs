@@ -388,3 +388,20 @@ fn reading_pauses_while_a_full_batch_waits_for_its_commit() {
     assert_eq!(p.stored(), (1..=10).collect::<Vec<_>>());
     assert_eq!(p.dev.acked(), Some(10));
 }
+
+/// A revoked device's records that wait for a commit are dropped, not stored: only
+/// what was already at the store is kept (and acked while the session drains).
+#[test]
+fn a_revoked_session_keeps_nothing_more() {
+    let mut p = Pair::new();
+    p.auto_commit = false;
+    p.connect();
+    p.send(3);
+    p.pump();
+    p.send(2);
+    p.pump();
+    let end = p.link.as_mut().unwrap().gw.close(GoodbyeReason::Revoked);
+    p.gateway_ended(end);
+    assert_eq!(p.stored(), vec![1, 2, 3], "4 and 5 were waiting: dropped");
+    assert_eq!(p.dev.poll_connect(), None);
+}
