@@ -4,66 +4,20 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::cell::Cell;
-
 use device_client::driver::tokio::{Halves, TokioClock};
 use device_client::driver::{App, Connector, LinkError, run};
-use device_client::machine::{Client, Config, Disconnect, Event, Millis};
+use device_client::machine::{Client, Config, Disconnect, Millis};
 use device_client::proto::Command;
 use embedded_io_adapters::tokio_1::FromTokio;
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 
 type Pipe = Halves<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>;
 
-/// Counts connection attempts and refuses them: nothing here may connect.
-#[derive(Default)]
-struct Nowhere {
-    connects: Cell<u32>,
-}
-
-impl Connector for Nowhere {
-    type Error = std::io::Error;
-    type Connection<'c> = Pipe;
-
-    async fn connect(&mut self) -> Result<Pipe, std::io::Error> {
-        self.connects.set(self.connects.get() + 1);
-        let (device, _) = tokio::io::duplex(64);
-        let (r, w) = tokio::io::split(device);
-        Ok(Halves::new(FromTokio::new(r), FromTokio::new(w)))
-    }
-}
-
-struct Idle;
-
-impl App for Idle {
-    fn next_wake(&self) -> Option<Millis> {
-        None
-    }
-
-    fn on_wake<const R: usize, const O: usize>(&mut self, _: Millis, _: &mut Client<R, O>) {}
-
-    fn on_command<const R: usize, const O: usize>(
-        &mut self,
-        _: Millis,
-        _: &mut Client<R, O>,
-        _: &Command<'_>,
-    ) {
-    }
-
-    fn on_event<const R: usize, const O: usize>(
-        &mut self,
-        _: Millis,
-        _: &mut Client<R, O>,
-        _: Event,
-    ) {
-    }
-}
-
 /// Buffers smaller than the client's frame limits: `run` says so at once instead of
 /// connecting, failing on the first large frame, and reconnecting forever.
 #[tokio::test]
 async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
-    let mut connector = Nowhere::default();
+    let mut connector = Flaky::default();
     let mut client: Client<1024> = Client::new(Config::new(1, "test"));
     let clock = TokioClock::new();
     let (mut rx, mut tx) = ([0u8; 256], [0u8; 512]);
@@ -73,7 +27,7 @@ async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
             &mut client,
             &mut connector,
             &clock,
-            &mut Idle,
+            &mut Errors::default(),
             &mut rx,
             &mut tx,
         ),
@@ -88,7 +42,7 @@ async fn buffers_smaller_than_the_frame_limits_end_run_at_once() {
         }
     );
     assert!(end.is_fatal());
-    assert_eq!(connector.connects.get(), 0, "never connected");
+    assert_eq!(connector.attempts, 0, "never connected");
 }
 
 /// Refuses the first two connects, then hands out connections whose far end is gone.
