@@ -372,15 +372,8 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
         if reason.is_fatal() {
             return None;
         }
-        let exp = self.attempts.min(20);
+        let (half, base) = self.cfg.backoff_window(self.attempts);
         self.attempts = self.attempts.saturating_add(1);
-        let base = self
-            .cfg
-            .backoff_min_ms
-            .saturating_mul(1 << exp)
-            .min(self.cfg.backoff_max_ms)
-            .max(1);
-        let half = base / 2;
         let replaced = matches!(
             reason,
             Disconnect::Goodbye {

@@ -126,6 +126,24 @@ impl Config {
         self.jitter_seed = seed;
         self
     }
+
+    /// The window `(earliest, latest)` in which the reconnect after `failures`
+    /// consecutive failed attempts falls (0 for the first reconnect): the delay doubles
+    /// from `backoff_min_ms` up to `backoff_max_ms`, and half of it is random ("equal
+    /// jitter"), so a fleet that went down together does not come back together. A
+    /// `Goodbye` with retry-after or `Replaced` moves the window (PROTOCOL.md §8.5).
+    #[must_use]
+    pub const fn backoff_window(&self, failures: u32) -> (Millis, Millis) {
+        let exp = if failures < 20 { failures } else { 20 };
+        let doubled = self.backoff_min_ms.saturating_mul(1 << exp);
+        let capped = if doubled < self.backoff_max_ms {
+            doubled
+        } else {
+            self.backoff_max_ms
+        };
+        let latest = if capped > 1 { capped } else { 1 };
+        (latest / 2, latest)
+    }
 }
 
 /// Why the client will not (or no longer) use a connection.
@@ -768,15 +786,8 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
 
     /// Exponential backoff with "equal jitter": half the delay fixed, half random.
     fn next_backoff(&mut self) -> Millis {
-        let exp = self.attempts.min(20);
+        let (half, base) = self.cfg.backoff_window(self.attempts);
         self.attempts = self.attempts.saturating_add(1);
-        let base = self
-            .cfg
-            .backoff_min_ms
-            .saturating_mul(1 << exp)
-            .min(self.cfg.backoff_max_ms)
-            .max(1);
-        let half = base / 2;
         // xorshift64: plenty for jitter, and no RNG dependency.
         let mut x = self.rng;
         x ^= x << 13;
