@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+use device_client::proto::owned::{OwnedReadings, OwnedValue, borrow_readings};
 use device_client::proto::*;
 use proptest::prelude::*;
 
@@ -35,31 +36,6 @@ fn arb_name() -> impl Strategy<Value = String> {
     "[A-Za-z0-9._-]{1,32}"
 }
 
-#[derive(Debug, Clone)]
-enum OwnedValue {
-    Bool(bool),
-    I64(i64),
-    U64(u64),
-    F32(f32),
-    F64(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-}
-
-impl OwnedValue {
-    fn borrow(&self) -> Value<'_> {
-        match self {
-            OwnedValue::Bool(v) => Value::Bool(*v),
-            OwnedValue::I64(v) => Value::I64(*v),
-            OwnedValue::U64(v) => Value::U64(*v),
-            OwnedValue::F32(v) => Value::F32(*v),
-            OwnedValue::F64(v) => Value::F64(*v),
-            OwnedValue::Str(s) => Value::str(s).unwrap(),
-            OwnedValue::Bytes(b) => Value::bytes(b).unwrap(),
-        }
-    }
-}
-
 fn arb_value() -> impl Strategy<Value = OwnedValue> {
     prop_oneof![
         any::<bool>().prop_map(OwnedValue::Bool),
@@ -80,14 +56,12 @@ fn arb_value() -> impl Strategy<Value = OwnedValue> {
     ]
 }
 
-fn arb_readings() -> impl Strategy<Value = Vec<(String, OwnedValue)>> {
+fn arb_readings() -> impl Strategy<Value = OwnedReadings> {
     proptest::collection::vec((arb_name(), arb_value()), 0..=MAX_READINGS)
 }
 
-fn to_readings(list: &[(String, OwnedValue)]) -> Readings<'_> {
-    list.iter()
-        .map(|(n, v)| Reading::new(Name::new(n).unwrap(), v.borrow()))
-        .collect()
+fn to_readings(list: &OwnedReadings) -> Readings<'_> {
+    borrow_readings(list).unwrap()
 }
 
 /// A valid frame of either direction, as bytes.

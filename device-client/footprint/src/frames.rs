@@ -1,10 +1,12 @@
 //! Gateway → device frames, taken at compile time from the golden vectors in
 //! `device-client/tests/vectors/` (hex with `#` comment lines), so they cannot drift.
 
-/// Number of bytes in a vector file: hex digit pairs, `#` lines skipped.
-const fn hex_len(text: &str) -> usize {
+/// Walks a vector file's hex digit pairs (`#` lines skipped), writing the bytes into
+/// `out` unless it is empty; returns how many bytes there are. One walk serves both the
+/// length (the array type needs it first) and the bytes.
+const fn decode(text: &str, out: &mut [u8]) -> usize {
     let b = text.as_bytes();
-    let (mut i, mut digits, mut comment) = (0, 0, false);
+    let (mut i, mut n, mut comment) = (0, 0, false);
     while i < b.len() {
         let c = b[i];
         if c == b'\n' {
@@ -12,12 +14,19 @@ const fn hex_len(text: &str) -> usize {
         } else if c == b'#' {
             comment = true;
         } else if !comment && c.is_ascii_hexdigit() {
-            digits += 1;
+            if !out.is_empty() {
+                if n % 2 == 0 {
+                    out[n / 2] = nibble(c) << 4;
+                } else {
+                    out[n / 2] |= nibble(c);
+                }
+            }
+            n += 1;
         }
         i += 1;
     }
-    assert!(digits % 2 == 0, "odd number of hex digits in a vector");
-    digits / 2
+    assert!(n % 2 == 0, "odd number of hex digits in a vector");
+    n / 2
 }
 
 const fn nibble(c: u8) -> u8 {
@@ -29,27 +38,15 @@ const fn nibble(c: u8) -> u8 {
     }
 }
 
+/// Number of bytes in a vector file.
+const fn hex_len(text: &str) -> usize {
+    decode(text, &mut [])
+}
+
 /// The bytes of a vector file (`N` from [`hex_len`]).
 const fn hex_bytes<const N: usize>(text: &str) -> [u8; N] {
-    let b = text.as_bytes();
     let mut out = [0u8; N];
-    let (mut i, mut n, mut comment) = (0, 0, false);
-    while i < b.len() {
-        let c = b[i];
-        if c == b'\n' {
-            comment = false;
-        } else if c == b'#' {
-            comment = true;
-        } else if !comment && c.is_ascii_hexdigit() {
-            if n % 2 == 0 {
-                out[n / 2] = nibble(c) << 4;
-            } else {
-                out[n / 2] |= nibble(c);
-            }
-            n += 1;
-        }
-        i += 1;
-    }
+    decode(text, &mut out);
     out
 }
 
