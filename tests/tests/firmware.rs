@@ -127,12 +127,26 @@ struct Qemu {
     output: Arc<Mutex<String>>,
     /// The tasks copying QEMU's standard output and error into `output`.
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// The firmware image QEMU runs, in `_dir`.
+    elf: PathBuf,
+    /// The certificates and the image, removed after QEMU is gone.
+    _dir: tempfile::TempDir,
 }
 
 impl Qemu {
+    /// Builds the firmware for device `id` with its certificate `cert`, trusting the CA
+    /// in `ca_pem`, and boots it against `gw`.
+    async fn boot(gw: &TestGateway, ca_pem: &str, id: &str, cert: &Issued) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        write_certs_dir(&certs, ca_pem, id, cert);
+        let elf = build(&certs, id, dir.path()).await;
+        Self::start(elf, dir, gw.addr().port())
+    }
+
     /// Boots `elf` with UART0 connected to `127.0.0.1:port`. QEMU dials again a second
     /// after the gateway closes the connection.
-    fn start(elf: &Path, port: u16) -> Self {
+    fn start(elf: PathBuf, dir: tempfile::TempDir, port: u16) -> Self {
         let mut child = Command::new("qemu-system-arm")
             .args([
                 "-machine",
@@ -149,7 +163,7 @@ impl Qemu {
             ])
             .arg(format!("tcp:127.0.0.1:{port},reconnect=1"))
             .arg("-kernel")
-            .arg(elf)
+            .arg(&elf)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -179,6 +193,8 @@ impl Qemu {
             child,
             output,
             readers,
+            elf,
+            _dir: dir,
         }
     }
 
@@ -244,12 +260,7 @@ async fn firmware_speaks_mutual_tls_with_the_gateway_runs_commands_and_reconnect
     let gw = small_device_gateway().await;
     let id = "qemu-sensor-1";
     let cert = gw.pki.device(id);
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs");
-    write_certs_dir(&certs, gw.pki.ca.cert_pem(), id, &cert);
-    let elf = build(&certs, id, tmp.path()).await;
-
-    let mut qemu = Qemu::start(&elf, gw.addr().port());
+    let mut qemu = Qemu::boot(&gw, gw.pki.ca.cert_pem(), id, &cert).await;
 
     // The gateway verified the firmware's certificate and took its CN as the identity.
     eventually("a session for the firmware's CN", || async {
@@ -336,7 +347,7 @@ async fn firmware_speaks_mutual_tls_with_the_gateway_runs_commands_and_reconnect
     );
     // Issue 6's budget, so that no change creeps over it unnoticed: flash ≤ 100 KB, and
     // static RAM + peak stack ≤ 48 KB (KiB: the board's memory is counted in powers of 2).
-    let (flash, static_ram) = elf_footprint(&elf);
+    let (flash, static_ram) = elf_footprint(&qemu.elf);
     let ram = static_ram + stack_peak.expect("the firmware reports its stack peak");
     eprintln!("footprint: flash {flash} B, static RAM {static_ram} B, with the stack {ram} B");
     assert!(flash <= 100_000, "firmware flash {flash} B is over 100 KB");
@@ -385,14 +396,9 @@ async fn gateway_refuses_firmware_whose_certificate_is_from_another_ca() {
     let id = "qemu-intruder";
     let other = Ca::generate("another CA", Validity::days(1)).unwrap();
     let cert = other.issue_device(id, Validity::days(1)).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs");
     // The firmware trusts the real CA (so it accepts the gateway) but presents a
     // certificate the gateway's CA never issued.
-    write_certs_dir(&certs, gw.pki.ca.cert_pem(), id, &cert);
-    let elf = build(&certs, id, tmp.path()).await;
-
-    let mut qemu = Qemu::start(&elf, gw.addr().port());
+    let mut qemu = Qemu::boot(&gw, gw.pki.ca.cert_pem(), id, &cert).await;
     eventually("the gateway's refusal", || async {
         gw.gw
             .recent_refusals()
@@ -422,14 +428,9 @@ async fn firmware_refuses_gateway_whose_certificate_is_from_another_ca() {
     let id = "qemu-careful";
     let cert = gw.pki.device(id);
     let other = Ca::generate("another CA", Validity::days(1)).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs");
     // A valid device certificate, but the firmware trusts another CA than the one
     // that issued the gateway's certificate.
-    write_certs_dir(&certs, other.cert_pem(), id, &cert);
-    let elf = build(&certs, id, tmp.path()).await;
-
-    let mut qemu = Qemu::start(&elf, gw.addr().port());
+    let mut qemu = Qemu::boot(&gw, other.cert_pem(), id, &cert).await;
     assert_eq!(qemu.exit_code().await, 1, "{}", qemu.output());
     assert!(
         qemu.output()
@@ -457,7 +458,7 @@ mod host {
     use std::sync::Arc;
 
     use device_client::driver::embedded_tls::embedded_tls::TlsClock;
-    use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore};
+    use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore, impls};
     use device_client::driver::embedded_tls::{
         ConnectError, DeviceProvider, SoftwareKey, TlsConnector, Transport,
     };
@@ -527,15 +528,11 @@ mod host {
 
     impl RngCore for OsRng {
         fn next_u32(&mut self) -> u32 {
-            let mut b = [0; 4];
-            self.fill_bytes(&mut b);
-            u32::from_le_bytes(b)
+            impls::next_u32_via_fill(self)
         }
 
         fn next_u64(&mut self) -> u64 {
-            let mut b = [0; 8];
-            self.fill_bytes(&mut b);
-            u64::from_le_bytes(b)
+            impls::next_u64_via_fill(self)
         }
 
         fn fill_bytes(&mut self, dest: &mut [u8]) {

@@ -11,7 +11,7 @@
 //! of flash that a board, drawing from its hardware RNG, would not have.
 
 use cortex_m_semihosting::syscall;
-use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore};
+use device_client::driver::embedded_tls::rand_core::{CryptoRng, Error, RngCore, impls};
 use sha2::{Digest, Sha256};
 
 /// The per-build seed written by build.rs.
@@ -43,15 +43,11 @@ pub fn host_time_s() -> u64 {
 
 impl RngCore for EmulatorOnlyRng {
     fn next_u32(&mut self) -> u32 {
-        let mut b = [0; 4];
-        self.fill_bytes(&mut b);
-        u32::from_le_bytes(b)
+        impls::next_u32_via_fill(self)
     }
 
     fn next_u64(&mut self) -> u64 {
-        let mut b = [0; 8];
-        self.fill_bytes(&mut b);
-        u64::from_le_bytes(b)
+        impls::next_u64_via_fill(self)
     }
 
     fn fill_bytes(&mut self, dest: &mut [u8]) {
