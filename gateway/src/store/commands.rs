@@ -317,13 +317,7 @@ fn enqueue(
     route: &Route,
 ) -> Result<CommandRecord, StoreError> {
     let c = &w.conn;
-    // A command may target a device that has never connected yet.
-    let key: i64 = c.query_row(
-        "INSERT INTO devices(id) VALUES (?1)
-         ON CONFLICT(id) DO UPDATE SET id = id RETURNING key",
-        [device],
-        |r| r.get(0),
-    )?;
+    let key = device_key(c, device)?;
     let queued: i64 = c
         .prepare_cached(
             "SELECT count(*) FROM commands WHERE device = ?1 AND state IN ('queued', 'sent')",
@@ -341,22 +335,66 @@ fn enqueue(
         Route::Publish => (Some("publish"), None),
         Route::HeldBy(g) => (Some("held"), Some(g.as_str())),
     };
+    let id = insert_queued(
+        c,
+        &Queued {
+            device_key: key,
+            name,
+            args: &values::owned_to_json(args),
+            created_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+            fleet,
+            held_by,
+            owner: None,
+        },
+    )?;
+    command_by_id(c, id)?.ok_or(StoreError::NoSuchCommand(id))
+}
+
+/// The key of device `id`, made if the device has never connected yet (a command may
+/// be queued for it before its first session).
+pub(super) fn device_key(c: &Connection, id: &str) -> rusqlite::Result<i64> {
+    c.query_row(
+        "INSERT INTO devices(id) VALUES (?1)
+         ON CONFLICT(id) DO UPDATE SET id = id RETURNING key",
+        [id],
+        |r| r.get(0),
+    )
+}
+
+/// A command to queue: its row in `commands`, with the fleet columns that say where
+/// it may be delivered (`fleet`, `held_by`) or whose copy it is (`owner`).
+pub(super) struct Queued<'a> {
+    pub(super) device_key: i64,
+    pub(super) name: &'a str,
+    pub(super) args: &'a Json,
+    pub(super) created_ms: i64,
+    pub(super) expires_ms: i64,
+    pub(super) fleet: Option<&'a str>,
+    pub(super) held_by: Option<&'a str>,
+    /// The owning gateway and the command's id there.
+    pub(super) owner: Option<(&'a str, i64)>,
+}
+
+/// Inserts `q` as a queued command; returns its id here.
+pub(super) fn insert_queued(c: &Connection, q: &Queued<'_>) -> rusqlite::Result<i64> {
     c.execute(
         "INSERT INTO commands(device, name, args, state, created_ms, expires_ms, fleet,
-                              held_by)
-         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+                              held_by, owner, owner_id)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
-            key,
-            name,
-            values::owned_to_json(args).to_string(),
-            now_ms,
-            now_ms.saturating_add(ttl_ms),
-            fleet,
-            held_by
+            q.device_key,
+            q.name,
+            q.args.to_string(),
+            q.created_ms,
+            q.expires_ms,
+            q.fleet,
+            q.held_by,
+            q.owner.map(|(g, _)| g),
+            q.owner.map(|(_, id)| id)
         ],
     )?;
-    let id = c.last_insert_rowid();
-    command_by_id(c, id)?.ok_or(StoreError::NoSuchCommand(id))
+    Ok(c.last_insert_rowid())
 }
 
 pub(super) fn take_commands(

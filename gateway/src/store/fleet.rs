@@ -18,7 +18,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::commands::command_by_id;
+use super::commands::{Queued, command_by_id, device_key, insert_queued};
 use super::{CommandRecord, CommandState, Store, StoreError};
 
 /// Who delivers a command queued on this gateway.
@@ -225,27 +225,20 @@ impl Store {
             if known {
                 return Ok(None);
             }
-            let key: i64 = c.query_row(
-                "INSERT INTO devices(id) VALUES (?1)
-                 ON CONFLICT(id) DO UPDATE SET id = id RETURNING key",
-                [&h.device],
-                |r| r.get(0),
+            let id = insert_queued(
+                c,
+                &Queued {
+                    device_key: device_key(c, &h.device)?,
+                    name: &h.name,
+                    args: &h.args,
+                    created_ms: h.created_ms,
+                    expires_ms: h.expires_ms,
+                    fleet: None,
+                    held_by: None,
+                    owner: Some((&h.owner, h.id)),
+                },
             )?;
-            c.execute(
-                "INSERT INTO commands(device, name, args, state, created_ms, expires_ms, owner,
-                                      owner_id)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
-                params![
-                    key,
-                    h.name,
-                    h.args.to_string(),
-                    h.created_ms,
-                    h.expires_ms,
-                    h.owner,
-                    h.id
-                ],
-            )?;
-            command_by_id(c, c.last_insert_rowid())
+            command_by_id(c, id)
         })
         .await
     }
