@@ -25,18 +25,17 @@ pub(crate) mod api;
 pub(crate) mod bridge;
 pub(crate) mod budget;
 pub mod config;
-pub mod events;
+pub(crate) mod events;
 pub(crate) mod fleet;
 mod handle;
-pub mod inbound;
+pub(crate) mod inbound;
 mod loglimit;
 pub(crate) mod registry;
 pub(crate) mod server;
 pub(crate) mod session;
 mod shared;
 pub(crate) mod store;
-pub mod tail;
-pub mod tls;
+pub(crate) mod tls;
 pub(crate) mod values;
 
 use std::collections::HashMap;
@@ -50,11 +49,13 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 pub use config::{Config, LogFormat};
-pub use events::{Event, Metrics};
+pub use events::{Event, Histogram, Metrics};
 use registry::Registry;
 pub use store::{
-    CommandRecord, CommandState, DeviceRecord, Store, StoreError, TelemetryQuery, TelemetryRecord,
+    CommandRecord, CommandState, DeviceRecord, RefusalRecord, Store, StoreError, TelemetryQuery,
+    TelemetryRecord,
 };
+pub use tls::{Refusal, TlsLoadError};
 use tls::{TlsSettings, TlsState};
 
 pub use handle::{CommandError, ttl_from_secs};
@@ -65,6 +66,7 @@ pub use store::backup_file;
 pub mod testing {
     pub use crate::api::routes as api_routes;
     pub use crate::store::now_ms;
+    pub use crate::tls::{TlsMaterial, TlsSettings, identify};
     pub use crate::values::readings_to_json;
 }
 pub(crate) use shared::Shared;
@@ -341,7 +343,7 @@ impl Gateway {
 
     /// The most recent refused handshakes, oldest first.
     /// The newest refused handshakes, newest first.
-    pub fn recent_refusals(&self) -> Vec<events::Refused> {
+    pub fn recent_refusals(&self) -> Vec<RefusalRecord> {
         self.shared
             .refusals
             .lock()

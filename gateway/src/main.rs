@@ -10,6 +10,7 @@ use gateway::{Config, Gateway, LogFormat};
 mod cli;
 #[cfg(feature = "quickstart")]
 mod quickstart;
+mod tail;
 
 use cli::*;
 
@@ -173,7 +174,7 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
                 let s = monitor.stats();
                 eprintln!(
                     "devices online {}  records sent {}  acked {}",
-                    s.connected, s.sent, s.acked
+                    s.connected, s.counts.sent, s.counts.acked
                 );
             }
         })
@@ -189,7 +190,10 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
     let summary = sim.wait().await;
     gw.shutdown().await;
     if let Ok(s) = summary {
-        eprintln!("{} records sent, {} acked and stored", s.sent, s.acked);
+        eprintln!(
+            "{} records sent, {} acked and stored",
+            s.counts.sent, s.counts.acked
+        );
     }
     Ok(())
 }
@@ -248,7 +252,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// What to do about a start error, when the error alone does not say it.
 fn start_hint(e: &gateway::StartError, config: &Config) -> Option<String> {
     use gateway::StartError;
-    use gateway::tls::TlsLoadError;
+    use gateway::TlsLoadError;
     let dir = |p: &std::path::Path| match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
         _ => ".".to_owned(),
@@ -280,14 +284,14 @@ async fn tail_events(args: EventsArgs) -> anyhow::Result<()> {
         })?
         .trim()
         .to_owned();
-    let filter = gateway::tail::Filter {
+    let filter = tail::Filter {
         devices: args.device,
         groups: args.group,
         types: args.types,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    gateway::tail::events(&args.api, &token, &filter, args.count, &mut out).await?;
+    tail::events(&args.api, &token, &filter, args.count, &mut out).await?;
     Ok(())
 }
 

@@ -492,7 +492,7 @@ async fn refusal_logging_is_rate_limited_and_counts_stay_exact() {
     eventually("200 refusals to be counted", || async {
         (tg.gw
             .metrics()
-            .refused_count(gateway::tls::Refusal::NoClientCert)
+            .refused_count(gateway::Refusal::NoClientCert)
             == 200)
             .then_some(())
     })

@@ -1,4 +1,4 @@
-//! The gateway's handling of a session's byte stream: `gateway::inbound::Inbound`, the
+//! The gateway's handling of a session's byte stream: `Inbound` (gateway/src/inbound.rs), the
 //! reading half of every device session, fed any bytes, split any way.
 //!
 //! Input: a 15-byte header, then the stream the device sends.

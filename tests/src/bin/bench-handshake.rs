@@ -1,5 +1,5 @@
 //! Measures the gateway's CPU per TLS handshake, full and resumed: the gateway's own
-//! rustls configuration (`gateway::tls::TlsMaterial`: mutual TLS, the CRL, the identity
+//! rustls configuration (`gateway::testing::TlsMaterial`: mutual TLS, the CRL, the identity
 //! verifier, TLS 1.3 tickets) and its identity check after the handshake, against a
 //! rustls device client with an ECDSA P-256 certificate from the `certs` library.
 //!
@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::tls::{TlsMaterial, TlsSettings, identify};
+use gateway::testing::{TlsMaterial, TlsSettings, identify};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection};
 
