@@ -132,6 +132,14 @@ impl Config {
     /// from `backoff_min_ms` up to `backoff_max_ms`, and half of it is random ("equal
     /// jitter"), so a fleet that went down together does not come back together. A
     /// `Goodbye` with retry-after or `Replaced` moves the window (PROTOCOL.md §8.5).
+    ///
+    /// ```
+    /// use device_client::machine::Config;
+    /// let cfg = Config::new(7, "fw-1").with_backoff_ms(1_000, 60_000);
+    /// assert_eq!(cfg.backoff_window(0), (500, 1_000));
+    /// assert_eq!(cfg.backoff_window(3), (4_000, 8_000));
+    /// assert_eq!(cfg.backoff_window(40), (30_000, 60_000));
+    /// ```
     #[must_use]
     pub const fn backoff_window(&self, failures: u32) -> (Millis, Millis) {
         let exp = if failures < 20 { failures } else { 20 };
