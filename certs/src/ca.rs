@@ -355,7 +355,7 @@ fn leaf_key(key_pem: &str, what: &'static str) -> Result<KeyPair, Error> {
         .map_err(|_| Error::UnsupportedKey { what })
 }
 
-fn check_device_id(id: &str) -> Result<(), Error> {
+pub(crate) fn check_device_id(id: &str) -> Result<(), Error> {
     DeviceId::new(id).map_err(|source| Error::InvalidDeviceId {
         id: id.to_owned(),
         source,

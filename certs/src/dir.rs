@@ -1040,11 +1040,7 @@ impl PkiDir {
 fn check_id(id: &str) -> Result<(), DirError> {
     // The identity rule refuses "." and ".." too, so an id is always one path
     // component naming a device directory.
-    DeviceId::new(id).map_err(|source| Error::InvalidDeviceId {
-        id: id.to_owned(),
-        source,
-    })?;
-    Ok(())
+    Ok(crate::ca::check_device_id(id)?)
 }
 
 /// The certificate in the PEM file at `path`.

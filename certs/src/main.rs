@@ -74,6 +74,28 @@ impl CaKeyArg {
             None => pki.load_ca(),
         }
     }
+
+    /// Every signing command needs both, and the key may live outside DIR.
+    fn open(&self, dir: DirArg) -> Result<(PkiDir, Ca), DirError> {
+        let pki = PkiDir::new(dir.dir);
+        let ca = self.load(&pki)?;
+        Ok((pki, ca))
+    }
+}
+
+/// `--days` for the commands that issue a leaf certificate with the existing CA. `init`
+/// keeps its own `--days`: there it also names which of its three certificates it sets.
+#[derive(Args)]
+struct LeafDaysArg {
+    /// Validity in days (cut to the CA's).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
+    days: u16,
+}
+
+impl LeafDaysArg {
+    fn validity(&self) -> Validity {
+        Validity::days(self.days)
+    }
 }
 
 #[derive(Subcommand)]
@@ -124,9 +146,8 @@ Example:
         /// Another DNS name or IP address (repeatable); the first is also the subject CN.
         #[arg(long = "gateway-name", value_name = "NAME")]
         gateway_names: Vec<String>,
-        /// Validity in days (cut to the CA's).
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
-        days: u16,
+        #[command(flatten)]
+        days: LeafDaysArg,
         /// Replace the existing gateway.pem and gateway.key.pem.
         #[arg(long)]
         force: bool,
@@ -146,9 +167,8 @@ Example:
         /// The device id.
         #[arg(value_name = "ID")]
         id: String,
-        /// Validity in days (cut to the CA's).
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
-        days: u16,
+        #[command(flatten)]
+        days: LeafDaysArg,
         /// Replace an existing device's key and certificate. The old certificate stays
         /// valid until it expires unless you revoke it (`certs revoke` first, or later
         /// with `certs revoke --serial`). To keep the device and its history, see
@@ -182,9 +202,8 @@ Examples:
         /// First counter value.
         #[arg(long, value_name = "N", default_value_t = 0)]
         start: u64,
-        /// Validity in days (cut to the CA's).
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
-        days: u16,
+        #[command(flatten)]
+        days: LeafDaysArg,
         /// Leave existing devices alone and issue the missing ones.
         #[arg(long, conflicts_with = "force")]
         skip_existing: bool,
@@ -219,9 +238,8 @@ Examples:
         /// Renew the gateway certificate (same names) instead of a device's.
         #[arg(long, conflicts_with = "id")]
         gateway: bool,
-        /// Validity in days (cut to the CA's).
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_LEAF_DAYS, value_parser = days_parser())]
-        days: u16,
+        #[command(flatten)]
+        days: LeafDaysArg,
         /// Keep the private key and issue only a new certificate for it (for a device
         /// whose key cannot change, e.g. one generated in its secure element).
         #[arg(long)]
@@ -480,10 +498,9 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             force,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
+            let (pki, ca) = ca_key.open(dir)?;
             let (serial, validity) =
-                pki.issue_gateway(&ca, &gateway_names, Validity::days(days), force)?;
+                pki.issue_gateway(&ca, &gateway_names, days.validity(), force)?;
             let names = display_names(&gateway_names);
             writeln!(
                 out,
@@ -501,15 +518,14 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             force,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
+            let (pki, ca) = ca_key.open(dir)?;
             let existing = if force {
                 Existing::Replace
             } else {
                 Existing::Refuse
             };
             let issued = pki
-                .issue_device(&ca, &id, Validity::days(days), existing)?
+                .issue_device(&ca, &id, days.validity(), existing)?
                 .context("the device exists")?;
             writeln!(
                 out,
@@ -537,8 +553,7 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             force,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
+            let (pki, ca) = ca_key.open(dir)?;
             let ids = sequential_ids(&prefix, start, count).map_err(DirError::from)?;
             let existing = match (skip_existing, force) {
                 (true, _) => Existing::Skip,
@@ -552,7 +567,7 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
                 }
             };
             let began = Instant::now();
-            let report = pki.issue_devices(&ca, &ids, Validity::days(days), existing, &progress)?;
+            let report = pki.issue_devices(&ca, &ids, days.validity(), existing, &progress)?;
             let (first, last) = (
                 ids.first().map_or("", String::as_str),
                 ids.last().map_or("", String::as_str),
@@ -594,9 +609,8 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             keep_key,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
-            let validity = Validity::days(days);
+            let (pki, ca) = ca_key.open(dir)?;
+            let validity = days.validity();
             let (what, renewed) = match (gateway, id) {
                 (true, _) => (
                     "gateway certificate".to_owned(),
@@ -617,8 +631,7 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             crl_days,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
+            let (pki, ca) = ca_key.open(dir)?;
             let crl_validity = Validity::days(crl_days);
             let (what, revocation) = match (id, serial) {
                 (_, Some(hex)) => {
@@ -658,8 +671,7 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
             crl_days,
             ca_key,
         } => {
-            let pki = PkiDir::new(dir.dir);
-            let ca = ca_key.load(&pki)?;
+            let (pki, ca) = ca_key.open(dir)?;
             let crl = pki.refresh_crl(&ca, Validity::days(crl_days))?;
             writeln!(
                 out,

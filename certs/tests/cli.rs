@@ -4,69 +4,12 @@
 // Test helpers outside #[test] functions: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsStr;
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-use tempfile::TempDir;
-
-fn certs_cmd<I, S>(args: I) -> Command
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_certs"));
-    cmd.args(args).env_remove("CERTS_DIR");
-    cmd
-}
-
-fn certs<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    certs_cmd(args).output().expect("run the certs binary")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Asserts success; returns stdout.
-#[track_caller]
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "expected success, got {}:\n{}",
-        out.status,
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A temporary directory with an initialized PKI in `<tmp>/pki`.
-struct Pki {
-    _tmp: TempDir,
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("pki");
-        ok(certs(["init", "--dir", dir.to_str().unwrap()]));
-        Self { _tmp: tmp, dir }
-    }
-
-    fn d(&self) -> &str {
-        self.dir.to_str().unwrap()
-    }
-}
+use common::{Pki, certs, certs_cmd, ok, text};
 
 /// What a process that died of a Rust panic looks like: exit status 101 and
 /// "panicked" on stderr.
@@ -85,7 +28,7 @@ fn assert_no_panic(args: &[&str], out: &Output) {
 /// fails with EPIPE from the first byte on, so this does not depend on timing.
 #[test]
 fn every_command_exits_quietly_when_stdout_is_closed() {
-    let pki = Pki::new();
+    let pki = Pki::new(&[]);
     let fresh = pki.dir.with_file_name("fresh");
     let d = pki.d();
     let commands: Vec<Vec<&str>> = vec![
@@ -127,16 +70,8 @@ fn every_command_exits_quietly_when_stdout_is_closed() {
 /// most of the listing (well over a pipe buffer of 64 KiB) is still to be written.
 #[test]
 fn list_into_head_does_not_panic() {
-    let pki = Pki::new();
-    ok(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "sim-",
-        "--count",
-        "400",
-    ]));
+    let pki = Pki::new(&[]);
+    ok(pki.devices("sim-", 400, &[]));
     for args in [
         vec!["list", "--dir", pki.d(), "--json"],
         vec!["list", "--dir", pki.d()],

@@ -6,6 +6,8 @@
 // Test helpers outside #[test] functions: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -13,19 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use tempfile::TempDir;
-
-fn certs<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    Command::new(env!("CARGO_BIN_EXE_certs"))
-        .args(args)
-        .env_remove("CERTS_DIR")
-        .output()
-        .expect("run the certs binary")
-}
+use common::{Pki, certs, fails, ok, text};
 
 fn openssl<I, S>(args: I) -> Output
 where
@@ -45,85 +35,46 @@ where
         .expect("run openssl")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Asserts success; returns stdout.
+/// `openssl x509 -noout ARGS -in CERT`, which must succeed; returns stdout.
 #[track_caller]
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "expected success, got {}:\n{}",
-        out.status,
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn x509(cert: &str, args: &[&str]) -> String {
+    ok(openssl(
+        ["x509", "-noout"].iter().chain(args).chain(&["-in", cert]),
+    ))
 }
 
-/// Asserts a non-zero exit; returns stderr.
-#[track_caller]
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected failure, got success:\n{}",
-        text(&out)
-    );
-    assert_ne!(out.status.code(), Some(0));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A temporary directory with an initialized PKI in `<tmp>/pki`.
-struct Pki {
-    _tmp: TempDir,
-    dir: PathBuf,
+/// `openssl TOOL -inform DER -in KEY ARGS`: the SEC1 DER key, which openssl does not
+/// recognise by itself.
+fn der_key(tool: &str, key: &str, args: &[&str]) -> Output {
+    openssl([tool, "-inform", "DER", "-in", key].iter().chain(args))
 }
 
 impl Pki {
-    fn new(extra: &[&str]) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("pki");
-        let mut args = vec!["init", "--dir", dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        ok(certs(&args));
-        Self { _tmp: tmp, dir }
-    }
-
-    fn d(&self) -> &str {
-        self.dir.to_str().unwrap()
-    }
-
-    fn p(&self, rel: &str) -> String {
-        self.dir.join(rel).to_str().unwrap().to_owned()
-    }
-
-    fn device(&self, id: &str) {
-        ok(certs(["device", "--dir", self.d(), id]));
-    }
-
     fn serial(&self, id: &str) -> String {
-        let out = ok(openssl([
-            "x509",
-            "-noout",
-            "-serial",
-            "-in",
-            &self.p(&format!("devices/{id}/cert.pem")),
-        ]));
+        let out = x509(&self.p(&format!("devices/{id}/cert.pem")), &["-serial"]);
         out.trim().strip_prefix("serial=").unwrap().to_owned()
     }
 
+    /// `openssl crl -noout ARGS -in DIR/crl.pem`.
+    fn crl(&self, args: &[&str]) -> Output {
+        let crl = self.p("crl.pem");
+        openssl(["crl", "-noout"].iter().chain(args).chain(&["-in", &crl]))
+    }
+
     fn crl_text(&self) -> String {
-        ok(openssl([
-            "crl",
-            "-noout",
-            "-text",
-            "-in",
-            &self.p("crl.pem"),
-        ]))
+        ok(self.crl(&["-text"]))
+    }
+
+    /// `openssl verify [-purpose PURPOSE] -CAfile DIR/ca.pem CERTS...`, with CERTS
+    /// relative to DIR.
+    fn verify(&self, purpose: Option<&str>, certs: &[&str]) -> Output {
+        let mut args = vec!["verify".to_owned()];
+        if let Some(purpose) = purpose {
+            args.extend(["-purpose".to_owned(), purpose.to_owned()]);
+        }
+        args.extend(["-CAfile".to_owned(), self.p("ca.pem")]);
+        args.extend(certs.iter().map(|cert| self.p(cert)));
+        openssl(args)
     }
 
     fn verify_with_crl(&self, cert: &str) -> Output {
@@ -177,79 +128,24 @@ fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
     let pki = Pki::new(&["--gateway-name", "gw.test", "--gateway-name", "10.1.2.3"]);
     pki.device("sensor-01");
     let dev = |f: &str| pki.p(&format!("devices/sensor-01/{f}"));
+    let dev_cert = "devices/sensor-01/cert.pem";
 
     // Chains.
-    let out = ok(openssl([
-        "verify",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("gateway.pem"),
-        &dev("cert.pem"),
-    ]));
+    let out = ok(pki.verify(None, &["gateway.pem", dev_cert]));
     assert_eq!(out.matches(": OK").count(), 2, "{out}");
-    ok(openssl([
-        "verify",
-        "-purpose",
-        "sslserver",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("gateway.pem"),
-    ]));
-    ok(openssl([
-        "verify",
-        "-purpose",
-        "sslclient",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &dev("cert.pem"),
-    ]));
+    ok(pki.verify(Some("sslserver"), &["gateway.pem"]));
+    ok(pki.verify(Some("sslclient"), &[dev_cert]));
     // Purposes are not interchangeable.
-    fails(openssl([
-        "verify",
-        "-purpose",
-        "sslserver",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &dev("cert.pem"),
-    ]));
+    fails(pki.verify(Some("sslserver"), &[dev_cert]));
 
     // The SEC1 DER key is valid and is the same key as the PKCS#8 PEM and the certificate.
-    let check = text(&openssl([
-        "ec",
-        "-inform",
-        "DER",
-        "-in",
-        &dev("key.der"),
-        "-check",
-        "-noout",
-    ]));
+    let check = text(&der_key("ec", &dev("key.der"), &["-check", "-noout"]));
     assert!(check.contains("EC Key valid."), "{check}");
-    let public = ok(openssl([
-        "pkey",
-        "-inform",
-        "DER",
-        "-in",
-        &dev("key.der"),
-        "-text_pub",
-        "-noout",
-    ]));
+    let public = ok(der_key("pkey", &dev("key.der"), &["-text_pub", "-noout"]));
     assert!(public.contains("prime256v1"), "{public}");
-    let from_der = ok(openssl([
-        "ec",
-        "-inform",
-        "DER",
-        "-in",
-        &dev("key.der"),
-        "-pubout",
-    ]));
+    let from_der = ok(der_key("ec", &dev("key.der"), &["-pubout"]));
     let from_pem = ok(openssl(["pkey", "-in", &dev("key.pem"), "-pubout"]));
-    let from_cert = ok(openssl([
-        "x509",
-        "-noout",
-        "-pubkey",
-        "-in",
-        &dev("cert.pem"),
-    ]));
+    let from_cert = x509(&dev("cert.pem"), &["-pubkey"]);
     assert!(from_der.contains("BEGIN PUBLIC KEY"));
     assert_eq!(from_der, from_pem);
     assert_eq!(from_der, from_cert);
@@ -259,37 +155,21 @@ fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
     assert_eq!(der_as_pem, fs::read_to_string(dev("cert.pem")).unwrap());
 
     // Subject CN = id.
-    let subject = ok(openssl([
-        "x509",
-        "-noout",
-        "-subject",
-        "-nameopt",
-        "RFC2253",
-        "-in",
-        &dev("cert.pem"),
-    ]));
+    let subject = x509(&dev("cert.pem"), &["-subject", "-nameopt", "RFC2253"]);
     assert_eq!(subject.trim(), "subject=CN=sensor-01");
 
     // Profile details rustls relies on.
-    let ca_ext = ok(openssl([
-        "x509",
-        "-noout",
-        "-ext",
-        "basicConstraints,keyUsage,subjectKeyIdentifier",
-        "-in",
+    let ca_ext = x509(
         &pki.p("ca.pem"),
-    ]));
+        &["-ext", "basicConstraints,keyUsage,subjectKeyIdentifier"],
+    );
     assert!(ca_ext.contains("CA:TRUE"), "{ca_ext}");
     assert!(ca_ext.contains("Certificate Sign, CRL Sign"), "{ca_ext}");
     assert!(ca_ext.contains("Subject Key Identifier"), "{ca_ext}");
-    let gw_ext = ok(openssl([
-        "x509",
-        "-noout",
-        "-ext",
-        "subjectAltName,extendedKeyUsage,basicConstraints",
-        "-in",
+    let gw_ext = x509(
         &pki.p("gateway.pem"),
-    ]));
+        &["-ext", "subjectAltName,extendedKeyUsage,basicConstraints"],
+    );
     for want in [
         "DNS:localhost",
         "IP Address:127.0.0.1",
@@ -301,27 +181,20 @@ fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
     ] {
         assert!(gw_ext.contains(want), "{want} missing in {gw_ext}");
     }
-    let dev_ext = ok(openssl([
-        "x509",
-        "-noout",
-        "-ext",
-        "extendedKeyUsage,authorityKeyIdentifier,basicConstraints",
-        "-in",
+    let dev_ext = x509(
         &dev("cert.pem"),
-    ]));
+        &[
+            "-ext",
+            "extendedKeyUsage,authorityKeyIdentifier,basicConstraints",
+        ],
+    );
     assert!(
         dev_ext.contains("TLS Web Client Authentication"),
         "{dev_ext}"
     );
     assert!(dev_ext.contains("Authority Key Identifier"), "{dev_ext}");
     assert!(dev_ext.contains("CA:FALSE"), "{dev_ext}");
-    let version = ok(openssl([
-        "x509",
-        "-noout",
-        "-text",
-        "-in",
-        &dev("cert.pem"),
-    ]));
+    let version = x509(&dev("cert.pem"), &["-text"]);
     assert!(version.contains("Version: 3 (0x2)"));
 
     // Private keys are 0600.
@@ -340,9 +213,7 @@ fn openssl_accepts_the_gateway_and_device_certificates_and_keys() {
 
 /// The subject as openssl prints it, e.g. `subject=CN=dev-a`.
 fn subject(pki: &Pki, cert: &str) -> String {
-    ok(openssl(["x509", "-noout", "-subject", "-in", &pki.p(cert)]))
-        .trim()
-        .to_owned()
+    x509(&pki.p(cert), &["-subject"]).trim().to_owned()
 }
 
 #[test]
@@ -371,16 +242,14 @@ fn renew_issues_a_new_serial_for_the_same_subject() {
     let verified = ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
     assert!(verified.contains(": OK"), "{verified}");
     // The key matches the certificate.
-    let pubkey = |args: &[&str]| ok(openssl(args));
     assert_eq!(
-        pubkey(&[
-            "x509",
-            "-noout",
-            "-pubkey",
+        x509(&pki.p("devices/dev-a/cert.pem"), &["-pubkey"]),
+        ok(openssl([
+            "pkey",
+            "-pubout",
             "-in",
-            &pki.p("devices/dev-a/cert.pem")
-        ]),
-        pubkey(&["pkey", "-pubout", "-in", &pki.p("devices/dev-a/key.pem")])
+            &pki.p("devices/dev-a/key.pem")
+        ]))
     );
     // The old certificate is still good until it is revoked.
     let old_path = pki.dir.parent().unwrap().join("old.pem");
@@ -399,25 +268,8 @@ fn renew_issues_a_new_serial_for_the_same_subject() {
     ok(pki.verify_with_crl("devices/dev-a/cert.pem"));
 
     // The gateway: same names, new serial, still a server certificate of this CA.
-    let names = |pki: &Pki| {
-        ok(openssl([
-            "x509",
-            "-noout",
-            "-ext",
-            "subjectAltName",
-            "-in",
-            &pki.p("gateway.pem"),
-        ]))
-    };
-    let gw_serial = |pki: &Pki| {
-        ok(openssl([
-            "x509",
-            "-noout",
-            "-serial",
-            "-in",
-            &pki.p("gateway.pem"),
-        ]))
-    };
+    let names = |pki: &Pki| x509(&pki.p("gateway.pem"), &["-ext", "subjectAltName"]);
+    let gw_serial = |pki: &Pki| x509(&pki.p("gateway.pem"), &["-serial"]);
     let (names_before, subject_before, serial_before) =
         (names(&pki), subject(&pki, "gateway.pem"), gw_serial(&pki));
     ok(certs(["renew", "--dir", pki.d(), "--gateway"]));
@@ -425,14 +277,7 @@ fn renew_issues_a_new_serial_for_the_same_subject() {
     assert!(names_before.contains("gw.example") && names_before.contains("10.0.0.7"));
     assert_eq!(subject(&pki, "gateway.pem"), subject_before);
     assert_ne!(gw_serial(&pki), serial_before);
-    let out = ok(openssl([
-        "verify",
-        "-purpose",
-        "sslserver",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("gateway.pem"),
-    ]));
+    let out = ok(pki.verify(Some("sslserver"), &["gateway.pem"]));
     assert!(out.contains(": OK"), "{out}");
 
     // Renewing what is not there.
@@ -447,15 +292,7 @@ fn renew_issues_a_new_serial_for_the_same_subject() {
 
 /// `nextUpdate=...` as openssl prints it, as a number of seconds since the epoch.
 fn next_update(pki: &Pki) -> i64 {
-    let out = ok(openssl([
-        "crl",
-        "-noout",
-        "-nextupdate",
-        "-dateopt",
-        "iso_8601",
-        "-in",
-        &pki.p("crl.pem"),
-    ]));
+    let out = ok(pki.crl(&["-nextupdate", "-dateopt", "iso_8601"]));
     // `2026-12-01 22:33:13Z`: RFC 3339 but for the space.
     let text = out.trim().strip_prefix("nextUpdate=").unwrap();
     rfc3339(&text.replacen(' ', "T", 1))
@@ -531,8 +368,7 @@ fn crl_refresh_moves_the_next_update_and_keeps_the_revocations() {
 
     // `list` shows it, in the table and in JSON.
     let next = next_update(&pki);
-    let list: serde_json::Value =
-        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let list = pki.list_json();
     let crl = &list["crl"];
     assert_eq!(crl["number"], number + 3);
     assert_eq!(crl["expired"], false);
@@ -571,14 +407,7 @@ fn revocation_is_seen_by_openssl_and_keeps_earlier_entries() {
     let crl = pki.crl_text();
     assert!(crl.contains(&format!("Serial Number: {a}")), "{crl}");
     assert_eq!(crl_number(&crl), 2);
-    let verify_crl = text(&openssl([
-        "crl",
-        "-noout",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        "-in",
-        &pki.p("crl.pem"),
-    ]));
+    let verify_crl = text(&pki.crl(&["-CAfile", &pki.p("ca.pem")]));
     assert!(verify_crl.contains("verify OK"), "{verify_crl}");
 
     let rejected = pki.verify_with_crl("devices/dev-a/cert.pem");
@@ -628,8 +457,7 @@ fn revocation_is_seen_by_openssl_and_keeps_earlier_entries() {
     assert_eq!(crl.matches("Serial Number:").count(), 3);
 
     // `list` agrees.
-    let list: serde_json::Value =
-        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let list = pki.list_json();
     let status: Vec<(&str, bool)> = list["devices"]
         .as_array()
         .unwrap()
@@ -642,15 +470,7 @@ fn revocation_is_seen_by_openssl_and_keeps_earlier_entries() {
 #[test]
 fn a_thousand_devices_at_once() {
     let pki = Pki::new(&[]);
-    ok(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "sim-",
-        "--count",
-        "1000",
-    ]));
+    ok(pki.devices("sim-", 1000, &[]));
     let mut names: Vec<String> = fs::read_dir(pki.p("devices"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -660,20 +480,17 @@ fn a_thousand_devices_at_once() {
     assert_eq!(names.first().unwrap(), "sim-0000");
     assert_eq!(names.last().unwrap(), "sim-0999");
 
-    let out = ok(openssl([
-        "verify",
-        "-purpose",
-        "sslclient",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("devices/sim-0000/cert.pem"),
-        &pki.p("devices/sim-0500/cert.pem"),
-        &pki.p("devices/sim-0999/cert.pem"),
-    ]));
+    let out = ok(pki.verify(
+        Some("sslclient"),
+        &[
+            "devices/sim-0000/cert.pem",
+            "devices/sim-0500/cert.pem",
+            "devices/sim-0999/cert.pem",
+        ],
+    ));
     assert_eq!(out.matches(": OK").count(), 3, "{out}");
 
-    let list: serde_json::Value =
-        serde_json::from_str(&ok(certs(["list", "--dir", pki.d(), "--json"]))).unwrap();
+    let list = pki.list_json();
     let rows = list["devices"].as_array().unwrap();
     assert_eq!(rows.len(), 1000);
     let serials: std::collections::HashSet<&str> =
@@ -683,27 +500,10 @@ fn a_thousand_devices_at_once() {
 
     // Asking again refuses and writes nothing; --skip-existing fills the gaps.
     let before = snapshot(&pki.dir);
-    let err = fails(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "sim-",
-        "--count",
-        "1002",
-    ]));
+    let err = fails(pki.devices("sim-", 1002, &[]));
     assert!(err.contains("--skip-existing"), "{err}");
     assert_eq!(snapshot(&pki.dir), before);
-    let out = ok(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "sim-",
-        "--count",
-        "1002",
-        "--skip-existing",
-    ]));
+    let out = ok(pki.devices("sim-", 1002, &["--skip-existing"]));
     assert!(out.contains("skipped 1000"), "{out}");
     assert!(pki.dir.join("devices/sim-1001/cert.pem").exists());
 }
@@ -725,15 +525,7 @@ fn bad_input_fails_with_a_clear_message_and_writes_nothing() {
         );
         assert_eq!(snapshot(&pki.dir), before, "{bad:?} left something behind");
     }
-    let err = fails(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "bad prefix ",
-        "--count",
-        "3",
-    ]));
+    let err = fails(pki.devices("bad prefix ", 3, &[]));
     assert!(err.contains("device id"), "{err}");
 
     // An existing device.
@@ -811,15 +603,7 @@ fn bad_input_fails_with_a_clear_message_and_writes_nothing() {
     );
 
     // Usage errors.
-    fails(certs([
-        "devices",
-        "--dir",
-        pki.d(),
-        "--prefix",
-        "s",
-        "--count",
-        "0",
-    ]));
+    fails(pki.devices("s", 0, &[]));
     fails(certs(["device", "--dir", pki.d(), "x", "--days", "0"]));
     fails(certs(["revoke", "--dir", pki.d()]));
 
@@ -836,27 +620,12 @@ fn init_force_replaces_the_ca() {
     ok(out);
     assert!(err.contains("no longer trusted"), "{err}");
     assert_ne!(fs::read(pki.p("ca.pem")).unwrap(), old_ca);
-    fails(openssl([
-        "verify",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("devices/old/cert.pem"),
-    ]));
-    ok(openssl([
-        "verify",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("gateway.pem"),
-    ]));
+    fails(pki.verify(None, &["devices/old/cert.pem"]));
+    ok(pki.verify(None, &["gateway.pem"]));
     let list = ok(certs(["list", "--dir", pki.d()]));
     assert!(list.contains("other-ca"), "{list}");
     ok(certs(["device", "--dir", pki.d(), "old", "--force"]));
-    ok(openssl([
-        "verify",
-        "-CAfile",
-        &pki.p("ca.pem"),
-        &pki.p("devices/old/cert.pem"),
-    ]));
+    ok(pki.verify(None, &["devices/old/cert.pem"]));
 }
 
 #[test]

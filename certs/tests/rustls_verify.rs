@@ -15,8 +15,8 @@ use rustls::pki_types::{PrivateKeyDer, PrivateSec1KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{
-    CertificateError, ClientConfig, ClientConnection, Error, RootCertStore, ServerConfig,
-    ServerConnection,
+    CertificateError, ClientConfig, ClientConnection, ConnectionCommon, Error, RootCertStore,
+    ServerConfig, ServerConnection,
 };
 
 fn provider() -> Arc<CryptoProvider> {
@@ -133,27 +133,29 @@ fn server_verifier_names() {
 /// Drives a handshake between two in-memory connections; returns the first error.
 fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) -> Result<(), Error> {
     for _ in 0..20 {
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        if !buf.is_empty() {
-            server.read_tls(&mut buf.as_slice()).unwrap();
-            server.process_new_packets()?;
-        }
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        if !buf.is_empty() {
-            client.read_tls(&mut buf.as_slice()).unwrap();
-            client.process_new_packets()?;
-        }
+        deliver(client, server)?;
+        deliver(server, client)?;
         if !client.is_handshaking() && !server.is_handshaking() {
             return Ok(());
         }
     }
     panic!("handshake did not finish");
+}
+
+/// Hands everything `from` has to send to `to`, which processes it.
+fn deliver<A, B>(
+    from: &mut ConnectionCommon<A>,
+    to: &mut ConnectionCommon<B>,
+) -> Result<(), Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    if !buf.is_empty() {
+        to.read_tls(&mut buf.as_slice()).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(())
 }
 
 fn connect(
