@@ -88,6 +88,27 @@ impl Now {
     }
 }
 
+/// Why a command cannot go to this device; the driver fails it in the store with this
+/// as its error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unsendable {
+    /// No session is open (the device has not sent `Hello`, or has gone).
+    #[error("the session is not open")]
+    NotOpen,
+    /// Its name or arguments break the protocol's bounds (checked when it was asked;
+    /// a store edited by hand could still hold one).
+    #[error("invalid name or arguments: {0}")]
+    Invalid(#[from] proto::TextError),
+    /// It does not fit the frame limit the device announced.
+    #[error("{source} (the device accepts frames of up to {limit} bytes)")]
+    TooLarge {
+        /// The encoder's error.
+        source: proto::EncodeError,
+        /// The device's `max_frame`.
+        limit: usize,
+    },
+}
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -426,15 +447,18 @@ impl Machine {
 
     /// Sends a command taken from the store. `Err` says why it cannot go to this device
     /// (it does not fit the device's frame limit): the driver fails it in the store.
-    pub(crate) fn send_command(&mut self, now: Now, cmd: &OutgoingCommand) -> Result<(), String> {
+    pub(crate) fn send_command(
+        &mut self,
+        now: Now,
+        cmd: &OutgoingCommand,
+    ) -> Result<(), Unsendable> {
         if self.open.is_none() {
-            return Err("the session is not open".into());
+            return Err(Unsendable::NotOpen);
         }
+        // A time to live over 49 days is sent as the longest the field holds.
         let ttl_ms = u32::try_from((cmd.expires_ms - now.wall_ms).max(1)).unwrap_or(u32::MAX);
-        let (Ok(name), Ok(args)) = (Name::new(&cmd.name), values::borrow_readings(&cmd.args))
-        else {
-            return Err("invalid name or arguments".into());
-        };
+        let name = Name::new(&cmd.name)?;
+        let args = values::borrow_readings(&cmd.args)?;
         self.queue_checked(&Downlink::Command(Command {
             id: wire_id(cmd.id),
             name,
@@ -543,7 +567,7 @@ impl Machine {
         }
     }
 
-    fn queue_checked(&mut self, msg: &Downlink<'_>) -> Result<(), String> {
+    fn queue_checked(&mut self, msg: &Downlink<'_>) -> Result<(), Unsendable> {
         let limit = self
             .open
             .as_ref()
@@ -558,9 +582,7 @@ impl Machine {
                     .extend_from_slice(frame.get(..n).unwrap_or_default());
                 Ok(())
             }
-            Err(e) => Err(format!(
-                "{e} (the device accepts frames of up to {limit} bytes)"
-            )),
+            Err(source) => Err(Unsendable::TooLarge { source, limit }),
         }
     }
 

@@ -441,7 +441,7 @@ impl Session {
                             crate::store::CommandState::Failed,
                             None,
                             None,
-                            Some(why),
+                            Some(why.to_string()),
                         )
                         .await
                         .map_err(End::from)?;

@@ -297,6 +297,34 @@ fn commands_are_run_once_and_their_result_recorded_once() {
     assert_eq!(rec.attempts, 2);
 }
 
+/// A command larger than the device's announced frame limit is not sent: it fails in
+/// the store with the reason, and the next command still goes out.
+#[test]
+fn a_command_over_the_device_frame_limit_fails_with_the_reason() {
+    let mut p = Pair::with(Config::new(0xb007, "test-fw").with_frames(128, 512));
+    p.connect();
+    let big: crate::values::OwnedReadings = (0..2)
+        .map(|i| {
+            (
+                format!("blob{i}"),
+                crate::values::OwnedValue::Bytes(vec![7; 100]),
+            )
+        })
+        .collect();
+    let id = p.enqueue_with("flash", big);
+    assert!(p.commands.is_empty(), "nothing reached the device");
+    let rec = p.command(id);
+    assert_eq!(rec.state, CommandState::Failed);
+    let error = rec.error.unwrap_or_default();
+    assert!(
+        error.contains("the device accepts frames of up to 128 bytes"),
+        "{error}"
+    );
+    let next = p.enqueue("echo");
+    assert_eq!(p.commands.len(), 1);
+    assert_eq!(p.command(next).state, CommandState::Sent);
+}
+
 /// A result for a command not in flight on this session (never sent, or answered
 /// already) is ignored without touching the store.
 #[test]

@@ -270,7 +270,19 @@ impl Pair {
             .block_on(self.store.take_commands(key, room, include_sent))
             .unwrap();
         for c in cmds {
-            link.gw.send_command(now, &c).unwrap();
+            // As the driver does: a command the device cannot take fails in the store.
+            if let Err(why) = link.gw.send_command(now, &c) {
+                self.rt
+                    .block_on(self.store.finish_command(
+                        key,
+                        c.id,
+                        CommandState::Failed,
+                        None,
+                        None,
+                        Some(why.to_string()),
+                    ))
+                    .unwrap();
+            }
         }
     }
 
@@ -443,12 +455,17 @@ impl Pair {
 
     /// An operator queues a command; an open session sends it at once.
     fn enqueue(&mut self, name: &str) -> i64 {
+        self.enqueue_with(name, crate::values::OwnedReadings::default())
+    }
+
+    /// [`enqueue`](Self::enqueue) with arguments.
+    fn enqueue_with(&mut self, name: &str, args: crate::values::OwnedReadings) -> i64 {
         let rec = self
             .rt
             .block_on(self.store.enqueue_command(
                 DEVICE,
                 name,
-                crate::values::OwnedReadings::default(),
+                args,
                 Duration::from_secs(600),
                 Route::Local,
             ))
