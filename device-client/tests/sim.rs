@@ -231,12 +231,12 @@ async fn ended(ends: &Mutex<Vec<End>>, n: usize) -> Vec<End> {
 fn show(s: &Summary) -> String {
     format!(
         "connects {}, disconnects {} {:?}, connect failures {} {:?}, fatal {}, per device {:?}",
-        s.connects,
-        s.disconnects,
-        s.disconnects_by_reason,
-        s.connect_failures,
-        s.connect_failures_by_reason,
-        s.fatal,
+        s.counts.connects,
+        s.counts.disconnects,
+        s.counts.disconnects_by_reason,
+        s.counts.connect_failures,
+        s.counts.connect_failures_by_reason,
+        s.counts.fatal,
         s.per_device
     )
 }
@@ -255,8 +255,12 @@ async fn at_the_end_each_connection_is_closed_with_close_notify() {
     ))
     .unwrap();
     let summary = sim.wait().await.unwrap();
-    assert_eq!(summary.connects, 1, "{}", show(&summary));
-    assert!(summary.drained && summary.acked > 0, "{}", show(&summary));
+    assert_eq!(summary.counts.connects, 1, "{}", show(&summary));
+    assert!(
+        summary.drained && summary.counts.acked > 0,
+        "{}",
+        show(&summary)
+    );
     assert_eq!(ended(&ends, 1).await, [End::CloseNotify]);
 }
 
@@ -272,16 +276,21 @@ async fn a_refused_connect_is_counted_once() {
     let sim =
         Simulator::start(config(addr, pki.devices(), 0.0, Duration::from_millis(700))).unwrap();
     let s = sim.wait().await.unwrap();
-    assert!(s.connect_failures >= 2, "{}", show(&s));
+    assert!(s.counts.connect_failures >= 2, "{}", show(&s));
     assert_eq!(
-        s.connect_failures_by_reason.get("refused"),
-        Some(&s.connect_failures),
+        s.counts.connect_failures_by_reason.get("refused"),
+        Some(&s.counts.connect_failures),
         "{}",
         show(&s)
     );
-    assert_eq!(s.disconnects, 0, "no session ever opened: {}", show(&s));
-    assert!(s.disconnects_by_reason.is_empty(), "{}", show(&s));
-    assert_eq!((s.connects, s.fatal), (0, 0), "{}", show(&s));
+    assert_eq!(
+        s.counts.disconnects,
+        0,
+        "no session ever opened: {}",
+        show(&s)
+    );
+    assert!(s.counts.disconnects_by_reason.is_empty(), "{}", show(&s));
+    assert_eq!((s.counts.connects, s.counts.fatal), (0, 0), "{}", show(&s));
 }
 
 /// A revoked certificate is refused by the handshake (TLS 1.3: an alert on the first
@@ -299,16 +308,16 @@ async fn a_revoked_handshake_is_a_refusal_not_a_disconnect() {
     ))
     .unwrap();
     let s = sim.wait().await.unwrap();
-    assert_eq!(s.connect_failures, 1, "{}", show(&s));
+    assert_eq!(s.counts.connect_failures, 1, "{}", show(&s));
     assert_eq!(
-        s.connect_failures_by_reason.get("revoked"),
+        s.counts.connect_failures_by_reason.get("revoked"),
         Some(&1),
         "{}",
         show(&s)
     );
-    assert_eq!(s.disconnects, 0, "{}", show(&s));
-    assert_eq!(s.connects, 0, "{}", show(&s));
-    assert_eq!(s.fatal, 1, "{}", show(&s));
+    assert_eq!(s.counts.disconnects, 0, "{}", show(&s));
+    assert_eq!(s.counts.connects, 0, "{}", show(&s));
+    assert_eq!(s.counts.fatal, 1, "{}", show(&s));
     let why = s.per_device[0].fatal.as_deref().unwrap_or_default();
     assert!(why.contains("revoked"), "{why}");
     // One attempt only: a revoked device does not knock again.

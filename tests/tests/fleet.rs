@@ -343,7 +343,7 @@ async fn devices_move_to_the_other_gateways_when_one_is_killed() {
     let sim = Simulator::start(config).unwrap();
     let mon = sim.monitor();
     until(&mon, "every device connected", |s| s.ever_connected == n).await;
-    until(&mon, "records acked", |s| s.acked >= 300).await;
+    until(&mon, "records acked", |s| s.counts.acked >= 300).await;
 
     let (killed, _, args, _data) = gateways.remove(0);
     let before = mon.stats();
@@ -351,15 +351,15 @@ async fn devices_move_to_the_other_gateways_when_one_is_killed() {
     killed.kill();
     // A third of the devices lose their gateway and find another.
     until(&mon, "its devices back on the others", |s| {
-        s.connected == n as u64 && s.connects >= before.connects + (n / 3) as u64
+        s.connected == n as u64 && s.counts.connects >= before.counts.connects + (n / 3) as u64
     })
     .await;
     println!(
         "every device reachable again {:?} after its gateway was killed (backoff 0.1–1 s)",
         killed_at.elapsed()
     );
-    let moved = mon.stats().acked;
-    until(&mon, "streaming on", |s| s.acked >= moved + 300).await;
+    let moved = mon.stats().counts.acked;
+    until(&mon, "streaming on", |s| s.counts.acked >= moved + 300).await;
     mon.stop();
     let summary = sim.wait().await.unwrap();
 
@@ -388,7 +388,7 @@ async fn devices_move_to_the_other_gateways_when_one_is_killed() {
     println!(
         "acked {acked}; in the stream {}; reconnects {}",
         seen.len(),
-        summary.reconnects
+        summary.counts.reconnects
     );
 }
 

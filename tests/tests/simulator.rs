@@ -77,20 +77,20 @@ fn assert_exactly_once(db: &Path, summary: &Summary) {
         "{} devices: sent {}, acked {}, connects {}, reconnects {}, disconnects {:?}, \
          connect failures {:?}, ack latency {:?}, run {} ms, drain {} ms",
         summary.devices,
-        summary.sent,
-        summary.acked,
-        summary.connects,
-        summary.reconnects,
-        summary.disconnects_by_reason,
-        summary.connect_failures_by_reason,
+        summary.counts.sent,
+        summary.counts.acked,
+        summary.counts.connects,
+        summary.counts.reconnects,
+        summary.counts.disconnects_by_reason,
+        summary.counts.connect_failures_by_reason,
         summary.ack_latency,
         summary.run_ms,
         summary.drain_ms
     );
     assert!(summary.drained, "every record acked before the end");
-    assert_eq!(summary.unacked, 0);
-    assert_eq!(summary.lost_on_reboot, 0);
-    assert_eq!(summary.sent, summary.acked);
+    assert_eq!(summary.counts.unacked, 0);
+    assert_eq!(summary.counts.lost_on_reboot, 0);
+    assert_eq!(summary.counts.sent, summary.counts.acked);
     let rows = stored(db);
     let mut boots = 0;
     let mut total = 0;
@@ -115,8 +115,8 @@ fn assert_exactly_once(db: &Path, summary: &Summary) {
         }
     }
     assert_eq!(rows.len(), boots, "no rows of other devices or boots");
-    assert_eq!(total, summary.sent);
-    assert_eq!(rows.values().map(|r| r.0).sum::<u64>(), summary.sent);
+    assert_eq!(total, summary.counts.sent);
+    assert_eq!(rows.values().map(|r| r.0).sum::<u64>(), summary.counts.sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +130,7 @@ async fn two_hundred_devices_store_every_acked_record_exactly_once() {
     assert!(s.all_connected_after.is_some());
     // A few records from every device, acked.
     until(&mon, "3 acked records per device", |s| {
-        s.acked >= 3 * n as u64
+        s.counts.acked >= 3 * n as u64
     })
     .await;
     mon.stop();
@@ -138,21 +138,21 @@ async fn two_hundred_devices_store_every_acked_record_exactly_once() {
 
     assert_eq!(summary.devices, n);
     assert_eq!(summary.per_device.len(), n);
-    assert_eq!(summary.fatal, 0);
+    assert_eq!(summary.counts.fatal, 0);
     assert!(summary.all_connected_after_ms.is_some());
     assert!(summary.ack_latency.count > 0);
     assert!(summary.per_device.iter().all(|d| d.boots.len() == 1));
     assert_exactly_once(&tg.data.path().join("gateway.sqlite"), &summary);
     assert_eq!(
         tg.gw.store().telemetry_count(None).await.unwrap(),
-        summary.sent
+        summary.counts.sent
     );
     // The summary is what `device-sim --json` prints.
     let text = serde_json::to_string(&summary).unwrap();
     let back: Summary = serde_json::from_str(&text).unwrap();
     assert_eq!(
-        (back.sent, &back.per_device),
-        (summary.sent, &summary.per_device)
+        (back.counts.sent, &back.per_device),
+        (summary.counts.sent, &summary.per_device)
     );
 }
 
@@ -167,7 +167,7 @@ async fn devices_ride_out_a_gateway_sigkill_and_lose_nothing() {
     let mon = sim.monitor();
     until(&mon, "every device connected", |s| s.ever_connected == n).await;
     until(&mon, "5 acked records per device", |s| {
-        s.acked >= 5 * n as u64
+        s.counts.acked >= 5 * n as u64
     })
     .await;
 
@@ -176,7 +176,7 @@ async fn devices_ride_out_a_gateway_sigkill_and_lose_nothing() {
     until(&mon, "every device to notice", |s| s.connected == 0).await;
     // Devices keep sampling while the gateway is away: their rings fill.
     let down = until(&mon, "records queued during the outage", |s| {
-        s.unacked >= n as u64
+        s.counts.unacked >= n as u64
     })
     .await;
 
@@ -188,18 +188,21 @@ async fn devices_ride_out_a_gateway_sigkill_and_lose_nothing() {
     .await;
     assert_eq!(again, addr);
     until(&mon, "every device back", |s| {
-        s.connected == n as u64 && s.reconnects >= n as u64
+        s.connected == n as u64 && s.counts.reconnects >= n as u64
     })
     .await;
     // Everything queued before the restart is acked (replayed from the rings).
-    until(&mon, "the outage's records acked", |s| s.acked >= down.sent).await;
+    until(&mon, "the outage's records acked", |s| {
+        s.counts.acked >= down.counts.sent
+    })
+    .await;
     mon.stop();
     let summary = sim.wait().await.unwrap();
 
-    assert!(summary.reconnects >= n as u64, "{summary:#?}");
-    assert!(summary.disconnects >= n as u64);
-    assert_eq!(summary.fatal, 0);
-    assert_eq!(summary.ring_full, 0, "16 KiB rings hold the outage");
+    assert!(summary.counts.reconnects >= n as u64, "{summary:#?}");
+    assert!(summary.counts.disconnects >= n as u64);
+    assert_eq!(summary.counts.fatal, 0);
+    assert_eq!(summary.counts.ring_full, 0, "16 KiB rings hold the outage");
     assert!(summary.per_device.iter().all(|d| d.connects >= 2));
     assert_exactly_once(&data.path().join("db/gateway.sqlite"), &summary);
     drop(gw);
@@ -289,8 +292,8 @@ async fn commands_round_trip_through_the_gateway_to_simulated_devices() {
 
     mon.stop();
     let summary = sim.wait().await.unwrap();
-    assert_eq!(summary.commands, 6);
-    assert_eq!(summary.reboots, 1);
+    assert_eq!(summary.counts.commands, 6);
+    assert_eq!(summary.counts.reboots, 1);
     let rebooted = &summary.per_device[2];
     assert_eq!(rebooted.boots.len(), 2);
     assert_eq!(Some(rebooted.boots[0].boot_id), before);

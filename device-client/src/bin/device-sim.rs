@@ -268,8 +268,8 @@ fn hint(s: &Stats, hinted: bool, tty: bool) -> bool {
     say!(
         "device-sim: no device has connected after {:.0} s (connect failures: {:?}, disconnects: {:?}): is the gateway running at that address, does its certificate carry --server-name, and does it trust this CA?",
         s.elapsed.as_secs_f64(),
-        s.connect_failures_by_reason,
-        s.disconnects_by_reason
+        s.counts.connect_failures_by_reason,
+        s.counts.disconnects_by_reason
     );
     true
 }
@@ -289,21 +289,21 @@ fn progress(s: &Stats, last: &Histogram) -> String {
         s.elapsed.as_secs_f64(),
         s.connected,
         s.devices,
-        s.sent,
-        s.acked,
-        s.unacked,
+        s.counts.sent,
+        s.counts.acked,
+        s.counts.unacked,
         ms(recent.quantile(0.5)),
         ms(recent.quantile(0.99)),
-        s.reconnects,
+        s.counts.reconnects,
     );
-    if s.connect_failures > 0 {
-        line.push_str(&format!("  connect failures {}", s.connect_failures));
+    if s.counts.connect_failures > 0 {
+        line.push_str(&format!("  connect failures {}", s.counts.connect_failures));
     }
-    if s.ring_full > 0 {
-        line.push_str(&format!("  ring full {}", s.ring_full));
+    if s.counts.ring_full > 0 {
+        line.push_str(&format!("  ring full {}", s.counts.ring_full));
     }
-    if s.commands > 0 {
-        line.push_str(&format!("  commands {}", s.commands));
+    if s.counts.commands > 0 {
+        line.push_str(&format!("  commands {}", s.counts.commands));
     }
     if s.phase != device_client::sim::Phase::Running {
         line.push_str(&format!("  ({:?})", s.phase).to_lowercase());
@@ -331,15 +331,15 @@ fn human_summary(s: &Summary) -> String {
     ));
     out.push_str(&format!(
         "  telemetry            sent {}, acked {}, unacked {}{}, ring full {}\n",
-        s.sent,
-        s.acked,
-        s.unacked,
+        s.counts.sent,
+        s.counts.acked,
+        s.counts.unacked,
         if s.drained {
             " (all acked)"
         } else {
             " (drain timed out)"
         },
-        s.ring_full
+        s.counts.ring_full
     ));
     out.push_str(&format!(
         "  ack latency          p50 {}, p90 {}, p99 {}, max {} ({} records queued on an open session)\n",
@@ -351,25 +351,25 @@ fn human_summary(s: &Summary) -> String {
     ));
     out.push_str(&format!(
         "  sessions             connects {}, reconnects {}, disconnects {} {:?}, connect failures {} {:?}\n",
-        s.connects,
-        s.reconnects,
-        s.disconnects,
-        s.disconnects_by_reason,
-        s.connect_failures,
-        s.connect_failures_by_reason
+        s.counts.connects,
+        s.counts.reconnects,
+        s.counts.disconnects,
+        s.counts.disconnects_by_reason,
+        s.counts.connect_failures,
+        s.counts.connect_failures_by_reason
     ));
     out.push_str(&format!(
         "  commands             {} run, {} reboots, {} records lost to reboots\n",
-        s.commands, s.reboots, s.lost_on_reboot
+        s.counts.commands, s.counts.reboots, s.counts.lost_on_reboot
     ));
-    if s.fatal > 0 {
+    if s.counts.fatal > 0 {
         let first = s
             .per_device
             .iter()
             .find_map(|d| d.fatal.as_ref().map(|why| format!("{}: {why}", d.id)));
         out.push_str(&format!(
             "  refused for good     {} devices (first: {})\n",
-            s.fatal,
+            s.counts.fatal,
             first.unwrap_or_default()
         ));
     }

@@ -34,7 +34,7 @@
 //! config.duration = Some(std::time::Duration::from_secs(30));
 //! let sim = Simulator::start(config)?;
 //! let summary = sim.wait().await?;
-//! println!("{} sent, {} acked", summary.sent, summary.acked);
+//! println!("{} sent, {} acked", summary.counts.sent, summary.counts.acked);
 //! # Ok(()) }
 //! ```
 
@@ -45,7 +45,6 @@ mod device;
 mod identity;
 mod stats;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::string::String;
 use std::sync::atomic::Ordering;
@@ -58,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 pub use identity::{DeviceIdentity, client_config, load_dir, sequential_ids};
-pub use stats::{Histogram, LatencySummary, Phase, Stats};
+pub use stats::{Counts, Histogram, LatencySummary, Phase, Stats};
 
 use crate::machine::Millis;
 use stats::Global;
@@ -262,34 +261,9 @@ pub struct Summary {
     pub drained: bool,
     /// Milliseconds from the start until every device had opened a session once.
     pub all_connected_after_ms: Option<u64>,
-    /// Records queued.
-    pub sent: u64,
-    /// Records acknowledged.
-    pub acked: u64,
-    /// Records neither acked nor lost at the end.
-    pub unacked: u64,
-    /// Samples dropped for a full ring.
-    pub ring_full: u64,
-    /// Sessions opened.
-    pub connects: u64,
-    /// Sessions opened beyond each device's first.
-    pub reconnects: u64,
-    /// Connections that ended after TCP and TLS were up (see [`Stats::disconnects`]).
-    pub disconnects: u64,
-    /// `disconnects` by reason.
-    pub disconnects_by_reason: BTreeMap<String, u64>,
-    /// Failed connects and handshakes, each counted once (not also as disconnects).
-    pub connect_failures: u64,
-    /// `connect_failures` by reason (`refused`, `tls`, `revoked`, ...).
-    pub connect_failures_by_reason: BTreeMap<String, u64>,
-    /// Commands run.
-    pub commands: u64,
-    /// Reboots.
-    pub reboots: u64,
-    /// Records given up by reboots.
-    pub lost_on_reboot: u64,
-    /// Devices refused for good.
-    pub fatal: u64,
+    /// What happened, counted (flattened: its fields are keys of the summary's JSON).
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Ack latency of records queued on an open session.
     pub ack_latency: LatencySummary,
     /// Every device, in the order of [`SimConfig::devices`].
@@ -708,20 +682,7 @@ impl Control {
             drain_ms,
             drained,
             all_connected_after_ms: s.all_connected_after.map(ms),
-            sent: s.sent,
-            acked: s.acked,
-            unacked: s.unacked,
-            ring_full: s.ring_full,
-            connects: s.connects,
-            reconnects: s.reconnects,
-            disconnects: s.disconnects,
-            disconnects_by_reason: s.disconnects_by_reason,
-            connect_failures: s.connect_failures,
-            connect_failures_by_reason: s.connect_failures_by_reason,
-            commands: s.commands,
-            reboots: s.reboots,
-            lost_on_reboot: s.lost_on_reboot,
-            fatal: s.fatal,
+            counts: s.counts,
             ack_latency: s.ack_latency.summary(),
             per_device: per_device.into_iter().map(|(_, d)| d).collect(),
         })
@@ -743,5 +704,59 @@ impl core::fmt::Debug for Monitor {
         f.debug_struct("Monitor")
             .field("phase", &self.global.phase())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// `device-sim --json` prints a [`Summary`]: scripts read these keys, in this order.
+    #[test]
+    fn summary_json_keys_stay_put() {
+        let summary = Summary {
+            devices: 2,
+            rate_per_device: 1.5,
+            run_ms: 3,
+            drain_ms: 4,
+            drained: true,
+            all_connected_after_ms: Some(5),
+            counts: Counts {
+                sent: 6,
+                acked: 7,
+                unacked: 8,
+                ring_full: 9,
+                connects: 10,
+                reconnects: 11,
+                disconnects: 12,
+                disconnects_by_reason: BTreeMap::from([(String::from("closed"), 12)]),
+                connect_failures: 13,
+                connect_failures_by_reason: BTreeMap::from([(String::from("tls"), 13)]),
+                commands: 14,
+                reboots: 15,
+                lost_on_reboot: 16,
+                fatal: 17,
+            },
+            ack_latency: LatencySummary::default(),
+            per_device: Vec::new(),
+        };
+        let text = serde_json::to_string(&summary).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"devices":2,"rate_per_device":1.5,"run_ms":3,"drain_ms":4,"drained":true,"#,
+                r#""all_connected_after_ms":5,"sent":6,"acked":7,"unacked":8,"ring_full":9,"#,
+                r#""connects":10,"reconnects":11,"disconnects":12,"#,
+                r#""disconnects_by_reason":{"closed":12},"connect_failures":13,"#,
+                r#""connect_failures_by_reason":{"tls":13},"commands":14,"reboots":15,"#,
+                r#""lost_on_reboot":16,"fatal":17,"#,
+                r#""ack_latency":{"count":0,"p50_ms":null,"p90_ms":null,"p99_ms":null,"max_ms":null},"#,
+                r#""per_device":[]}"#
+            )
+        );
+        let back: Summary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, summary);
     }
 }

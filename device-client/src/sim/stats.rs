@@ -157,7 +157,7 @@ pub struct LatencySummary {
     pub max_ms: Option<f64>,
 }
 
-/// Why sessions ended, for [`Stats::disconnects_by_reason`].
+/// Why sessions ended, for [`Counts::disconnects_by_reason`].
 const REASONS: [&str; 17] = [
     "closed",
     "welcome_timeout",
@@ -202,7 +202,7 @@ fn reason_index(d: &Disconnect) -> usize {
     }
 }
 
-/// Why a connection attempt failed, for [`Stats::connect_failures_by_reason`].
+/// Why a connection attempt failed, for [`Counts::connect_failures_by_reason`].
 /// `revoked`: the gateway refused the certificate in the handshake as revoked.
 const FAILURES: [&str; 7] = [
     "refused",
@@ -362,17 +362,18 @@ impl Global {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut reasons = [0u64; REASONS.len()];
         let mut failures = [0u64; FAILURES.len()];
+        let counts = &mut s.counts;
         for sh in &self.shards {
-            s.unacked += sh.unacked();
-            s.sent += load(&sh.sent);
-            s.acked += load(&sh.acked);
-            s.lost_on_reboot += load(&sh.lost_on_reboot);
-            s.ring_full += load(&sh.ring_full);
-            s.connects += load(&sh.connects);
+            counts.unacked += sh.unacked();
+            counts.sent += load(&sh.sent);
+            counts.acked += load(&sh.acked);
+            counts.lost_on_reboot += load(&sh.lost_on_reboot);
+            counts.ring_full += load(&sh.ring_full);
+            counts.connects += load(&sh.connects);
             s.connected += load(&sh.open).saturating_sub(load(&sh.closed));
-            s.commands += load(&sh.commands);
-            s.reboots += load(&sh.reboots);
-            s.fatal += load(&sh.fatal);
+            counts.commands += load(&sh.commands);
+            counts.reboots += load(&sh.reboots);
+            counts.fatal += load(&sh.fatal);
             for (r, c) in reasons.iter_mut().zip(&sh.reasons) {
                 *r += load(c);
             }
@@ -381,11 +382,11 @@ impl Global {
             }
             sh.latency.add_to(&mut s.ack_latency);
         }
-        s.reconnects = s.connects.saturating_sub(s.ever_connected as u64);
-        s.disconnects = reasons.iter().sum();
-        s.connect_failures = failures.iter().sum();
-        s.disconnects_by_reason = named(&REASONS, &reasons);
-        s.connect_failures_by_reason = named(&FAILURES, &failures);
+        counts.reconnects = counts.connects.saturating_sub(s.ever_connected as u64);
+        counts.disconnects = reasons.iter().sum();
+        counts.connect_failures = failures.iter().sum();
+        counts.disconnects_by_reason = named(&REASONS, &reasons);
+        counts.connect_failures_by_reason = named(&FAILURES, &failures);
         s
     }
 }
@@ -412,21 +413,10 @@ pub enum Phase {
     Stopped,
 }
 
-/// A snapshot of a running simulation's counters (all since the start).
-#[derive(Debug, Clone, Default)]
-pub struct Stats {
-    /// Time since the start.
-    pub elapsed: Duration,
-    /// Running, draining or stopped.
-    pub phase: Phase,
-    /// Simulated devices.
-    pub devices: usize,
-    /// Sessions open now (after `Welcome`).
-    pub connected: u64,
-    /// Devices that opened a session at least once.
-    pub ever_connected: usize,
-    /// Time from the start until every device had opened a session once.
-    pub all_connected_after: Option<Duration>,
+/// The counters of a simulation (all since the start): live in [`Stats`], final in
+/// [`Summary`](super::Summary).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
     /// Telemetry records queued (each got a seq).
     pub sent: u64,
     /// Records the gateway acknowledged as durable.
@@ -457,6 +447,25 @@ pub struct Stats {
     pub lost_on_reboot: u64,
     /// Devices the gateway refused for good (revoked, unsupported version).
     pub fatal: u64,
+}
+
+/// A snapshot of a running simulation's counters (all since the start).
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Time since the start.
+    pub elapsed: Duration,
+    /// Running, draining or stopped.
+    pub phase: Phase,
+    /// Simulated devices.
+    pub devices: usize,
+    /// Sessions open now (after `Welcome`).
+    pub connected: u64,
+    /// Devices that opened a session at least once.
+    pub ever_connected: usize,
+    /// Time from the start until every device had opened a session once.
+    pub all_connected_after: Option<Duration>,
+    /// What happened, counted.
+    pub counts: Counts,
     /// Ack latency: from queueing a record on an open session to its ack. Records
     /// queued while disconnected are not measured, so reconnect gaps do not hide the
     /// gateway's own latency.
