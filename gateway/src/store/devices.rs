@@ -182,10 +182,12 @@ pub(super) fn close_session_op(device_key: i64, now_ms: i64) -> Op {
         fsync: true,
         f: Box::new(move |w| match w {
             Some(w) => {
-                let r = w.conn.execute(
-                    "UPDATE devices SET online = 0, last_seen_ms = ?2 WHERE key = ?1",
-                    params![device_key, now_ms],
-                );
+                let r = w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE devices SET online = 0, last_seen_ms = ?2 WHERE key = ?1",
+                    )
+                    .and_then(|mut s| s.execute(params![device_key, now_ms]));
                 (
                     Pending::nothing(),
                     OpOutcome::of(&r.map_err(StoreError::from)),
@@ -202,8 +204,11 @@ pub(super) fn open_session(
     now_ms: i64,
 ) -> Result<Opened, StoreError> {
     let c = &w.conn;
-    let key: i64 = c.query_row(
-        "INSERT INTO devices(id, first_seen_ms, last_seen_ms, online, cert_serial,
+    // Cached: a connect storm runs this thousands of times a second, and parsing the
+    // SQL each time cost more than running it.
+    let key: i64 = c
+        .prepare_cached(
+            "INSERT INTO devices(id, first_seen_ms, last_seen_ms, online, cert_serial,
             cert_not_after, firmware, peer_addr, boot_id, connects)
          VALUES (?1, ?2, ?2, 1, ?3, ?4, ?5, ?6, ?7, 1)
          ON CONFLICT(id) DO UPDATE SET
@@ -213,17 +218,19 @@ pub(super) fn open_session(
             firmware = excluded.firmware, peer_addr = excluded.peer_addr,
             boot_id = excluded.boot_id, connects = connects + 1
          RETURNING key",
-        params![
-            info.device,
-            now_ms,
-            info.cert_serial,
-            info.cert_not_after,
-            info.firmware,
-            info.peer_addr,
-            info.boot_id as i64
-        ],
-        |r| r.get(0),
-    )?;
+        )?
+        .query_row(
+            params![
+                info.device,
+                now_ms,
+                info.cert_serial,
+                info.cert_not_after,
+                info.firmware,
+                info.peer_addr,
+                info.boot_id as i64
+            ],
+            |r| r.get(0),
+        )?;
     let last: Option<i64> = c
         .prepare_cached("SELECT last_seq FROM boots WHERE device = ?1 AND boot_id = ?2")?
         .query_row(params![key, info.boot_id as i64], |r| r.get(0))

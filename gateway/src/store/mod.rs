@@ -306,6 +306,7 @@ impl Store {
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )?;
                     c.busy_timeout(Duration::from_secs(10))?;
+                    c.set_prepared_statement_cache_capacity(schema::STATEMENT_CACHE);
                     c
                 }
             };

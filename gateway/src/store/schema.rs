@@ -80,6 +80,9 @@ CREATE TABLE IF NOT EXISTS groups(
 ) WITHOUT ROWID;
 "#;
 
+/// Prepared statements each connection keeps (more than the store has).
+pub(super) const STATEMENT_CACHE: usize = 64;
+
 /// The writer's connection: WAL, the schema (migrated), nobody online.
 pub(super) fn open_writer_connection(
     path: &Path,
@@ -87,6 +90,9 @@ pub(super) fn open_writer_connection(
 ) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
+    // The writer runs some 30 distinct cached statements; rusqlite keeps 16 by default,
+    // and an evicted one is parsed again on its next use.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     let sync = if danger_ack_before_fsync {
         "NORMAL"
