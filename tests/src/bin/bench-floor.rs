@@ -44,7 +44,7 @@ use device_client::proto::{
     self, Ack, Downlink, MIN_MAX_FRAME, PROTOCOL_VERSION, Pong, Seq, Uplink, Welcome,
 };
 use gateway::testing::{TlsMaterial, TlsSettings, identify};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_rustls::TlsAcceptor;
@@ -103,8 +103,7 @@ struct Cli {
 #[derive(Clone, Copy)]
 struct Defaults {
     heartbeat_s: u16,
-    /// `Welcome.max_frame`: the largest frame accepted, header included; also the size
-    /// of each connection's read buffer.
+    /// `Welcome.max_frame`: the largest frame accepted, header included.
     max_frame: u16,
     handshake_timeout: Duration,
 }
@@ -257,115 +256,108 @@ async fn connection(
     let _ = session(stream, defaults).await;
 }
 
-/// Room for the replies to one read before they are written out. Every reply is a
-/// small control frame (a `Welcome` is at most 26 bytes, `Ack` and `Pong` 8).
-const OUT: usize = 512;
-const LARGEST_REPLY: usize = 32;
-
 fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// The protocol after the handshake: reads into one buffer of `max_frame` bytes (a
-/// partial frame is at most that), handles every complete frame of each read, then
-/// writes the replies and at most one `Ack`.
+/// What one read brought: replies to write, and the highest telemetry seq.
+#[derive(Default)]
+struct Handled {
+    replies: Vec<u8>,
+    records: u64,
+    highest: Option<Seq>,
+}
+
+/// The protocol after the handshake. It reads straight from rustls's own plaintext
+/// buffer (`fill_buf`), so an idle connection holds no read buffer of its own, as in
+/// the gateway (which reads into one scratch buffer per thread); only a frame split
+/// across reads is copied aside. Every complete frame of a read is handled, then the
+/// replies and at most one `Ack` are written out together.
 async fn session(mut stream: TlsStream<TcpStream>, defaults: Defaults) -> io::Result<()> {
     let max_frame = usize::from(defaults.max_frame);
-    let mut buf = vec![0u8; max_frame].into_boxed_slice();
-    let mut filled = 0;
-    let mut replies = Replies {
-        buf: [0; OUT],
-        len: 0,
-    };
+    let mut carry: Vec<u8> = Vec::new();
     let mut open: Option<Open> = None;
     loop {
-        let n = stream
-            .read(buf.get_mut(filled..).unwrap_or_default())
-            .await?;
-        if n == 0 {
+        let mut done = Handled::default();
+        let chunk = stream.fill_buf().await?;
+        if chunk.is_empty() {
             return Ok(());
         }
-        filled += n;
-        let mut start = 0;
-        let mut records = 0u64;
-        let mut highest: Option<Seq> = None;
-        while let Some(frame) =
-            proto::split_frame(buf.get(start..filled).unwrap_or_default(), max_frame)
-                .map_err(invalid)?
-        {
-            let reply = match proto::decode_uplink(frame.body).map_err(invalid)? {
-                Uplink::Hello(hello) => {
-                    if open.is_some() || hello.version < 1 || hello.max_frame < MIN_MAX_FRAME {
-                        return Err(violation("a second or unusable Hello"));
-                    }
-                    open = Some(Open::new());
-                    Some(Downlink::Welcome(Welcome {
-                        version: hello.version.min(PROTOCOL_VERSION),
-                        heartbeat_s: defaults.heartbeat_s,
-                        last_acked: None,
-                        server_time_ms: now_ms(),
-                        max_frame: defaults.max_frame,
-                    }))
-                }
-                _ if open.is_none() => return Err(violation("a message before Hello")),
-                Uplink::Telemetry(t) => {
-                    records += 1;
-                    highest = highest.max(Some(t.seq));
-                    None
-                }
-                Uplink::Ping(p) => Some(Downlink::Pong(Pong { nonce: p.nonce })),
-                Uplink::CommandResult(_) => None,
-            };
-            start += frame.len;
-            if let Some(reply) = reply {
-                replies.push(&mut stream, &reply).await?;
-            }
+        let n = chunk.len();
+        if carry.is_empty() {
+            let used = handle(chunk, max_frame, &mut open, defaults, &mut done)?;
+            carry.extend_from_slice(chunk.get(used..).unwrap_or_default());
+        } else {
+            carry.extend_from_slice(chunk);
+            let used = handle(&carry, max_frame, &mut open, defaults, &mut done)?;
+            carry.drain(..used);
         }
-        if let Some(seq) = highest {
-            replies
-                .push(&mut stream, &Downlink::Ack(Ack { seq }))
-                .await?;
-            RECORDS.fetch_add(records, Ordering::Relaxed);
+        stream.consume(n);
+        if carry.is_empty() {
+            // Give the memory back: an idle connection keeps nothing.
+            carry = Vec::new();
+        }
+        if let Some(seq) = done.highest {
+            let mut ack = [0u8; 16];
+            let len = proto::encode(&Downlink::Ack(Ack { seq }), &mut ack).map_err(invalid)?;
+            done.replies
+                .extend_from_slice(ack.get(..len).unwrap_or_default());
+            RECORDS.fetch_add(done.records, Ordering::Relaxed);
             ACKS.fetch_add(1, Ordering::Relaxed);
         }
-        replies.send(&mut stream).await?;
-        // Keep the partial frame, if any, at the front.
-        buf.copy_within(start..filled, 0);
-        filled -= start;
-    }
-}
-
-/// The replies to one read, written out together.
-struct Replies {
-    buf: [u8; OUT],
-    len: usize,
-}
-
-impl Replies {
-    /// Encodes `msg` behind the others; writes them out first if it might not fit.
-    async fn push(
-        &mut self,
-        stream: &mut TlsStream<TcpStream>,
-        msg: &Downlink<'_>,
-    ) -> io::Result<()> {
-        if OUT - self.len < LARGEST_REPLY {
-            stream.write_all(&self.buf[..self.len]).await?;
-            self.len = 0;
-        }
-        let free = self.buf.get_mut(self.len..).unwrap_or_default();
-        self.len += proto::encode(msg, free).map_err(invalid)?;
-        Ok(())
-    }
-
-    /// Writes out and flushes what is there, if anything.
-    async fn send(&mut self, stream: &mut TlsStream<TcpStream>) -> io::Result<()> {
-        if self.len > 0 {
-            stream.write_all(&self.buf[..self.len]).await?;
+        if !done.replies.is_empty() {
+            stream.write_all(&done.replies).await?;
             stream.flush().await?;
-            self.len = 0;
         }
-        Ok(())
     }
+}
+
+/// Handles the complete frames at the front of `bytes`; returns how many bytes they
+/// took (the rest is a partial frame).
+fn handle(
+    bytes: &[u8],
+    max_frame: usize,
+    open: &mut Option<Open>,
+    defaults: Defaults,
+    done: &mut Handled,
+) -> io::Result<usize> {
+    let mut start = 0;
+    while let Some(frame) =
+        proto::split_frame(bytes.get(start..).unwrap_or_default(), max_frame).map_err(invalid)?
+    {
+        let reply = match proto::decode_uplink(frame.body).map_err(invalid)? {
+            Uplink::Hello(hello) => {
+                if open.is_some() || hello.version < 1 || hello.max_frame < MIN_MAX_FRAME {
+                    return Err(violation("a second or unusable Hello"));
+                }
+                *open = Some(Open::new());
+                Some(Downlink::Welcome(Welcome {
+                    version: hello.version.min(PROTOCOL_VERSION),
+                    heartbeat_s: defaults.heartbeat_s,
+                    last_acked: None,
+                    server_time_ms: now_ms(),
+                    max_frame: defaults.max_frame,
+                }))
+            }
+            _ if open.is_none() => return Err(violation("a message before Hello")),
+            Uplink::Telemetry(t) => {
+                done.records += 1;
+                done.highest = done.highest.max(Some(t.seq));
+                None
+            }
+            Uplink::Ping(p) => Some(Downlink::Pong(Pong { nonce: p.nonce })),
+            Uplink::CommandResult(_) => None,
+        };
+        start += frame.len;
+        if let Some(reply) = reply {
+            // Control replies are small (a `Welcome` is at most 26 bytes).
+            let mut out = [0u8; 32];
+            let len = proto::encode(&reply, &mut out).map_err(invalid)?;
+            done.replies
+                .extend_from_slice(out.get(..len).unwrap_or_default());
+        }
+    }
+    Ok(start)
 }
 
 /// A device that broke the protocol: its connection is dropped, without a `Goodbye`.
