@@ -39,7 +39,11 @@ impl Store {
     /// before this call is counted in `last_acked`.
     pub async fn open_session(&self, info: SessionInfo) -> Result<Opened, StoreError> {
         let now = now_ms();
-        self.write_with(move |w| open_session(w, &info, now)).await
+        // No fsync of its own: the device's row is metadata, and what the session is
+        // told (`last_acked`) comes from telemetry commits, which are always synced.
+        // A crash can lose the row only together with everything committed after it.
+        self.write_op(false, move |w| open_session(w, &info, now))
+            .await
     }
 
     /// Marks a device offline (committed with the next group; nobody waits for it).

@@ -253,9 +253,20 @@ impl Store {
         &self,
         f: impl FnOnce(&Writer) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_op(true, f).await
+    }
+
+    /// [`write_with`](Self::write_with); with `fsync` false, a group made only of such
+    /// writes commits without an fsync: it becomes durable with the next commit that
+    /// has one (WAL order), which is all that metadata nobody was promised needs.
+    async fn write_op<T: Send + 'static>(
+        &self,
+        fsync: bool,
+        f: impl FnOnce(&Writer) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Write {
-            fsync: true,
+            fsync,
             f: Box::new(move |w| match w {
                 Some(w) => after(reply, f(w)),
                 None => after(reply, Err(StoreError::Closed)),
