@@ -53,7 +53,7 @@ bench_sim() {
 
 bench_wait_connected() {
   local start=$SECONDS
-  until grep -q "all $1 devices connected" "$work/sim.log"; do
+  until grep -qs "all $1 devices connected" "$work/sim.log"; do
     kill -0 "$sim" || { tail "$work/sim.log"; exit 1; }
     sleep 0.2
   done
