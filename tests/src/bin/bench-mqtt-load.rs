@@ -585,6 +585,9 @@ fn encode_publish(out: &mut Vec<u8>, topic: &[u8], pkid: u16, seq: u64, len: usi
     out.resize(out.len() + (len - head), b'.');
 }
 
+/// The largest packet taken from the broker, body only.
+const MAX_PACKET: usize = 1024;
+
 /// (first byte, body, length with header).
 type Packet<'a> = (u8, &'a [u8], usize);
 
@@ -600,6 +603,11 @@ fn packet(buf: &[u8]) -> Result<Option<Packet<'_>>, &'static str> {
         };
         len |= usize::from(b & 0x7F) << (7 * i);
         if b & 0x80 == 0 {
+            // The broker only ever sends a few bytes (CONNACK, PUBACK, PINGRESP): a
+            // larger packet is not waited for, so nothing it says makes us buffer more.
+            if len > MAX_PACKET {
+                return Err("bad_frame");
+            }
             let start = 2 + i;
             return Ok(buf
                 .get(start..start + len)
