@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use device_client::proto::{self, Reading, Readings, Seq, Telemetry, Uplink, Value};
@@ -10,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::devices::{close_session_op, open_session};
 use super::schema::open_writer_connection;
-use super::writer::{Op, Writer};
+use super::writer::{Op, OpOutcome, Pending, Writer};
 use super::*;
 use crate::values;
 
@@ -433,6 +434,105 @@ async fn retention_by_age_and_by_rows() {
         "the newest rows stay"
     );
     writer.stop(&store).await;
+}
+
+/// Holds the writer thread inside an op until the returned sender sends or drops: what
+/// is queued meanwhile waits, then goes in the next group commits, in queue order.
+async fn hold_writer(store: &Store) -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    store
+        .tx
+        .send(Op::Write {
+            fsync: true,
+            f: Box::new(move |_| {
+                let _ = held.recv();
+                (Pending::nothing(), OpOutcome::Done)
+            }),
+        })
+        .await
+        .unwrap();
+    release
+}
+
+/// Runs retention over `old` rows, three days old and undelivered by a lossy sink,
+/// while a device sends one fresh record: the retention future is polled once (its
+/// first op queued behind a held writer), the record is queued behind it, and once the
+/// record is committed the rows retention has not reached yet must still be there.
+/// Retention must not hold the writer for the whole deletion: each chunk is an op of
+/// its own, so telemetry queued meanwhile commits between chunks.
+/// Returns what retention pruned and the rows left.
+async fn retention_while_telemetry_arrives(
+    max_age: Option<Duration>,
+    max_rows: Option<u64>,
+    old: Seq,
+) -> (Pruned, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open_with_sink(dir.path(), true);
+    let o = session(&store, "d6", 1).await;
+    assert_eq!(store.open_sink("mqtt").await.unwrap(), 0);
+    let day = 86_400_000;
+    insert(&store, o, 1, 1..=old, now_ms() - 3 * day).await;
+
+    let release = hold_writer(&store).await;
+    let mut prune = std::pin::pin!(store.apply_retention(max_age, max_rows));
+    let first = std::future::poll_fn(|cx| Poll::Ready(prune.as_mut().poll(cx))).await;
+    assert!(
+        first.is_pending(),
+        "the writer is held, retention must wait"
+    );
+    let mut batch = Batch::new(o.device_key, 1);
+    batch.received_ms = now_ms();
+    batch.push(old + 1, batch.received_ms, &body(old + 1));
+    let done = store.submit(batch).await.unwrap();
+    release.send(()).unwrap();
+    // The fresh record commits without waiting for the whole deletion.
+    assert_eq!(done.await.unwrap().result.unwrap(), 1);
+    let left = store.telemetry_count(Some("d6")).await.unwrap();
+    let chunk = retention::CHUNK as u64;
+    assert!(
+        left > u64::from(old) - chunk,
+        "at most one chunk of retention may run before a batch queued behind it \
+         commits: {left} of {} rows left",
+        u64::from(old) + 1
+    );
+
+    let pruned = prune.await.unwrap();
+    let left = store.telemetry_count(Some("d6")).await.unwrap();
+    writer.stop(&store).await;
+    (pruned, left)
+}
+
+#[tokio::test]
+async fn retention_by_age_lets_telemetry_commit_between_chunks() {
+    let old = 3 * retention::CHUNK as Seq + 10;
+    let (pruned, left) =
+        retention_while_telemetry_arrives(Some(Duration::from_secs(86_400)), None, old).await;
+    // Every old row goes: once the fresh record is in, the newest old row is no longer
+    // the newest.
+    assert_eq!(
+        pruned,
+        Pruned {
+            deleted: old.into(),
+            undelivered: old.into()
+        }
+    );
+    assert_eq!(left, 1, "the fresh record stays");
+}
+
+#[tokio::test]
+async fn retention_by_rows_lets_telemetry_commit_between_chunks() {
+    let old = 3 * retention::CHUNK as Seq + 10;
+    let (pruned, left) = retention_while_telemetry_arrives(None, Some(1), old).await;
+    // The limit is the newest row when retention starts: that one and the fresh record
+    // stay.
+    assert_eq!(
+        pruned,
+        Pruned {
+            deleted: (old - 1).into(),
+            undelivered: (old - 1).into()
+        }
+    );
+    assert_eq!(left, 2);
 }
 
 #[tokio::test]
