@@ -2,7 +2,7 @@
 //! bytes only when read), and the queries that read them.
 
 use device_client::proto::{self, Seq, Uplink};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -187,56 +187,7 @@ impl Store {
         q: TelemetryQuery,
     ) -> Result<Vec<(TelemetryCursor, TelemetryRecord)>, StoreError> {
         let device = device.to_owned();
-        self.read(move |c| {
-            let limit = q.limit.unwrap_or(100).min(10_000);
-            // Keyset paging on (time_ms, rowid), which the (device, time_ms) index
-            // serves in either direction.
-            let sql = if q.oldest_first {
-                "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
-                   FROM telemetry t JOIN devices d ON d.key = t.device
-                  WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
-                    AND t.time_ms >= ?4 AND (t.time_ms > ?4 OR t.rowid > ?5)
-                  ORDER BY t.time_ms, t.rowid LIMIT ?6"
-            } else {
-                "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
-                   FROM telemetry t JOIN devices d ON d.key = t.device
-                  WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
-                    AND t.time_ms <= ?4 AND (t.time_ms < ?4 OR t.rowid < ?5)
-                  ORDER BY t.time_ms DESC, t.rowid DESC LIMIT ?6"
-            };
-            let after = q.after.unwrap_or(if q.oldest_first {
-                TelemetryCursor {
-                    time_ms: i64::MIN,
-                    row: i64::MIN,
-                }
-            } else {
-                TelemetryCursor {
-                    time_ms: i64::MAX,
-                    row: i64::MAX,
-                }
-            });
-            let mut stmt = c.prepare_cached(sql)?;
-            let rows = stmt.query_map(
-                params![
-                    device,
-                    q.since_ms.unwrap_or(i64::MIN),
-                    q.until_ms.unwrap_or(i64::MAX),
-                    after.time_ms,
-                    after.row,
-                    limit
-                ],
-                |row| {
-                    let rec = telemetry_from_row(row, 1, device.clone())?;
-                    let cursor = TelemetryCursor {
-                        time_ms: rec.time_ms,
-                        row: row.get(0)?,
-                    };
-                    Ok((cursor, rec))
-                },
-            )?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+        self.read(move |c| telemetry_page(c, &device, &q)).await
     }
 
     /// Number of telemetry rows of a device (all of them if `device` is `None`).
@@ -284,6 +235,70 @@ pub fn body_to_json(body: &[u8]) -> serde_json::Map<String, Json> {
 
 /// Devices with their newest record: one step down the `(device, time_ms)` index per
 /// device (the last entry; equal times are in arrival order).
+/// Keyset paging on (time_ms, rowid), which the (device, time_ms) index serves in
+/// either direction. One bound a side: SQLite ranges an index scan by one lower and one
+/// upper bound of a column, so `since`/`until` and the cursor are folded into one bound
+/// before the query. Given both, it seeks to `since` and filters its way to the cursor,
+/// and every page costs what all the pages before it did (an hour's export at 100 M
+/// records took a minute).
+pub(super) const PAGE_OLDEST_FIRST: &str =
+    "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+       FROM telemetry t JOIN devices d ON d.key = t.device
+      WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
+        AND (t.time_ms > ?4 OR t.rowid > ?5)
+      ORDER BY t.time_ms, t.rowid LIMIT ?6";
+/// Newest first: `?3` is an inclusive upper bound here (see [`PAGE_OLDEST_FIRST`]).
+pub(super) const PAGE_NEWEST_FIRST: &str =
+    "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
+       FROM telemetry t JOIN devices d ON d.key = t.device
+      WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms <= ?3
+        AND (t.time_ms < ?4 OR t.rowid < ?5)
+      ORDER BY t.time_ms DESC, t.rowid DESC LIMIT ?6";
+
+/// One page of a device's telemetry (see [`Store::telemetry_page`]).
+pub(super) fn telemetry_page(
+    c: &Connection,
+    device: &str,
+    q: &TelemetryQuery,
+) -> Result<Vec<(TelemetryCursor, TelemetryRecord)>, StoreError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let (since, until) = (
+        q.since_ms.unwrap_or(i64::MIN),
+        q.until_ms.unwrap_or(i64::MAX),
+    );
+    let (sql, low, high, after) = if q.oldest_first {
+        let after = q.after.unwrap_or(TelemetryCursor {
+            time_ms: i64::MIN,
+            row: i64::MIN,
+        });
+        // Records at the cursor's time may still follow it (a larger rowid).
+        (PAGE_OLDEST_FIRST, since.max(after.time_ms), until, after)
+    } else {
+        let after = q.after.unwrap_or(TelemetryCursor {
+            time_ms: i64::MAX,
+            row: i64::MAX,
+        });
+        // `until` is exclusive; nothing is before i64::MIN.
+        let Some(last) = until.checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        (PAGE_NEWEST_FIRST, since, last.min(after.time_ms), after)
+    };
+    let mut stmt = c.prepare_cached(sql)?;
+    let rows = stmt.query_map(
+        params![device, low, high, after.time_ms, after.row, limit],
+        |row| {
+            let rec = telemetry_from_row(row, 1, device.to_owned())?;
+            let cursor = TelemetryCursor {
+                time_ms: rec.time_ms,
+                row: row.get(0)?,
+            };
+            Ok((cursor, rec))
+        },
+    )?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 const DEVICE_SELECT: &str = "SELECT d.id, d.online, d.first_seen_ms, d.last_seen_ms,
     d.cert_serial, d.cert_not_after, d.firmware, d.peer_addr, d.boot_id, d.connects,
     t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
