@@ -405,7 +405,11 @@ impl Session {
         // violation).
         self.fed(fed);
         // Re-deliver commands a previous session may have lost.
-        self.send_commands(true).await
+        if opened.commands_waiting {
+            self.send_commands(true).await
+        } else {
+            Ok(())
+        }
     }
 
     /// Sends queued commands, up to the in-flight limit.

@@ -14,6 +14,11 @@ pub struct Opened {
     pub device_key: i64,
     /// Highest stored seq for this boot id.
     pub last_acked: Option<Seq>,
+    /// Commands are queued or sent for the device: the session hands them out at
+    /// once. Without any, it skips that round trip through the writer (a connect storm
+    /// pays one writer op per connect instead of two); one queued later reaches the
+    /// session through its registry entry, which exists before the session opens.
+    pub commands_waiting: bool,
 }
 
 /// Session facts recorded in the device registry.
@@ -239,8 +244,17 @@ pub(super) fn open_session(
         .prepare_cached("SELECT last_seq FROM boots WHERE device = ?1 AND boot_id = ?2")?
         .query_row(params![key, info.boot_id as i64], |r| r.get(0))
         .optional()?;
+    // Broader than what `take_commands` hands out (expired or fleet-held commands
+    // count here): a false yes costs one empty hand-out, a false no a lost command.
+    let commands_waiting: bool = c
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM commands
+                            WHERE device = ?1 AND state IN ('queued', 'sent'))",
+        )?
+        .query_row([key], |r| r.get(0))?;
     Ok(Opened {
         device_key: key,
         last_acked: last.and_then(|s| Seq::try_from(s).ok()),
+        commands_waiting,
     })
 }
