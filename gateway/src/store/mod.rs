@@ -159,6 +159,7 @@ impl Store {
             commits: commits.clone(),
             conn,
             synchronous_full: !opts.danger_ack_before_fsync,
+            synchronous_now: !opts.danger_ack_before_fsync,
             max_commit_records: opts.max_commit_records,
             max_queued_commands: opts.max_queued_commands,
             sinks: opts.sinks.clone(),

@@ -31,6 +31,10 @@ pub(super) struct Writer {
     pub(super) conn: Connection,
     /// `synchronous=FULL` (not `danger_ack_before_fsync`).
     pub(super) synchronous_full: bool,
+    /// The mode the connection is in now: FULL, or NORMAL since the last group of
+    /// fsync-free operations (switched back only when a group needs FULL, so that a
+    /// run of such groups, e.g. a connect storm's session opens, parses no `PRAGMA`).
+    pub(super) synchronous_now: bool,
     pub(super) max_commit_records: usize,
     pub(super) max_queued_commands: usize,
     /// Sinks that run: retention keeps what they have not delivered, unless told not to.
@@ -75,13 +79,25 @@ impl OpOutcome {
 }
 
 /// Sets `PRAGMA synchronous` to FULL (fsync at every commit) or NORMAL (fsync at
-/// checkpoints only). A failure leaves the previous mode, which is only slower or, for
-/// NORMAL, as durable as the next FULL commit.
-fn set_synchronous(conn: &Connection, full: bool) {
+/// checkpoints only); returns whether it did. A failure leaves the previous mode,
+/// which is only slower or, for NORMAL, as durable as the next FULL commit. (Not a
+/// cached statement: SQLite applies this pragma when it compiles it, not when it runs.)
+fn set_synchronous(conn: &Connection, full: bool) -> bool {
     let mode = if full { "FULL" } else { "NORMAL" };
-    if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
-        tracing::warn!(error = %e, mode, "store could not set synchronous");
+    match conn.pragma_update(None, "synchronous", mode) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, mode, "store could not set synchronous");
+            false
+        }
     }
+}
+
+/// Runs one of the transaction's fixed statements (`BEGIN IMMEDIATE`, `COMMIT`,
+/// `ROLLBACK`) from the statement cache: `execute_batch` would parse it again at every
+/// group commit, a cost paid per connect in a connect storm.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// An op's answer, held back until its transaction commits: an answer must never claim
@@ -154,8 +170,11 @@ impl Writer {
             && ops
                 .iter()
                 .all(|op| matches!(op, Op::Write { fsync: false, .. }));
-        if relaxed {
-            set_synchronous(&self.conn, false);
+        // Switch only when the mode must change: a NORMAL left behind by the last
+        // relaxed group stays until a group that needs its fsync comes.
+        let want_full = self.synchronous_full && !relaxed;
+        if want_full != self.synchronous_now && set_synchronous(&self.conn, want_full) {
+            self.synchronous_now = want_full;
         }
         let changes_before = self.conn.total_changes();
         let has_telemetry = ops.iter().any(|op| matches!(op, Op::Telemetry(..)));
@@ -163,7 +182,7 @@ impl Writer {
         // The first failed op, and whether a telemetry op failed / succeeded.
         let mut op_failure: Option<String> = None;
         let (mut telemetry_failed, mut telemetry_done) = (false, false);
-        let committed = match self.conn.execute_batch("BEGIN IMMEDIATE") {
+        let committed = match run_cached(&self.conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
                 let mut lost: Option<Arc<StoreError>> = None;
                 for op in ops.drain(..) {
@@ -187,12 +206,12 @@ impl Writer {
                 match lost {
                     Some(e) => {
                         tracing::error!(error = %e, "store transaction lost");
-                        let _ = self.conn.execute_batch("ROLLBACK");
+                        let _ = run_cached(&self.conn, "ROLLBACK");
                         Err(e)
                     }
-                    None => self.conn.execute_batch("COMMIT").map_err(|e| {
+                    None => run_cached(&self.conn, "COMMIT").map_err(|e| {
                         tracing::error!(error = %e, "store commit failed");
-                        let _ = self.conn.execute_batch("ROLLBACK");
+                        let _ = run_cached(&self.conn, "ROLLBACK");
                         Arc::new(StoreError::from(e))
                     }),
                 }
@@ -203,9 +222,6 @@ impl Writer {
                 Err(Arc::new(StoreError::from(e)))
             }
         };
-        if relaxed {
-            set_synchronous(&self.conn, true);
-        }
         match (&committed, op_failure) {
             (Err(e), _) => self
                 .health

@@ -104,6 +104,7 @@ fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
     let w = Writer {
         conn,
         synchronous_full: true,
+        synchronous_now: true,
         max_commit_records: 1000,
         max_queued_commands: 10,
         sinks: Vec::new(),
@@ -158,6 +159,47 @@ fn commit_three(w: &mut Writer, batches: [Box<Batch>; 3]) -> Vec<Result<usize, A
     rxs.into_iter()
         .map(|mut rx| rx.try_recv().unwrap().result)
         .collect()
+}
+
+/// An op that reads the writer connection's `PRAGMA synchronous` (1 NORMAL, 2 FULL)
+/// inside its group and sends it on `modes`.
+fn read_mode(fsync: bool, modes: &std::sync::mpsc::Sender<i64>) -> Op {
+    let modes = modes.clone();
+    Op::Write {
+        f: Box::new(move |w| {
+            let w = w.expect("the writer runs the op");
+            let mode = w
+                .conn
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap();
+            modes.send(mode).unwrap();
+            (Pending::nothing(), OpOutcome::Done)
+        }),
+        fsync,
+    }
+}
+
+/// Groups of fsync-free ops (session opens, command hand-outs) commit with
+/// `synchronous=NORMAL`, and the mode stays NORMAL across a run of them (no `PRAGMA`
+/// per group); the first group that holds telemetry or an op that needs its fsync
+/// commits with FULL again.
+#[test]
+fn only_fsync_free_groups_commit_without_fsync() {
+    let (_dir, mut w, keys) = writer_with(&["a"]);
+    let (tx, modes) = std::sync::mpsc::channel();
+    let mut group = |w: &mut Writer, ops: Vec<Op>| {
+        let mut ops = ops;
+        w.commit_group(&mut ops);
+        modes.try_iter().collect::<Vec<i64>>()
+    };
+    assert_eq!(group(&mut w, vec![read_mode(false, &tx)]), [1]);
+    assert_eq!(group(&mut w, vec![read_mode(false, &tx), read_mode(false, &tx)]), [1, 1]);
+    assert_eq!(group(&mut w, vec![read_mode(false, &tx), read_mode(true, &tx)]), [2, 2]);
+    assert_eq!(group(&mut w, vec![read_mode(false, &tx)]), [1]);
+    let (reply, _done) = oneshot::channel();
+    let telemetry = Op::Telemetry(batch_of(keys[0], 3, 8), reply);
+    assert_eq!(group(&mut w, vec![read_mode(false, &tx), telemetry]), [2]);
+    assert_eq!(rows_of(&w, keys[0]), 3);
 }
 
 /// One op of a group fails part-way (a trigger refuses its 100th record): it is
