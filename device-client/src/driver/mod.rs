@@ -132,7 +132,9 @@ pub enum LinkError<'e> {
 /// application never wants to wake up again, there is nothing left to do: `run`
 /// returns the last disconnect reason, or `Disconnect::Closed`.) `rx` must hold
 /// `client.config().max_frame_in` bytes and `tx` `client.config().max_frame_out` bytes;
-/// smaller ones return [`Disconnect::BuffersTooSmall`] at once.
+/// smaller ones return [`Disconnect::BuffersTooSmall`] at once. A `tx` several frames
+/// long lets `run` pack a backlog into one write (one TLS record over rustls) while it
+/// has room for one more frame of the largest size.
 pub async fn run<C, K, A, const R: usize, const O: usize>(
     client: &mut Client<R, O>,
     connector: &mut C,
@@ -336,17 +338,31 @@ async fn control_loop<Wr: Write, K: Clock, A: App, const R: usize, const O: usiz
         if timed_out {
             return;
         }
-        // Send everything the client has, one frame at a time.
-        let mut wrote = false;
+        // Send everything the client has: frames packed into `tx` while it has room
+        // for one more of the largest, then one write. Over rustls a write is a TLS
+        // record (and a system call), so a backlog goes in a few records instead of
+        // one per frame. With `tx` just one frame long, this is one frame per write.
+        let frame_max = usize::from(shared.client.borrow().config().max_frame_out);
+        let (mut packed, mut wrote) = (0, false);
         loop {
-            let n = shared.client.borrow_mut().poll_transmit(clock.now(), tx);
-            let Some(frame) = n.and_then(|n| tx.get(..n)) else {
+            let room = tx.get_mut(packed..).unwrap_or_default();
+            let n = if room.len() >= frame_max {
+                shared.client.borrow_mut().poll_transmit(clock.now(), room)
+            } else {
+                None
+            };
+            if let Some(n) = n {
+                packed += n;
+                continue;
+            }
+            // Full, or nothing more to send: write what is packed.
+            let Some(frames) = tx.get(..packed).filter(|f| !f.is_empty()) else {
                 break;
             };
-            if let Err(e) = writer.write_all(frame).await {
+            if let Err(e) = writer.write_all(frames).await {
                 return shared.link_error(clock.now(), LinkError::Write(e.kind()));
             }
-            wrote = true;
+            (packed, wrote) = (0, true);
         }
         if wrote && let Err(e) = writer.flush().await {
             return shared.link_error(clock.now(), LinkError::Write(e.kind()));

@@ -25,6 +25,9 @@ use crate::proto::{Command, CommandId, CommandStatus, Name, Reading, Seq, Value,
 
 /// Frames a simulated device receives and sends, at most (its rx and tx buffers).
 const FRAME: usize = 512;
+/// The send buffer: four frames, so a backlog leaves in one write (one TLS record)
+/// of up to this size instead of a record per frame.
+const TX: usize = 4 * FRAME;
 /// Command results waiting to be sent, in bytes.
 const OUTBOX: usize = FRAME;
 /// Command ids remembered across reboots, so a command re-sent after a reboot (its
@@ -592,7 +595,7 @@ pub(crate) async fn device<const RING: usize>(
             rebooting: None,
             reboot_signalled: false,
         };
-        let (mut rx, mut tx) = ([0u8; FRAME], [0u8; FRAME]);
+        let (mut rx, mut tx) = ([0u8; FRAME], [0u8; TX]);
         let end = {
             let running = run(
                 &mut client,

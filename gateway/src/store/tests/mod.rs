@@ -187,14 +187,20 @@ fn read_mode(fsync: bool, modes: &std::sync::mpsc::Sender<i64>) -> Op {
 fn only_fsync_free_groups_commit_without_fsync() {
     let (_dir, mut w, keys) = writer_with(&["a"]);
     let (tx, modes) = std::sync::mpsc::channel();
-    let mut group = |w: &mut Writer, ops: Vec<Op>| {
+    let group = |w: &mut Writer, ops: Vec<Op>| {
         let mut ops = ops;
         w.commit_group(&mut ops);
         modes.try_iter().collect::<Vec<i64>>()
     };
     assert_eq!(group(&mut w, vec![read_mode(false, &tx)]), [1]);
-    assert_eq!(group(&mut w, vec![read_mode(false, &tx), read_mode(false, &tx)]), [1, 1]);
-    assert_eq!(group(&mut w, vec![read_mode(false, &tx), read_mode(true, &tx)]), [2, 2]);
+    assert_eq!(
+        group(&mut w, vec![read_mode(false, &tx), read_mode(false, &tx)]),
+        [1, 1]
+    );
+    assert_eq!(
+        group(&mut w, vec![read_mode(false, &tx), read_mode(true, &tx)]),
+        [2, 2]
+    );
     assert_eq!(group(&mut w, vec![read_mode(false, &tx)]), [1]);
     let (reply, _done) = oneshot::channel();
     let telemetry = Op::Telemetry(batch_of(keys[0], 3, 8), reply);
