@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use device_client::driver::tokio::{Halves, TokioClock};
 use device_client::driver::{App, Connector, run};
-use device_client::machine::{Client, Config, Event, Millis};
+use device_client::machine::{Client, Config, Disconnect, Event, Millis};
 use device_client::proto::Command;
 use embedded_io_adapters::tokio_1::FromTokio;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
@@ -191,6 +191,24 @@ async fn until(changed: &Notify, check: impl Fn() -> bool) {
     }
 }
 
+/// Polls `session` (a `driver::run`) until `seq` is acked, then drops it mid-session;
+/// fails if the run ends first or no such ack comes within 10 s.
+async fn run_until_acked(
+    session: impl Future<Output = Disconnect>,
+    changed: &Notify,
+    acked: &Cell<Seq>,
+    seq: Seq,
+) {
+    let done = tokio::time::timeout(
+        Duration::from_secs(10),
+        until(changed, || acked.get() >= seq),
+    );
+    tokio::select! {
+        reason = session => panic!("run ended before seq {seq} was acked: {reason:?}"),
+        waited = done => waited.expect("an ack within 10 s"),
+    }
+}
+
 #[test]
 fn a_dropped_run_resumes_with_a_new_connection() {
     let p = Pair::new();
@@ -218,15 +236,7 @@ fn a_dropped_run_resumes_with_a_new_connection() {
                 &mut rx,
                 &mut tx,
             );
-            let acked_now = acked.clone();
-            let done = tokio::time::timeout(
-                Duration::from_secs(10),
-                until(&changed, move || acked_now.get() >= round),
-            );
-            tokio::select! {
-                reason = session => panic!("run ended in round {round}: {reason:?}"),
-                waited = done => waited.expect("no ack within 10 s"),
-            }
+            run_until_acked(session, &changed, &acked, round).await;
             assert!(client.is_connected(), "dropped in the middle of a session");
             assert_eq!((connects.get(), connected.get()), (round, round));
         }
@@ -252,14 +262,7 @@ fn writes_for_a_backlog(tx: &mut [u8]) -> u32 {
         let clock = TokioClock::new();
         let mut rx = [0u8; 512];
         let session = run(&mut client, &mut connector, &clock, &mut app, &mut rx, tx);
-        let done = tokio::time::timeout(
-            Duration::from_secs(10),
-            until(&changed, move || acked.get() >= BACKLOG),
-        );
-        tokio::select! {
-            reason = session => panic!("run ended: {reason:?}"),
-            waited = done => waited.expect("the backlog acked within 10 s"),
-        }
+        run_until_acked(session, &changed, &acked, BACKLOG).await;
         connector.writes.get()
     }));
     assert_eq!(p.stored(), (1..=BACKLOG).collect::<Vec<_>>());
