@@ -211,6 +211,10 @@ async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
     let mut interrupts = 0;
     let mut hinted = false;
     let mut all_connected = false;
+    // One listener for the whole run: a `ctrl_c()` made anew in each round of the loop
+    // misses an interrupt that arrives between two rounds (while a progress line is
+    // printed, just when a script that reads them sends it), and the run never stops.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             summary = &mut done => {
@@ -241,7 +245,7 @@ async fn watch(sim: Simulator) -> anyhow::Result<Summary> {
                     );
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 interrupts += 1;
                 if tty {
                     say!();
