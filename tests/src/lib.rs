@@ -203,18 +203,71 @@ impl TestGateway {
 /// Reads (boot id, seq) of a device's telemetry straight from the SQLite file, as an
 /// operator would, in (boot id, seq) order.
 pub fn stored_rows(db: &Path, device: &str) -> Vec<(u64, Seq)> {
+    let mut rows: Vec<(u64, Seq)> = stored_records(db)
+        .into_iter()
+        .filter(|r| r.device == device)
+        .map(|r| (r.boot_id, r.seq))
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
+/// One telemetry record as the SQLite file holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Its row (commit order).
+    pub row: i64,
+    /// Device id.
+    pub device: String,
+    /// Boot id.
+    pub boot_id: u64,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Device time (or arrival time), ms since the epoch.
+    pub time_ms: i64,
+    /// The `Telemetry` message body as the device sent it.
+    pub body: Vec<u8>,
+}
+
+/// Every telemetry record in the SQLite file, in row order, decoded from the chunks
+/// as docs/STORE.md lays them out (written from that page, not from the gateway's
+/// code: each record is postcard `(seq: u32, time_ms - min_time: u32, body: bytes)`,
+/// rows `last_row - n + 1 ..= last_row`).
+pub fn stored_records(db: &Path) -> Vec<StoredRecord> {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap();
     let mut stmt = c
         .prepare(
-            "SELECT t.boot_id, t.seq FROM telemetry t JOIN devices d ON d.key = t.device
-              WHERE d.id = ?1 ORDER BY t.boot_id, t.seq",
+            "SELECT c.last_row, c.n, d.id, c.boot_id, c.min_time, c.records
+               FROM chunks c JOIN devices d ON d.key = c.device ORDER BY c.last_row",
         )
         .unwrap();
-    stmt.query_map([device], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+    let mut rows = stmt.query([]).unwrap();
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().unwrap() {
+        let (last_row, n, device): (i64, i64, String) =
+            (r.get(0).unwrap(), r.get(1).unwrap(), r.get(2).unwrap());
+        let (boot_id, min_time): (i64, i64) = (r.get(3).unwrap(), r.get(4).unwrap());
+        let mut rest: &[u8] = r.get_ref(5).unwrap().as_blob().unwrap();
+        for row in last_row - n + 1..=last_row {
+            let ((seq, dt, body), tail) =
+                postcard::take_from_bytes::<(Seq, u32, &[u8])>(rest).expect("a record decodes");
+            rest = tail;
+            out.push(StoredRecord {
+                row,
+                device: device.clone(),
+                boot_id: boot_id as u64,
+                seq,
+                time_ms: min_time + i64::from(dt),
+                body: body.to_vec(),
+            });
+        }
+        assert!(
+            rest.is_empty(),
+            "chunk {last_row} holds more than its n records"
+        );
+    }
+    out
 }
 
 /// A downlink message, owned, for assertions.

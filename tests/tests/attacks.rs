@@ -292,9 +292,9 @@ async fn a_huge_wait_is_refused_with_a_json_error() {
     );
 }
 
-/// Defect 6: an insert that fails part-way through a batch (a trigger makes seq 7
-/// fail) is never acknowledged; what was acked is stored, and a replay after the fault
-/// stores every record once.
+/// Defect 6: an insert that fails part-way through a batch (a trigger makes the chunk
+/// holding seq 7 fail) is never acknowledged; what was acked is stored, and a replay
+/// after the fault stores every record once.
 #[tokio::test]
 async fn a_commit_that_fails_part_way_never_acks() {
     let tg = TestGateway::start().await;
@@ -308,7 +308,10 @@ async fn a_commit_that_fails_part_way_never_acks() {
     fault.busy_timeout(Duration::from_secs(10)).unwrap();
     fault
         .execute_batch(
-            "CREATE TRIGGER inject_fault BEFORE INSERT ON telemetry WHEN NEW.seq = 7
+            // This device's records are the store's only ones: seq 7 is row 7
+            // (docs/STORE.md: a chunk holds rows last_row - n + 1 ..= last_row).
+            "CREATE TRIGGER inject_fault BEFORE INSERT ON chunks
+              WHEN NEW.last_row - NEW.n + 1 <= 7 AND NEW.last_row >= 7
              BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
         )
         .unwrap();

@@ -46,30 +46,27 @@ fn config(addr: impl ToString, devices: Devices, rate: f64) -> SimConfig {
     c
 }
 
-/// (count, min seq, max seq) per (device, boot id), straight from the SQLite file.
+/// (count, min seq, max seq) per (device, boot id), straight from the SQLite file;
+/// panics on a seq stored twice.
 fn stored(db: &Path) -> HashMap<(String, u64), (u64, u32, u32)> {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
-    let mut stmt = c
-        .prepare(
-            "SELECT d.id, t.boot_id, COUNT(*), MIN(t.seq), MAX(t.seq)
-               FROM telemetry t JOIN devices d ON d.key = t.device
-              GROUP BY d.id, t.boot_id",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        Ok((
-            (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
-            (r.get::<_, i64>(2)? as u64, r.get(3)?, r.get(4)?),
-        ))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+    let mut seen = std::collections::HashSet::new();
+    let mut out: HashMap<(String, u64), (u64, u32, u32)> = HashMap::new();
+    for r in e2e::stored_records(db) {
+        assert!(
+            seen.insert((r.device.clone(), r.boot_id, r.seq)),
+            "{} boot {} seq {} stored twice",
+            r.device,
+            r.boot_id,
+            r.seq
+        );
+        let e = out.entry((r.device, r.boot_id)).or_insert((0, u32::MAX, 0));
+        *e = (e.0 + 1, e.1.min(r.seq), e.2.max(r.seq));
+    }
+    out
 }
 
 /// After a drained run: for every device and boot id, the store holds exactly the seqs
-/// `1..=sent`, each once (the unique key rules out duplicates; count = max = sent and
+/// `1..=sent`, each once (`stored` rules out duplicates; count = max = sent and
 /// min = 1 rule out gaps), every seq the simulator saw acked among them, and nothing
 /// else; the total equals the simulator's sent count.
 fn assert_exactly_once(db: &Path, summary: &Summary) {

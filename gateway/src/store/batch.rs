@@ -7,6 +7,7 @@ use device_client::proto::Seq;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
+use super::chunk::ChunkBuf;
 
 /// One record inside a [`Batch`].
 #[derive(Debug, Clone, Copy)]
@@ -107,9 +108,9 @@ pub struct BatchDone {
     pub result: Result<usize, Arc<StoreError>>,
 }
 
-/// Inserts the records above the boot's high-water mark and raises it; the others
-/// are duplicates (already stored: a session replays from `Welcome.last_acked`, and
-/// seqs grow within a boot).
+/// Inserts the records above the boot's high-water mark, in chunks (see
+/// [`chunk`](super::chunk)), and raises the mark; the others are duplicates (already
+/// stored: a session replays from `Welcome.last_acked`, and seqs grow within a boot).
 pub(super) fn insert_batch(conn: &Connection, batch: &mut Batch) -> Result<usize, rusqlite::Error> {
     // Stored bit for bit: SQLite integers are signed 64-bit.
     let boot = batch.boot_id as i64;
@@ -117,32 +118,29 @@ pub(super) fn insert_batch(conn: &Connection, batch: &mut Batch) -> Result<usize
         .prepare_cached("SELECT last_seq FROM boots WHERE device = ?1 AND boot_id = ?2")?
         .query_row(params![batch.device_key, boot], |r| r.get(0))
         .optional()?;
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO telemetry(device, boot_id, seq, time_ms, received_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+    let mut chunk = ChunkBuf::default();
+    let mut encoded = Vec::new();
     let mut inserted = 0;
-    let (records, bodies) = (&mut batch.records, &batch.bodies);
-    for rec in records.iter_mut() {
+    for i in 0..batch.records.len() {
+        let Some(rec) = batch.records.get_mut(i) else {
+            break;
+        };
         let seq = i64::from(rec.seq);
         rec.inserted = high.is_none_or(|h| seq > h);
         if !rec.inserted {
             continue;
         }
-        let start = rec.start as usize;
-        let body = bodies
-            .get(start..start + rec.len as usize)
-            .unwrap_or_default();
-        stmt.execute(params![
-            batch.device_key,
-            boot,
-            rec.seq,
-            rec.time_ms,
-            batch.received_ms,
-            body
-        ])?;
         high = Some(seq);
         inserted += 1;
+        let rec = *rec;
+        if !chunk.fits(&rec) {
+            insert_chunk(conn, batch, &chunk, None, &mut encoded)?;
+            chunk.clear();
+        }
+        chunk.push(i, &rec);
+    }
+    if !chunk.records.is_empty() {
+        insert_chunk(conn, batch, &chunk, None, &mut encoded)?;
     }
     if inserted > 0
         && let Some(high) = high
@@ -155,4 +153,35 @@ pub(super) fn insert_batch(conn: &Connection, batch: &mut Batch) -> Result<usize
         .execute(params![batch.device_key, boot, high, batch.received_ms])?;
     }
     Ok(inserted)
+}
+
+/// Inserts one chunk of `batch`: its rows follow the last ever given, or end at
+/// `last_row` (a migration keeping the rows records had).
+pub(super) fn insert_chunk(
+    conn: &Connection,
+    batch: &Batch,
+    chunk: &ChunkBuf,
+    last_row: Option<i64>,
+    encoded: &mut Vec<u8>,
+) -> Result<(), rusqlite::Error> {
+    chunk.encode(batch, encoded);
+    let n = chunk.records.len() as i64;
+    conn.prepare_cached(
+        "INSERT INTO chunks(last_row, n, device, boot_id, min_time, max_time, received_ms,
+                            records)
+         VALUES (coalesce(?1, coalesce((SELECT seq FROM sqlite_sequence
+                                         WHERE name = 'chunks'), 0) + ?2),
+                 ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        last_row,
+        n,
+        batch.device_key,
+        batch.boot_id as i64,
+        chunk.min_time,
+        chunk.max_time,
+        batch.received_ms,
+        &encoded[..]
+    ])?;
+    Ok(())
 }

@@ -104,7 +104,7 @@ impl Store {
             else {
                 return Ok(false);
             };
-            c.execute("DELETE FROM telemetry WHERE device = ?1", [key])?;
+            c.execute("DELETE FROM chunks WHERE device = ?1", [key])?;
             c.execute("DELETE FROM boots WHERE device = ?1", [key])?;
             c.execute("DELETE FROM commands WHERE device = ?1", [key])?;
             c.execute("DELETE FROM groups WHERE device = ?1", [&id])?;

@@ -51,6 +51,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 mod batch;
+pub(crate) mod chunk;
 mod commands;
 mod devices;
 mod error;

@@ -6,6 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use super::chunk::{self, SPAN_MS};
 use super::{Store, StoreError};
 use crate::values;
 
@@ -151,7 +152,8 @@ impl Store {
                 params![after.unwrap_or_default(), i64::from(limit)],
                 device_from_row,
             )?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let rows = rows.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(|r| with_latest(c, r)).collect()
         })
         .await
     }
@@ -161,7 +163,8 @@ impl Store {
         let id = id.to_owned();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} WHERE d.id = ?1"))?;
-            Ok(stmt.query_row([id], device_from_row).optional()?)
+            let row = stmt.query_row([id], device_from_row).optional()?;
+            row.map(|r| with_latest(c, r)).transpose()
         })
         .await
     }
@@ -190,18 +193,18 @@ impl Store {
         self.read(move |c| telemetry_page(c, &device, &q)).await
     }
 
-    /// Number of telemetry rows of a device (all of them if `device` is `None`).
+    /// Number of telemetry records of a device (all of them if `device` is `None`).
     pub async fn telemetry_count(&self, device: Option<&str>) -> Result<u64, StoreError> {
         let device = device.map(str::to_owned);
         self.read(move |c| {
             let n: i64 = match device {
                 Some(d) => c.query_row(
-                    "SELECT count(*) FROM telemetry t JOIN devices d ON d.key = t.device
+                    "SELECT coalesce(sum(c.n), 0) FROM chunks c JOIN devices d ON d.key = c.device
                       WHERE d.id = ?1",
                     [d],
                     |r| r.get(0),
                 )?,
-                None => c.query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))?,
+                None => c.query_row("SELECT coalesce(sum(n), 0) FROM chunks", [], |r| r.get(0))?,
             };
             Ok(n as u64)
         })
@@ -233,27 +236,15 @@ pub fn body_to_json(body: &[u8]) -> serde_json::Map<String, Json> {
     }
 }
 
-/// Devices with their newest record: one step down the `(device, time_ms)` index per
-/// device (the last entry; equal times are in arrival order).
-/// Keyset paging on (time_ms, rowid), which the (device, time_ms) index serves in
-/// either direction. One bound a side: SQLite ranges an index scan by one lower and one
-/// upper bound of a column, so `since`/`until` and the cursor are folded into one bound
-/// before the query. Given both, it seeks to `since` and filters its way to the cursor,
-/// and every page costs what all the pages before it did (an hour's export at 100 M
-/// records took a minute).
+/// A device's chunks that may hold records from `?2 + SPAN_MS` to `?3` (inclusive),
+/// by their first record's time: a range of the `(device, min_time)` index.
 pub(super) const PAGE_OLDEST_FIRST: &str =
-    "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
-       FROM telemetry t JOIN devices d ON d.key = t.device
-      WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms < ?3
-        AND (t.time_ms > ?4 OR t.rowid > ?5)
-      ORDER BY t.time_ms, t.rowid LIMIT ?6";
-/// Newest first: `?3` is an inclusive upper bound here (see [`PAGE_OLDEST_FIRST`]).
+    "SELECT last_row, n, boot_id, min_time, max_time, received_ms, records FROM chunks
+      WHERE device = ?1 AND min_time >= ?2 AND min_time <= ?3 ORDER BY min_time";
+/// [`PAGE_OLDEST_FIRST`], newest first.
 pub(super) const PAGE_NEWEST_FIRST: &str =
-    "SELECT t.rowid, t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
-       FROM telemetry t JOIN devices d ON d.key = t.device
-      WHERE d.id = ?1 AND t.time_ms >= ?2 AND t.time_ms <= ?3
-        AND (t.time_ms < ?4 OR t.rowid < ?5)
-      ORDER BY t.time_ms DESC, t.rowid DESC LIMIT ?6";
+    "SELECT last_row, n, boot_id, min_time, max_time, received_ms, records FROM chunks
+      WHERE device = ?1 AND min_time >= ?2 AND min_time <= ?3 ORDER BY min_time DESC";
 
 /// One page of a device's telemetry (see [`Store::telemetry_page`]).
 pub(super) fn telemetry_page(
@@ -261,85 +252,183 @@ pub(super) fn telemetry_page(
     device: &str,
     q: &TelemetryQuery,
 ) -> Result<Vec<(TelemetryCursor, TelemetryRecord)>, StoreError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let (since, until) = (
-        q.since_ms.unwrap_or(i64::MIN),
-        q.until_ms.unwrap_or(i64::MAX),
-    );
-    let (sql, low, high, after) = if q.oldest_first {
+    let key: Option<i64> = c
+        .prepare_cached("SELECT key FROM devices WHERE id = ?1")?
+        .query_row([device], |r| r.get(0))
+        .optional()?;
+    match key {
+        Some(key) => page_of(c, key, device, q),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A record found by a page query, before the page is cut.
+struct Found {
+    cursor: TelemetryCursor,
+    boot_id: u64,
+    seq: Seq,
+    received_ms: i64,
+    body: Vec<u8>,
+}
+
+/// One page of the telemetry of the device with store key `key`, in (time, row)
+/// order or its reverse.
+///
+/// Chunks are read in `min_time` order from the page's start (less [`SPAN_MS`]: a
+/// chunk that starts that much earlier may reach into the page), each decoded and its
+/// records in the page's bounds kept; the best `limit` are kept. Reading stops at the
+/// first chunk that cannot hold a better one: oldest first, one that starts after the
+/// page's last record; newest first, one that ends (at most [`SPAN_MS`] after its
+/// start) before it. A deep page costs what the first does: it seeks to its cursor.
+fn page_of(
+    c: &Connection,
+    key: i64,
+    device: &str,
+    q: &TelemetryQuery,
+) -> Result<Vec<(TelemetryCursor, TelemetryRecord)>, StoreError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    // `until` is exclusive; nothing is before i64::MIN.
+    let Some(last) = q.until_ms.unwrap_or(i64::MAX).checked_sub(1) else {
+        return Ok(Vec::new());
+    };
+    let oldest_first = q.oldest_first;
+    // Records wanted: time in [low, high], and past the cursor.
+    let (low, high, after) = if oldest_first {
         let after = q.after.unwrap_or(TelemetryCursor {
             time_ms: i64::MIN,
             row: i64::MIN,
         });
-        // Records at the cursor's time may still follow it (a larger rowid).
-        (PAGE_OLDEST_FIRST, since.max(after.time_ms), until, after)
+        (since.max(after.time_ms), last, after)
     } else {
         let after = q.after.unwrap_or(TelemetryCursor {
             time_ms: i64::MAX,
             row: i64::MAX,
         });
-        // `until` is exclusive; nothing is before i64::MIN.
-        let Some(last) = until.checked_sub(1) else {
-            return Ok(Vec::new());
-        };
-        (PAGE_NEWEST_FIRST, since, last.min(after.time_ms), after)
+        (since, last.min(after.time_ms), after)
+    };
+    if low > high {
+        return Ok(Vec::new());
+    }
+    let past_cursor = |cur: TelemetryCursor| {
+        if oldest_first {
+            (cur.time_ms, cur.row) > (after.time_ms, after.row)
+        } else {
+            (cur.time_ms, cur.row) < (after.time_ms, after.row)
+        }
+    };
+    // The page's order: oldest first ascending, else descending (`!x` reverses the
+    // order of i64s: it is `-x - 1`).
+    let order = |f: &Found| {
+        let (t, r) = (f.cursor.time_ms, f.cursor.row);
+        if oldest_first { (t, r) } else { (!t, !r) }
+    };
+    let sql = if oldest_first {
+        PAGE_OLDEST_FIRST
+    } else {
+        PAGE_NEWEST_FIRST
     };
     let mut stmt = c.prepare_cached(sql)?;
-    let rows = stmt.query_map(
-        params![device, low, high, after.time_ms, after.row, limit],
-        |row| {
-            let rec = telemetry_from_row(row, 1, device.to_owned())?;
+    let mut rows = stmt.query(params![key, low.saturating_sub(SPAN_MS), high])?;
+    let mut found: Vec<Found> = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (last_row, n, boot, min_time, max_time, received_ms): (i64, i64, i64, i64, i64, i64) = (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        );
+        // `found` is sorted and cut to `limit` once it reaches it.
+        if let Some(edge) = found.get(limit - 1).map(|f| f.cursor.time_ms) {
+            let done = if oldest_first {
+                min_time > edge
+            } else {
+                min_time.saturating_add(SPAN_MS) < edge
+            };
+            if done {
+                break;
+            }
+        }
+        if max_time < low {
+            continue;
+        }
+        let blob = r.get_ref(6)?.as_blob().map_err(rusqlite::Error::from)?;
+        for rec in chunk::decode(last_row, n, min_time, blob) {
             let cursor = TelemetryCursor {
                 time_ms: rec.time_ms,
-                row: row.get(0)?,
+                row: rec.row,
             };
-            Ok((cursor, rec))
-        },
-    )?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            if rec.time_ms < low || rec.time_ms > high || !past_cursor(cursor) {
+                continue;
+            }
+            found.push(Found {
+                cursor,
+                boot_id: boot as u64,
+                seq: rec.seq,
+                received_ms,
+                body: rec.body.to_vec(),
+            });
+        }
+        if found.len() >= limit {
+            found.sort_by_key(order);
+            found.truncate(limit);
+        }
+    }
+    found.sort_by_key(order);
+    found.truncate(limit);
+    Ok(found
+        .into_iter()
+        .map(|f| {
+            let rec = TelemetryRecord {
+                device: device.to_owned(),
+                boot_id: f.boot_id,
+                seq: f.seq,
+                time_ms: f.cursor.time_ms,
+                received_ms: f.received_ms,
+                values: body_to_json(&f.body),
+            };
+            (f.cursor, rec)
+        })
+        .collect())
+}
+
+/// A device row with its newest record (by device time; of equal times the last to
+/// arrive): the first entry of a newest-first page.
+fn with_latest(
+    c: &Connection,
+    (key, mut d): (i64, DeviceRecord),
+) -> Result<DeviceRecord, StoreError> {
+    let q = TelemetryQuery {
+        limit: Some(1),
+        ..TelemetryQuery::default()
+    };
+    d.latest = page_of(c, key, &d.id, &q)?.pop().map(|(_, r)| r);
+    Ok(d)
 }
 
 const DEVICE_SELECT: &str = "SELECT d.id, d.online, d.first_seen_ms, d.last_seen_ms,
-    d.cert_serial, d.cert_not_after, d.firmware, d.peer_addr, d.boot_id, d.connects,
-    t.boot_id, t.seq, t.time_ms, t.received_ms, t.body
-    FROM devices d LEFT JOIN telemetry t ON t.rowid =
-      (SELECT rowid FROM telemetry WHERE device = d.key ORDER BY time_ms DESC LIMIT 1)";
+    d.cert_serial, d.cert_not_after, d.firmware, d.peer_addr, d.boot_id, d.connects, d.key
+    FROM devices d";
 
-fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
-    Ok(DeviceRecord {
-        id: r.get(0)?,
-        online: r.get::<_, i64>(1)? != 0,
-        first_seen_ms: r.get(2)?,
-        last_seen_ms: r.get(3)?,
-        cert_serial: r.get(4)?,
-        cert_not_after: r.get(5)?,
-        firmware: r.get(6)?,
-        peer_addr: r.get(7)?,
-        boot_id: r.get::<_, Option<i64>>(8)?.map(|b| b as u64),
-        connects: r.get(9)?,
-        // The LEFT JOIN gives NULLs for a device without telemetry.
-        latest: match r.get_ref(14)? {
-            rusqlite::types::ValueRef::Null => None,
-            _ => Some(telemetry_from_row(r, 10, r.get(0)?)?),
+/// A device row and its store key; `latest` is filled by [`with_latest`].
+fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, DeviceRecord)> {
+    Ok((
+        r.get(10)?,
+        DeviceRecord {
+            id: r.get(0)?,
+            online: r.get::<_, i64>(1)? != 0,
+            first_seen_ms: r.get(2)?,
+            last_seen_ms: r.get(3)?,
+            cert_serial: r.get(4)?,
+            cert_not_after: r.get(5)?,
+            firmware: r.get(6)?,
+            peer_addr: r.get(7)?,
+            boot_id: r.get::<_, Option<i64>>(8)?.map(|b| b as u64),
+            connects: r.get(9)?,
+            latest: None,
+            gateway: None,
         },
-        gateway: None,
-    })
-}
-
-/// A telemetry record from the columns `boot_id, seq, time_ms, received_ms, body`
-/// starting at `at`.
-fn telemetry_from_row(
-    r: &rusqlite::Row<'_>,
-    at: usize,
-    device: String,
-) -> rusqlite::Result<TelemetryRecord> {
-    let body: Vec<u8> = r.get(at + 4)?;
-    Ok(TelemetryRecord {
-        device,
-        boot_id: r.get::<_, i64>(at)? as u64,
-        seq: r.get(at + 1)?,
-        time_ms: r.get(at + 2)?,
-        received_ms: r.get(at + 3)?,
-        values: body_to_json(&body),
-    })
+    ))
 }

@@ -2,12 +2,13 @@
 //! needs (unless it lets it go), and forgets the high-water marks of past boots.
 //!
 //! The store has one writer thread, and every telemetry commit, session open and
-//! command goes through it. Retention may have millions of rows to delete: run as one
-//! op it would hold the writer for the whole deletion (minutes on a big store), and
-//! every device's acks would stall behind it. So it deletes in chunks of at most
-//! [`CHUNK`] rows, each chunk an op of its own (its own savepoint in a group commit),
-//! and sends the next chunk only once the last one has committed: whatever queued
-//! meanwhile commits between two chunks, and waits for one chunk at most.
+//! command goes through it. Retention may have millions of records to delete: run as
+//! one op it would hold the writer for the whole deletion (minutes on a big store), and
+//! every device's acks would stall behind it. So it deletes in steps of at most
+//! [`STEP`] chunks (see [`chunk`](super::chunk)), each step an op of its own (its own
+//! savepoint in a group commit), and sends the next step only once the last one has
+//! committed: whatever queued meanwhile commits between two steps, and waits for one
+//! step at most. It deletes whole chunks: a chunk goes when all of its records may.
 
 use std::time::Duration;
 
@@ -16,10 +17,10 @@ use rusqlite::{Connection, params};
 use super::writer::Writer;
 use super::{Store, StoreError, now_ms};
 
-/// Rows deleted per writer op: small enough that one chunk costs a few ms to tens of
+/// Chunks deleted per writer op: small enough that one step costs a few ms to tens of
 /// ms (what telemetry queued behind it waits at most), large enough that the commits
-/// between chunks cost little next to the deletion.
-pub(super) const CHUNK: usize = 5000;
+/// between steps cost little next to the deletion.
+pub(super) const STEP: usize = 2000;
 
 /// What one pass of retention deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,17 +31,20 @@ pub struct Pruned {
     pub undelivered: u64,
 }
 
-/// Which rows one chunk deletes.
+/// Which chunks one step deletes.
 #[derive(Clone, Copy)]
-enum Chunk {
-    /// From the front, in rowid order: rows received before this time (ms).
+enum Step {
+    /// From the front, in row order: chunks received before this time (ms).
     Older(i64),
-    /// From the front, in rowid order: rows up to this rowid.
+    /// From the front, in row order: chunks whose records are all at or before this row.
     UpTo(i64),
 }
 
-/// What one chunk deleted.
+/// What one step deleted.
 struct Deleted {
+    /// Chunks.
+    chunks: u64,
+    /// Records.
     rows: u64,
     /// Per sink with `drop_undelivered` (in the order of `Writer::sinks`): of those
     /// rows, the ones after its cursor.
@@ -62,7 +66,7 @@ impl Store {
         let older_than_ms =
             max_age.map(|a| now_ms() - i64::try_from(a.as_millis()).unwrap_or(i64::MAX / 2));
         let mut deleted = 0u64;
-        // Per lossy sink, summed over the chunks.
+        // Per lossy sink, summed over the steps.
         let mut undelivered: Vec<u64> = Vec::new();
         let mut add = |d: &Deleted| {
             deleted += d.rows;
@@ -72,22 +76,22 @@ impl Store {
             }
         };
         if let Some(cutoff) = older_than_ms {
-            // Rowids follow arrival order: delete from the front, and stop at the first
-            // chunk that is not entirely old enough. Records that arrive meanwhile are
+            // Rows follow arrival order: delete from the front, and stop at the first
+            // step that is not entirely old enough. Records that arrive meanwhile are
             // new, so this ends.
             loop {
                 let d = self
-                    .write_with(move |w| delete_chunk(w, Chunk::Older(cutoff)))
+                    .write_with(move |w| delete_step(w, Step::Older(cutoff)))
                     .await?;
                 add(&d);
-                if d.rows < CHUNK as u64 {
+                if d.chunks < STEP as u64 {
                     break;
                 }
             }
         }
         if let Some(max) = max_rows {
             let max = i64::try_from(max).unwrap_or(i64::MAX);
-            // The rows beyond the newest `max` when the first chunk runs: fixed then, so
+            // The rows beyond the newest `max` when the first step runs: fixed then, so
             // records arriving meanwhile neither move it nor keep this going.
             let mut limit: Option<i64> = None;
             loop {
@@ -97,12 +101,12 @@ impl Store {
                             Some(l) => l,
                             None => newest_row(&w.conn)?.saturating_sub(max),
                         };
-                        Ok((delete_chunk(w, Chunk::UpTo(l))?, l))
+                        Ok((delete_step(w, Step::UpTo(l))?, l))
                     })
                     .await?;
                 limit = Some(l);
                 add(&d);
-                if d.rows < CHUNK as u64 {
+                if d.chunks < STEP as u64 {
                     break;
                 }
             }
@@ -117,24 +121,24 @@ impl Store {
     }
 }
 
-/// The newest rowid, 0 if there is no telemetry.
+/// The newest row, 0 if there is no telemetry.
 fn newest_row(c: &Connection) -> Result<i64, rusqlite::Error> {
     c.query_row(
-        "SELECT coalesce((SELECT max(rowid) FROM telemetry), 0)",
+        "SELECT coalesce((SELECT max(last_row) FROM chunks), 0)",
         [],
         |r| r.get(0),
     )
 }
 
-/// Deletes one chunk (at most [`CHUNK`] rows from the front), keeping what the sinks
+/// Deletes one step (at most [`STEP`] chunks from the front), keeping what the sinks
 /// need as things are now: the running sinks may have moved and telemetry may have
-/// arrived since the last chunk.
-fn delete_chunk(w: &Writer, chunk: Chunk) -> Result<Deleted, StoreError> {
+/// arrived since the last step.
+fn delete_step(w: &Writer, step: Step) -> Result<Deleted, StoreError> {
     let c = &w.conn;
     let newest = newest_row(c)?;
     // With a sink running (the MQTT bridge): never a record it has not delivered
-    // (unless it lets them go), and never the newest record, since rowids must keep
-    // growing or its cursor would skip the next ones.
+    // (unless it lets them go), and never the newest chunk: the relayed stream keeps
+    // a record to start from.
     let mut keep_from = i64::MAX;
     // Cursors of the sinks that let undelivered records go, to count those.
     let mut lossy = Vec::new();
@@ -152,39 +156,41 @@ fn delete_chunk(w: &Writer, chunk: Chunk) -> Result<Deleted, StoreError> {
         };
         keep_from = keep_from.min(k);
     }
-    let (sql, bound) = match chunk {
-        Chunk::Older(cutoff) => (
-            "DELETE FROM telemetry WHERE rowid IN
-              (SELECT rowid FROM telemetry ORDER BY rowid LIMIT ?3)
-              AND received_ms < ?1 AND rowid <= ?2
-             RETURNING rowid",
+    let (sql, bound) = match step {
+        Step::Older(cutoff) => (
+            "DELETE FROM chunks WHERE last_row IN
+              (SELECT last_row FROM chunks ORDER BY last_row LIMIT ?3)
+              AND received_ms < ?1 AND last_row <= ?2
+             RETURNING last_row, n",
             cutoff,
         ),
-        Chunk::UpTo(limit) => (
-            "DELETE FROM telemetry WHERE rowid IN
-              (SELECT rowid FROM telemetry WHERE rowid <= ?1 AND rowid <= ?2
-                ORDER BY rowid LIMIT ?3)
-             RETURNING rowid",
+        Step::UpTo(limit) => (
+            "DELETE FROM chunks WHERE last_row IN
+              (SELECT last_row FROM chunks WHERE last_row <= ?1 AND last_row <= ?2
+                ORDER BY last_row LIMIT ?3)
+             RETURNING last_row, n",
             limit,
         ),
     };
     let mut stmt = c.prepare_cached(sql)?;
-    let rows = stmt.query_map(params![bound, keep_from, CHUNK as i64], |r| {
-        r.get::<_, i64>(0)
+    let rows = stmt.query_map(params![bound, keep_from, STEP as i64], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
     })?;
-    // Counted on the rows this chunk deletes, against the cursors as they are now:
-    // exact however the cursors move and telemetry arrives between chunks.
+    // Counted on the records this step deletes, against the cursors as they are now:
+    // exact however the cursors move and telemetry arrives between steps.
     let mut deleted = Deleted {
+        chunks: 0,
         rows: 0,
         undelivered: vec![0; lossy.len()],
     };
     for row in rows {
-        let row = row?;
-        deleted.rows += 1;
-        for (n, &cursor) in deleted.undelivered.iter_mut().zip(&lossy) {
-            if row > cursor {
-                *n += 1;
-            }
+        let (last, n) = row?;
+        let first = last - n + 1;
+        deleted.chunks += 1;
+        deleted.rows += n as u64;
+        for (u, &cursor) in deleted.undelivered.iter_mut().zip(&lossy) {
+            // Its records after the cursor.
+            *u += (last - first.max(cursor + 1) + 1).max(0) as u64;
         }
     }
     Ok(deleted)
@@ -196,7 +202,7 @@ fn forget_past_boots(c: &Connection) -> Result<(), StoreError> {
     c.execute(
         "DELETE FROM boots
           WHERE last_ms < coalesce(
-                  (SELECT received_ms FROM telemetry ORDER BY rowid LIMIT 1),
+                  (SELECT received_ms FROM chunks ORDER BY last_row LIMIT 1),
                   9223372036854775807)
             AND boot_id IS NOT (SELECT boot_id FROM devices WHERE key = boots.device)",
         [],

@@ -21,15 +21,21 @@ CREATE TABLE IF NOT EXISTS devices(
     boot_id         INTEGER,
     connects        INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS telemetry(
+-- Telemetry, a chunk of one device boot's records per row (store/chunk.rs,
+-- docs/STORE.md): records `last_row - n + 1 ..= last_row`, in arrival order, spanning
+-- at most 1 s of device time (`min_time ..= max_time`). AUTOINCREMENT: a row
+-- number is never given twice, so sink cursors never skip one.
+CREATE TABLE IF NOT EXISTS chunks(
+    last_row     INTEGER PRIMARY KEY AUTOINCREMENT,
+    n            INTEGER NOT NULL,
     device       INTEGER NOT NULL,
     boot_id      INTEGER NOT NULL,
-    seq          INTEGER NOT NULL,
-    time_ms      INTEGER NOT NULL,
+    min_time     INTEGER NOT NULL,
+    max_time     INTEGER NOT NULL,
     received_ms  INTEGER NOT NULL,
-    body         BLOB NOT NULL
+    records      BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS telemetry_time ON telemetry(device, time_ms);
+CREATE INDEX IF NOT EXISTS chunks_time ON chunks(device, min_time);
 -- The highest seq stored per device boot: what deduplicates records (PROTOCOL.md §8.2)
 -- and answers Welcome.last_acked. One small row per boot instead of a unique index
 -- over every record; `last_ms` (arrival of that record) lets retention prune it.
@@ -57,9 +63,9 @@ CREATE TABLE IF NOT EXISTS commands(
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
--- Where each northbound sink (the MQTT bridge) is in the telemetry table: the rowid
--- of the last record it delivered. Rowids grow in commit order (one writer), and
--- retention keeps the newest row, so `rowid > cursor` is exactly what is left to send.
+-- Where each northbound sink (the MQTT bridge, the fleet) is in the telemetry: the
+-- row of the last record it delivered. Rows grow in commit order (one writer) and are
+-- never given twice, so `row > cursor` is exactly what is left to send.
 CREATE TABLE IF NOT EXISTS sinks(
     name    TEXT PRIMARY KEY,
     cursor  INTEGER NOT NULL
@@ -102,6 +108,7 @@ pub(super) fn open_writer_connection(
     conn.pragma_update(None, "synchronous", sync)?;
     conn.execute_batch(SCHEMA)?;
     migrate_unique_key(&conn)?;
+    migrate_to_chunks(&conn)?;
     migrate_fleet_columns(&conn)?;
     // A previous run may have died with sessions open: nobody is online at start.
     conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
@@ -229,4 +236,119 @@ fn migrate_unique_key(conn: &Connection) -> Result<(), StoreError> {
          COMMIT;",
     )?;
     Ok(())
+}
+
+/// Rows of the old `telemetry` table (one row per record) moved per transaction.
+const MIGRATE_STEP: usize = 50_000;
+
+/// Stores made before chunks kept one row per record in `telemetry`: move them into
+/// chunks (once, at open), keeping each record's row number, so that sink cursors stay
+/// where they were. A step at a time, each its own transaction that also deletes what
+/// it moved: an interrupted migration goes on where it stopped at the next start.
+fn migrate_to_chunks(conn: &Connection) -> Result<(), StoreError> {
+    let old: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'telemetry'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    let total: i64 = conn.query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))?;
+    tracing::info!(
+        records = total,
+        "store: moving telemetry into chunks (once)"
+    );
+    let started = std::time::Instant::now();
+    let mut moved = 0i64;
+    loop {
+        let n = migrate_step(conn)?;
+        moved += n as i64;
+        if n < MIGRATE_STEP {
+            break;
+        }
+        tracing::info!(moved, of = total, "store: moving telemetry into chunks");
+    }
+    // Rows never go back below a sink's cursor, even if the newest records were gone.
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT INTO sqlite_sequence(name, seq)
+           SELECT 'chunks', 0 WHERE NOT EXISTS
+             (SELECT 1 FROM sqlite_sequence WHERE name = 'chunks');
+         UPDATE sqlite_sequence
+            SET seq = max(seq, (SELECT coalesce(max(cursor), 0) FROM sinks))
+          WHERE name = 'chunks';
+         DROP TABLE telemetry;
+         COMMIT;",
+    )?;
+    tracing::info!(
+        moved,
+        seconds = started.elapsed().as_secs(),
+        "store: telemetry moved into chunks"
+    );
+    Ok(())
+}
+
+/// Moves the oldest [`MIGRATE_STEP`] rows of `telemetry` into chunks, in one
+/// transaction; returns how many it moved. Rows that committed together (one device
+/// boot, one arrival time, consecutive rowids) go into one chunk, within its bounds.
+fn migrate_step(conn: &Connection) -> Result<usize, StoreError> {
+    use super::batch::{Batch, insert_chunk};
+    use super::chunk::ChunkBuf;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let step = (|| {
+        let mut stmt = conn.prepare(
+            "SELECT rowid, device, boot_id, seq, time_ms, received_ms, body FROM telemetry
+              ORDER BY rowid LIMIT ?1",
+        )?;
+        let mut rows = stmt.query([MIGRATE_STEP as i64])?;
+        let mut batch = Batch::new(0, 0);
+        let mut chunk = ChunkBuf::default();
+        let mut encoded = Vec::new();
+        let (mut moved, mut last_row) = (0usize, 0i64);
+        while let Some(r) = rows.next()? {
+            let (row, device, boot): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let (seq, time_ms, received_ms): (u32, i64, i64) = (r.get(3)?, r.get(4)?, r.get(5)?);
+            let body: Vec<u8> = r.get(6)?;
+            let same = !chunk.records.is_empty()
+                && batch.device_key == device
+                && batch.boot_id == boot as u64
+                && batch.received_ms == received_ms
+                && row == last_row + 1;
+            if !same {
+                if !chunk.records.is_empty() {
+                    insert_chunk(conn, &batch, &chunk, Some(last_row), &mut encoded)?;
+                }
+                chunk.clear();
+                batch.clear();
+                (batch.device_key, batch.boot_id, batch.received_ms) =
+                    (device, boot as u64, received_ms);
+            }
+            batch.push(seq, time_ms, &body);
+            let index = batch.records.len() - 1;
+            let rec = batch.records[index];
+            if !chunk.fits(&rec) {
+                insert_chunk(conn, &batch, &chunk, Some(last_row), &mut encoded)?;
+                chunk.clear();
+            }
+            chunk.push(index, &rec);
+            last_row = row;
+            moved += 1;
+        }
+        if !chunk.records.is_empty() {
+            insert_chunk(conn, &batch, &chunk, Some(last_row), &mut encoded)?;
+        }
+        conn.execute("DELETE FROM telemetry WHERE rowid <= ?1", [last_row])?;
+        Ok::<_, rusqlite::Error>(moved)
+    })();
+    match step {
+        Ok(moved) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(moved)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e.into())
+        }
+    }
 }

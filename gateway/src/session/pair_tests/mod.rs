@@ -445,12 +445,21 @@ impl Pair {
     fn stored(&self) -> Vec<Seq> {
         let conn = rusqlite::Connection::open(&self.path).unwrap();
         let mut stmt = conn
-            .prepare("SELECT seq FROM telemetry ORDER BY rowid")
+            .prepare("SELECT last_row, n, min_time, records FROM chunks ORDER BY last_row")
             .unwrap();
-        stmt.query_map([], |r| r.get::<_, u32>(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        let mut rows = stmt.query([]).unwrap();
+        let mut seqs = Vec::new();
+        while let Some(r) = rows.next().unwrap() {
+            let blob = r.get_ref(3).unwrap().as_blob().unwrap();
+            let chunk = crate::store::chunk::decode(
+                r.get(0).unwrap(),
+                r.get(1).unwrap(),
+                r.get(2).unwrap(),
+                blob,
+            );
+            seqs.extend(chunk.map(|rec| rec.seq));
+        }
+        seqs
     }
 
     /// An operator queues a command; an open session sends it at once.

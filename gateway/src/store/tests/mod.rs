@@ -66,10 +66,22 @@ async fn insert(
     seqs: std::ops::RangeInclusive<Seq>,
     received_ms: i64,
 ) -> usize {
+    insert_spaced(store, o, boot, seqs, received_ms, 0).await
+}
+
+/// [`insert`] with record `s` at device time `received_ms + s * spacing_ms`.
+async fn insert_spaced(
+    store: &Store,
+    o: Opened,
+    boot: u64,
+    seqs: std::ops::RangeInclusive<Seq>,
+    received_ms: i64,
+    spacing_ms: i64,
+) -> usize {
     let mut batch = Batch::new(o.device_key, boot);
     batch.received_ms = received_ms;
     for s in seqs {
-        batch.push(s, received_ms, &body(s));
+        batch.push(s, received_ms + i64::from(s) * spacing_ms, &body(s));
     }
     let done = store.submit(batch).await.unwrap().await.unwrap();
     done.result.unwrap()
@@ -139,7 +151,7 @@ fn batch_of(key: i64, n: Seq, size: usize) -> Box<Batch> {
 fn rows_of(w: &Writer, key: i64) -> i64 {
     w.conn
         .query_row(
-            "SELECT count(*) FROM telemetry WHERE device = ?1",
+            "SELECT coalesce(sum(n), 0) FROM chunks WHERE device = ?1",
             [key],
             |r| r.get(0),
         )
@@ -208,7 +220,7 @@ fn only_fsync_free_groups_commit_without_fsync() {
     assert_eq!(rows_of(&w, keys[0]), 3);
 }
 
-/// One op of a group fails part-way (a trigger refuses its 100th record): it is
+/// One op of a group fails part-way (a trigger refuses its second chunk): it is
 /// undone alone and answers its error; the ops before and after it in the same
 /// transaction are kept and answer success.
 #[test]
@@ -216,17 +228,19 @@ fn an_op_that_fails_part_way_is_undone_alone() {
     let (_dir, mut w, keys) = writer_with(&["a", "b", "c"]);
     w.conn
         .execute_batch(&format!(
-            "CREATE TRIGGER inject BEFORE INSERT ON telemetry
-              WHEN NEW.device = {} AND NEW.seq = 100
+            "CREATE TRIGGER inject BEFORE INSERT ON chunks
+              WHEN NEW.device = {} AND NEW.n < {}
               BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
-            keys[1]
+            keys[1],
+            chunk::MAX_RECORDS
         ))
         .unwrap();
     let out = commit_three(
         &mut w,
         [
             batch_of(keys[0], 1, 10),
-            batch_of(keys[1], 200, 10),
+            // Two chunks: a full one, then one of 88 records that the trigger refuses.
+            batch_of(keys[1], chunk::MAX_RECORDS as Seq + 88, 10),
             batch_of(keys[2], 1, 10),
         ],
     );
@@ -304,6 +318,16 @@ fn a_full_disk_fails_the_whole_group_and_acks_nothing() {
     assert!(w.health.failing().is_none());
 }
 
+/// The devices and telemetry tables as the store made them before chunks.
+const OLD_TABLES: &str = "CREATE TABLE devices(key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+        first_seen_ms INTEGER, last_seen_ms INTEGER,
+        online INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, cert_not_after INTEGER,
+        firmware TEXT, peer_addr TEXT, boot_id INTEGER,
+        connects INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE telemetry(device INTEGER NOT NULL, boot_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+        body BLOB NOT NULL);";
+
 #[tokio::test]
 async fn a_store_from_before_boots_is_migrated_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,18 +335,11 @@ async fn a_store_from_before_boots_is_migrated_once() {
     {
         // The old layout: deduplication by a unique index over every record.
         let c = Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE devices(key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
-                first_seen_ms INTEGER, last_seen_ms INTEGER,
-                online INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, cert_not_after INTEGER,
-                firmware TEXT, peer_addr TEXT, boot_id INTEGER,
-                connects INTEGER NOT NULL DEFAULT 0);
-             CREATE TABLE telemetry(device INTEGER NOT NULL, boot_id INTEGER NOT NULL,
-                seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
-                body BLOB NOT NULL);
+        c.execute_batch(&format!(
+            "{OLD_TABLES}
              CREATE UNIQUE INDEX telemetry_key ON telemetry(device, boot_id, seq);
-             INSERT INTO devices(key, id, boot_id) VALUES (1, 'old', 7);",
-        )
+             INSERT INTO devices(key, id, boot_id) VALUES (1, 'old', 7);"
+        ))
         .unwrap();
         for seq in 1..=5 {
             c.execute(
@@ -350,9 +367,112 @@ async fn a_store_from_before_boots_is_migrated_once() {
         .unwrap();
     assert_eq!(index, 0, "the unique index is gone");
     let rows: i64 = c
-        .query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
+        .query_row("SELECT sum(n) FROM chunks", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 6);
+}
+
+/// A store from before chunks (one row per record) is moved into chunks at open: every
+/// record keeps its row number, so a sink goes on from its cursor without a gap or a
+/// repeat, and the API reads the same records in the same order.
+#[tokio::test]
+async fn a_store_from_before_chunks_is_migrated_keeping_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sqlite");
+    // (rowid, device key, boot, seq, time, received): two devices interleaved, two
+    // boots, a gap in the rowids (a deleted device), and a record time far apart.
+    let old: Vec<(i64, i64, i64, Seq, i64, i64)> = vec![
+        (1, 1, 7, 1, 1_000, 5_000),
+        (2, 1, 7, 2, 1_010, 5_000),
+        (3, 2, 9, 1, 1_005, 5_000),
+        (4, 1, 7, 3, 1_020, 5_000),
+        (5, 1, 7, 4, 1_030, 6_000),
+        (6, 1, 7, 5, 90_000, 6_000),
+        (9, 1, 8, 1, 2_000, 7_000),
+        (10, 1, 8, 2, 2_001, 7_000),
+    ];
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "{OLD_TABLES}
+             CREATE INDEX telemetry_time ON telemetry(device, time_ms);
+             CREATE TABLE sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO sinks VALUES ('mqtt', 3), ('far', 12);
+             INSERT INTO devices(key, id, boot_id) VALUES (1, 'a', 8), (2, 'b', 9);"
+        ))
+        .unwrap();
+        for (row, dev, boot, seq, time, recv) in &old {
+            c.execute(
+                "INSERT INTO telemetry(rowid, device, boot_id, seq, time_ms, received_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row, dev, boot, seq, time, recv, body(*seq)],
+            )
+            .unwrap();
+        }
+    }
+    let (store, writer) = open(dir.path());
+    let after = store.telemetry_after(3, 100).await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|r| (
+                r.row,
+                r.device.as_str(),
+                r.boot_id,
+                r.seq,
+                r.time_ms,
+                r.received_ms
+            ))
+            .collect::<Vec<_>>(),
+        old.iter()
+            .filter(|o| o.0 > 3)
+            .map(|o| (
+                o.0,
+                if o.1 == 1 { "a" } else { "b" },
+                o.2 as u64,
+                o.3,
+                o.4,
+                o.5
+            ))
+            .collect::<Vec<_>>(),
+        "the rows after the sink's cursor, as they were"
+    );
+    assert_eq!(after[0].body, body(3));
+    assert_eq!(store.telemetry_count(None).await.unwrap(), 8);
+    let a: Vec<Seq> = store
+        .telemetry(
+            "a",
+            TelemetryQuery {
+                oldest_first: true,
+                ..TelemetryQuery::default()
+            },
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    // By device time: boot 7's 1..4, boot 8's two, boot 7's late one.
+    assert_eq!(a, [1, 2, 3, 4, 1, 2, 5]);
+    // New records follow the furthest sink's cursor: no sink skips them.
+    let o = session(&store, "a", 8).await;
+    assert_eq!(o.last_acked, None, "this layout kept no marks");
+    insert(&store, o, 8, 3..=3, now_ms()).await;
+    let next = store.telemetry_after(12, 10).await.unwrap();
+    assert_eq!(
+        next.iter().map(|r| (r.row, r.seq)).collect::<Vec<_>>(),
+        [(13, 3)]
+    );
+    writer.stop(&store).await;
+    let c = Connection::open(&path).unwrap();
+    let tables: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'telemetry'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "the old table is gone");
 }
 
 #[tokio::test]
@@ -463,7 +583,7 @@ async fn a_deep_page_of_telemetry_costs_what_the_first_one_does() {
     let dir = tempfile::tempdir().unwrap();
     let (store, writer) = open(dir.path());
     let o = session(&store, "d7", 1).await;
-    let (n, page) = (4000i64, 100u32);
+    let (n, page) = (20_000i64, 100u32);
     let mut batch = Batch::new(o.device_key, 1);
     batch.received_ms = 1_000_000;
     for s in 1..=n {

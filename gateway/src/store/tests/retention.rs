@@ -1,8 +1,20 @@
-//! Retention: what sinks have not delivered, past boots, age and row limits, and
-//! telemetry committing between retention's chunks.
+//! Retention: what sinks have not delivered, past boots, age and row limits, whole
+//! chunks only, and telemetry committing between retention's steps.
 
 use super::*;
-use crate::store::retention::CHUNK;
+use crate::store::retention::STEP;
+
+/// [`insert`], each record a chunk of its own (device times further apart than a
+/// chunk spans): retention deletes whole chunks, and these tests count records.
+async fn insert_apart(
+    store: &Store,
+    o: Opened,
+    boot: u64,
+    seqs: std::ops::RangeInclusive<Seq>,
+    received_ms: i64,
+) -> usize {
+    insert_spaced(store, o, boot, seqs, received_ms, chunk::SPAN_MS + 1).await
+}
 
 async fn prune_by_age(store: &Store, age: Duration) -> u64 {
     store
@@ -34,7 +46,7 @@ async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
     let day = Duration::from_secs(86_400);
     let o = session(&store, "r1", 1).await;
     let start = store.open_sink("mqtt").await.unwrap();
-    insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+    insert_apart(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
     // All old, none delivered: none deleted.
     assert_eq!(prune_by_age(&store, day).await, 0);
     assert_eq!(
@@ -46,13 +58,13 @@ async fn retention_keeps_what_a_sink_has_not_delivered_and_the_newest_row() {
     assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
     store.set_sink_cursor("mqtt", rows[3].row).await.unwrap();
     assert_eq!(prune_by_age(&store, day).await, 4);
-    // All delivered: all but the newest row, which keeps rowids growing.
+    // All delivered: all but the newest record.
     let rest = store.telemetry_after(rows[3].row, 100).await.unwrap();
     assert_eq!(rest.len(), 6);
     store.set_sink_cursor("mqtt", rest[5].row).await.unwrap();
     assert_eq!(prune_by_age(&store, day).await, 5);
     assert_eq!(store.telemetry_count(None).await.unwrap(), 1);
-    // The next record gets a rowid after the cursor.
+    // The next record gets a row after the cursor.
     insert(&store, o, 1, 11..=11, now_ms()).await;
     let next = store.telemetry_after(rest[5].row, 10).await.unwrap();
     assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [11]);
@@ -65,7 +77,7 @@ async fn retention_may_drop_what_a_sink_has_not_delivered_when_told_and_counts_i
     let (store, writer) = open_with_sink(dir.path(), true);
     let o = session(&store, "r2", 1).await;
     let start = store.open_sink("mqtt").await.unwrap();
-    insert(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
+    insert_apart(&store, o, 1, 1..=10, now_ms() - 3 * 86_400_000).await;
     let rows = store.telemetry_after(start, 3).await.unwrap();
     store.set_sink_cursor("mqtt", rows[2].row).await.unwrap();
     // Three delivered, seven not: all but the newest go, six of them undelivered.
@@ -111,8 +123,8 @@ async fn retention_by_age_and_by_rows() {
     let (store, writer) = open(dir.path());
     let o = session(&store, "d2", 1).await;
     let day = 86_400_000;
-    insert(&store, o, 1, 1..=100, now_ms() - 3 * day).await;
-    insert(&store, o, 1, 101..=150, now_ms()).await;
+    insert_apart(&store, o, 1, 1..=100, now_ms() - 3 * day).await;
+    insert_apart(&store, o, 1, 101..=150, now_ms()).await;
     let deleted = store
         .apply_retention(Some(Duration::from_secs(86_400)), None)
         .await
@@ -158,8 +170,8 @@ async fn hold_writer(store: &Store) -> std::sync::mpsc::Sender<()> {
 /// while a device sends one fresh record: the retention future is polled once (its
 /// first op queued behind a held writer), the record is queued behind it, and once the
 /// record is committed the rows retention has not reached yet must still be there.
-/// Retention must not hold the writer for the whole deletion: each chunk is an op of
-/// its own, so telemetry queued meanwhile commits between chunks.
+/// Retention must not hold the writer for the whole deletion: each step is an op of
+/// its own, so telemetry queued meanwhile commits between steps.
 /// Returns what retention pruned and the rows left.
 async fn retention_while_telemetry_arrives(
     max_age: Option<Duration>,
@@ -171,7 +183,7 @@ async fn retention_while_telemetry_arrives(
     let o = session(&store, "d6", 1).await;
     assert_eq!(store.open_sink("mqtt").await.unwrap(), 0);
     let day = 86_400_000;
-    insert(&store, o, 1, 1..=old, now_ms() - 3 * day).await;
+    insert_apart(&store, o, 1, 1..=old, now_ms() - 3 * day).await;
 
     let release = hold_writer(&store).await;
     let mut prune = std::pin::pin!(store.apply_retention(max_age, max_rows));
@@ -188,10 +200,10 @@ async fn retention_while_telemetry_arrives(
     // The fresh record commits without waiting for the whole deletion.
     assert_eq!(done.await.unwrap().result.unwrap(), 1);
     let left = store.telemetry_count(Some("d6")).await.unwrap();
-    let chunk = CHUNK as u64;
+    let step = STEP as u64;
     assert!(
-        left > u64::from(old) - chunk,
-        "at most one chunk of retention may run before a batch queued behind it \
+        left > u64::from(old) - step,
+        "at most one step of retention may run before a batch queued behind it \
          commits: {left} of {} rows left",
         u64::from(old) + 1
     );
@@ -203,8 +215,8 @@ async fn retention_while_telemetry_arrives(
 }
 
 #[tokio::test]
-async fn retention_by_age_lets_telemetry_commit_between_chunks() {
-    let old = 3 * CHUNK as Seq + 10;
+async fn retention_by_age_lets_telemetry_commit_between_steps() {
+    let old = 3 * STEP as Seq + 10;
     let (pruned, left) =
         retention_while_telemetry_arrives(Some(Duration::from_secs(86_400)), None, old).await;
     // Every old row goes: once the fresh record is in, the newest old row is no longer
@@ -220,8 +232,8 @@ async fn retention_by_age_lets_telemetry_commit_between_chunks() {
 }
 
 #[tokio::test]
-async fn retention_by_rows_lets_telemetry_commit_between_chunks() {
-    let old = 3 * CHUNK as Seq + 10;
+async fn retention_by_rows_lets_telemetry_commit_between_steps() {
+    let old = 3 * STEP as Seq + 10;
     let (pruned, left) = retention_while_telemetry_arrives(None, Some(1), old).await;
     // The limit is the newest row when retention starts: that one and the fresh record
     // stay.
@@ -233,4 +245,30 @@ async fn retention_by_rows_lets_telemetry_commit_between_chunks() {
         }
     );
     assert_eq!(left, 2);
+}
+
+/// Retention deletes whole chunks: a chunk goes only once every record in it may (by
+/// age, and delivered by the sink), and the records counted are the chunk's.
+#[tokio::test]
+async fn retention_deletes_a_chunk_only_when_all_of_it_may_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open_with_sink(dir.path(), false);
+    let o = session(&store, "r3", 1).await;
+    let start = store.open_sink("mqtt").await.unwrap();
+    let old = now_ms() - 3 * 86_400_000;
+    // Two chunks of five (one batch each), then a fresh one.
+    insert(&store, o, 1, 1..=5, old).await;
+    insert(&store, o, 1, 6..=10, old).await;
+    insert(&store, o, 1, 11..=11, now_ms()).await;
+    let rows = store.telemetry_after(start, 7).await.unwrap();
+    // Delivered up to seq 7: the first chunk and part of the second.
+    store.set_sink_cursor("mqtt", rows[6].row).await.unwrap();
+    let day = Duration::from_secs(86_400);
+    assert_eq!(prune_by_age(&store, day).await, 5, "the first chunk only");
+    let left = store.telemetry_after(start, 100).await.unwrap();
+    assert_eq!(
+        left.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [6, 7, 8, 9, 10, 11]
+    );
+    writer.stop(&store).await;
 }
