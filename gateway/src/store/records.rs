@@ -351,7 +351,13 @@ fn page_of(
                 break;
             }
         }
-        if max_time < low {
+        // A chunk wholly outside the page, or (the page being full) wholly beyond its
+        // last record, is not decoded: a newest-first page reads up to 250 ms of
+        // chunks before it may stop, and most of them end before its edge.
+        let beyond = found
+            .get(limit - 1)
+            .is_some_and(|f| !oldest_first && max_time < f.cursor.time_ms);
+        if max_time < low || beyond {
             continue;
         }
         let blob = r.get_ref(6)?.as_blob().map_err(rusqlite::Error::from)?;

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS devices(
 );
 -- Telemetry, a chunk of one device boot's records per row (store/chunk.rs,
 -- docs/STORE.md): records `last_row - n + 1 ..= last_row`, in arrival order, spanning
--- at most 1 s of device time (`min_time ..= max_time`). AUTOINCREMENT: a row
+-- at most 250 ms of device time (`min_time ..= max_time`). AUTOINCREMENT: a row
 -- number is never given twice, so sink cursors never skip one.
 CREATE TABLE IF NOT EXISTS chunks(
     last_row     INTEGER PRIMARY KEY AUTOINCREMENT,
