@@ -285,7 +285,9 @@ async fn expiry_of_the_crl_and_certificates_is_watched() {
     assert!(value("process_max_fds") >= value("process_open_fds"));
     let started = value("process_start_time_seconds");
     assert!(started <= now + 1.0 && started > now - 300.0, "{started}");
-    assert!(value("process_cpu_seconds_total") > 0.0);
+    // Counted in clock ticks (10 ms): a gateway that has done little yet may show 0.
+    let cpu = value("process_cpu_seconds_total");
+    assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
     assert!(text.contains("gateway_build_info{version=\""));
     drop(gw);
 }
