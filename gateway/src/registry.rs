@@ -20,6 +20,8 @@ use tokio::sync::{Notify, oneshot};
 pub struct Signals {
     close: Mutex<Option<GoodbyeReason>>,
     commands: AtomicBool,
+    /// With `commands`: hand out those sent to an earlier session too.
+    resend: AtomicBool,
     wake: Notify,
     /// When the device last sent anything, ms since the epoch (0: not yet).
     last_seen_ms: AtomicI64,
@@ -44,14 +46,24 @@ impl Signals {
         self.wake.notify_one();
     }
 
+    /// Tells the session that commands wait for its device, some perhaps sent to an
+    /// earlier session that may have lost them: it hands them all out again.
+    pub fn commands_waiting_resend(&self) {
+        self.resend.store(true, Ordering::Release);
+        self.commands_waiting();
+    }
+
     /// Notes that the device sent something at `now_ms`.
     pub fn seen(&self, now_ms: i64) {
         self.last_seen_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Whether commands were signalled since the last call.
-    pub fn take_commands(&self) -> bool {
-        self.commands.swap(false, Ordering::AcqRel)
+    /// Whether commands were signalled since the last call, and whether those sent
+    /// before are to be sent again: `None`, or `Some(resend)`.
+    pub fn take_commands(&self) -> Option<bool> {
+        self.commands
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.resend.swap(false, Ordering::AcqRel))
     }
 
     /// Resolves when something was signalled (or a permit was left by an earlier
@@ -231,8 +243,14 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), s.woken())
             .await
             .expect("woken by the commands");
-        assert!(s.take_commands());
-        assert!(!s.take_commands());
+        assert_eq!(s.take_commands(), Some(false));
+        assert_eq!(s.take_commands(), None);
+
+        // A resend request rides on the same flag, and a plain one does not clear it.
+        s.commands_waiting_resend();
+        s.commands_waiting();
+        assert_eq!(s.take_commands(), Some(true));
+        assert_eq!(s.take_commands(), None);
     }
 
     #[tokio::test]
@@ -251,6 +269,6 @@ mod tests {
             .await
             .expect("woken")
             .expect("joined");
-        assert!(saw);
+        assert_eq!(saw, Some(false));
     }
 }

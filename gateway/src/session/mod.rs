@@ -41,7 +41,7 @@ use crate::Shared;
 use crate::events::Event;
 use crate::inbound::HelloFields;
 use crate::registry::{Entry, Signals};
-use crate::store::{BatchDone, SessionInfo, StoreError};
+use crate::store::{BatchDone, OpenRecorded, SessionInfo, StoreError};
 use crate::tls::PeerIdentity;
 
 pub use machine::End;
@@ -235,10 +235,12 @@ impl Session {
                     return Some(self.machine.close(reason));
                 }
                 // Commands before `Hello` wait: the session's start sends them all.
-                if self.machine.is_open() && self.signals.take_commands() {
+                if self.machine.is_open()
+                    && let Some(resend) = self.signals.take_commands()
+                {
                     // Boxed: an idle session's future would otherwise carry this
                     // rare state.
-                    return Box::pin(self.send_commands(false)).await.err();
+                    return Box::pin(self.send_commands(resend)).await.err();
                 }
                 None
             }
@@ -384,7 +386,20 @@ impl Session {
             peer_addr: self.peer.to_string(),
             boot_id: h.boot_id,
         };
-        let opened = match shared.store.open_session(info).await {
+        // The store answers from memory; the writer records the session later and
+        // then says whether commands wait (sent before included: a previous session
+        // may have lost them), or that it failed.
+        let signals = self.signals.clone();
+        let recorded = move |r: OpenRecorded| match r {
+            OpenRecorded::Done => {}
+            OpenRecorded::CommandsWaiting => signals.commands_waiting_resend(),
+            OpenRecorded::Failed => {
+                if signals.close_reason().is_none() {
+                    signals.close(GoodbyeReason::ServerError);
+                }
+            }
+        };
+        let opened = match shared.store.open_session(info, recorded).await {
             Ok(o) => o,
             Err(e) => {
                 shared.registry.remove(&self.device, session_no);
@@ -404,11 +419,11 @@ impl Session {
         // Frames that came in the same read as Hello (never a second Hello: that is a
         // violation).
         self.fed(fed);
-        // Re-deliver commands a previous session may have lost.
-        if opened.commands_waiting {
-            self.send_commands(true).await
-        } else {
-            Ok(())
+        // Commands signalled before the session was open (the registry had it, the
+        // machine did not take them yet).
+        match self.signals.take_commands() {
+            Some(resend) => self.send_commands(resend).await,
+            None => Ok(()),
         }
     }
 

@@ -317,7 +317,7 @@ fn enqueue(
     route: &Route,
 ) -> Result<CommandRecord, StoreError> {
     let c = &w.conn;
-    let key = device_key(c, device)?;
+    let key = device_key(w, device)?;
     let queued: i64 = c
         .prepare_cached(
             "SELECT count(*) FROM commands WHERE device = ?1 AND state IN ('queued', 'sent')",
@@ -353,13 +353,16 @@ fn enqueue(
 
 /// The key of device `id`, made if the device has never connected yet (a command may
 /// be queued for it before its first session).
-pub(super) fn device_key(c: &Connection, id: &str) -> rusqlite::Result<i64> {
-    c.query_row(
-        "INSERT INTO devices(id) VALUES (?1)
+pub(super) fn device_key(w: &Writer, id: &str) -> Result<i64, StoreError> {
+    let key = w.directory.key(id);
+    let stored = w.conn.query_row(
+        "INSERT INTO devices(key, id) VALUES (?1, ?2)
          ON CONFLICT(id) DO UPDATE SET id = id RETURNING key",
-        [id],
+        params![key, id],
         |r| r.get(0),
-    )
+    )?;
+    super::devices::same_key(id, key, stored)?;
+    Ok(key)
 }
 
 /// A command to queue: its row in `commands`, with the fleet columns that say where

@@ -44,6 +44,17 @@ pub enum StoreError {
     /// SQLite rolled the whole transaction back after an error inside it.
     #[error("SQLite rolled back the transaction after an error")]
     RolledBack,
+    /// The file has device `device` under another key than the one the gateway gave it
+    /// (something else wrote to `devices` while the gateway ran).
+    #[error("device {device} has key {stored} in the store, {expected} in memory")]
+    KeyMismatch {
+        /// The device.
+        device: String,
+        /// The key in the file.
+        stored: i64,
+        /// The key in memory.
+        expected: i64,
+    },
 }
 
 /// Whether the store keeps what it is given, as its writer last found out: failing

@@ -213,7 +213,8 @@ impl Store {
     /// Keeps a copy of another gateway's command, to deliver here. `None` if this
     /// store has one already (the same handoff seen twice); else the copy's record.
     pub async fn insert_copy(&self, h: Handoff) -> Result<Option<CommandRecord>, StoreError> {
-        self.write(move |c| {
+        self.write_with(move |w| {
+            let c = &w.conn;
             let known: bool = c
                 .query_row(
                     "SELECT 1 FROM commands WHERE owner = ?1 AND owner_id = ?2",
@@ -228,7 +229,7 @@ impl Store {
             let id = insert_queued(
                 c,
                 &Queued {
-                    device_key: device_key(c, &h.device)?,
+                    device_key: device_key(w, &h.device)?,
                     name: &h.name,
                     args: &h.args,
                     created_ms: h.created_ms,

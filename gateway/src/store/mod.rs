@@ -54,6 +54,7 @@ mod batch;
 pub(crate) mod chunk;
 mod commands;
 mod devices;
+mod directory;
 mod error;
 mod fleet;
 mod records;
@@ -66,7 +67,7 @@ mod writer;
 
 pub use batch::{Batch, BatchDone, TrySubmit};
 pub use commands::{Cancel, CommandRecord, CommandState, OutgoingCommand, state_for};
-pub use devices::{Opened, SessionInfo};
+pub use devices::{OpenRecorded, Opened, SessionInfo};
 pub use error::{Failing, StoreError, StoreHealth};
 pub use fleet::{Handoff, Route, slot_of};
 pub use records::{
@@ -125,6 +126,18 @@ pub struct Store {
     health: Arc<StoreHealth>,
     /// Counts commits that stored telemetry: sinks wait on it instead of polling.
     commits: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Devices and their current boots, for opening sessions without the writer.
+    directory: Arc<directory::Directory>,
+    /// Session opens sent to the writer and done: reads of devices wait for the ones
+    /// sent before them ([`Store::opens_settled`]).
+    opens: Arc<Opens>,
+}
+
+/// Session opens the writer has been sent, and has applied (committed or failed).
+#[derive(Debug, Default)]
+pub(super) struct Opens {
+    pub(super) sent: std::sync::atomic::AtomicU64,
+    pub(super) done: tokio::sync::watch::Sender<u64>,
 }
 
 /// The writer thread, to stop and join at shutdown.
@@ -156,8 +169,11 @@ impl Store {
         let (tx, rx) = mpsc::channel(4096);
         let health = Arc::new(StoreHealth::default());
         let commits = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let directory = Arc::new(directory::Directory::load(&conn)?);
+        let opens = Arc::new(Opens::default());
         let writer = Writer {
             commits: commits.clone(),
+            directory: directory.clone(),
             conn,
             synchronous_full: !opts.danger_ack_before_fsync,
             synchronous_now: !opts.danger_ack_before_fsync,
@@ -181,6 +197,8 @@ impl Store {
                 reading: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
                 health,
                 commits,
+                directory,
+                opens,
             },
             WriterThread(Some(handle)),
         ))
@@ -299,6 +317,9 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        // Every read sees the devices whose sessions opened before it (their rows are
+        // written after their `Welcome`, see `open_session`).
+        self.opens_settled().await;
         let readers = self.readers.clone();
         let path = self.path.clone();
         // Bounded: each reader holds three files and a blocking thread.

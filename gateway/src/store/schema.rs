@@ -7,7 +7,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const SCHEMA: &str = r#"
+pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS devices(
     key             INTEGER PRIMARY KEY,
     id              TEXT NOT NULL UNIQUE,

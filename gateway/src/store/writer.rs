@@ -5,6 +5,8 @@
 //! touches one place: the file of its concept.
 
 use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -21,9 +23,19 @@ pub(super) enum Op {
     /// when the writer refuses it. `fsync: false`: a group made only of such
     /// operations commits without an fsync (see `Store::take_commands`).
     Write { f: WriteFn, fsync: bool },
+    /// A session's opening, recorded in the device's row: an fsync-free write that
+    /// nobody waits for (the session runs on from memory, see `Store::open_session`).
+    /// A group of nothing else lingers for more ([`OPEN_LINGER`]).
+    Open(WriteFn),
     /// Commit what is queued before it, then stop the writer.
     Stop,
 }
+
+/// How long a group of nothing but session opens waits for more before it commits.
+/// Nobody waits for these; without it a connect storm woke the writer and committed
+/// every few connects, at a fifth of the CPU a connect cost (docs/BENCHMARKS.md).
+/// Telemetry that comes meanwhile waits as long, at most.
+const OPEN_LINGER: Duration = Duration::from_millis(2);
 
 pub(super) type WriteFn = Box<dyn FnOnce(Option<&Writer>) -> (Pending, OpOutcome) + Send>;
 
@@ -41,6 +53,7 @@ pub(super) struct Writer {
     pub(super) sinks: Vec<SinkSpec>,
     pub(super) health: Arc<StoreHealth>,
     pub(super) commits: Arc<tokio::sync::watch::Sender<u64>>,
+    pub(super) directory: Arc<super::directory::Directory>,
 }
 
 /// What to do once the transaction holding an op has committed (or failed).
@@ -138,22 +151,31 @@ impl Writer {
             };
             ops.push(first);
             // Everything that queued while the last commit ran goes into this one.
-            while records < self.max_commit_records && !matches!(ops.last(), Some(Op::Stop)) {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        if let Op::Telemetry(b, _) = &op {
-                            records += b.records.len();
-                        }
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
+            self.take_queued(&mut rx, &mut ops, &mut records);
+            if ops.iter().all(|op| matches!(op, Op::Open(_))) {
+                thread::sleep(OPEN_LINGER);
+                self.take_queued(&mut rx, &mut ops, &mut records);
             }
             stop = matches!(ops.last(), Some(Op::Stop));
             self.commit_group(&mut ops);
         }
         self.health
             .set_failing("the store's writer has stopped".into(), true);
+    }
+
+    /// Moves what is queued into `ops`, up to the group's record limit or a `Stop`.
+    fn take_queued(&self, rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>, records: &mut usize) {
+        while *records < self.max_commit_records && !matches!(ops.last(), Some(Op::Stop)) {
+            match rx.try_recv() {
+                Ok(op) => {
+                    if let Op::Telemetry(b, _) = &op {
+                        *records += b.records.len();
+                    }
+                    ops.push(op);
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     /// Applies `ops` in one transaction, each inside a savepoint of its own, commits
@@ -169,7 +191,7 @@ impl Writer {
         let relaxed = self.synchronous_full
             && ops
                 .iter()
-                .all(|op| matches!(op, Op::Write { fsync: false, .. }));
+                .all(|op| matches!(op, Op::Write { fsync: false, .. } | Op::Open(_)));
         // Switch only when the mode must change: a NORMAL left behind by the last
         // relaxed group stays until a group that needs its fsync comes.
         let want_full = self.synchronous_full && !relaxed;
@@ -241,6 +263,13 @@ impl Writer {
                         Ok(()) => inserted,
                         Err(e) => Err(e.clone()),
                     };
+                    // Every record of a stored batch is in the file now (new, or a
+                    // duplicate of one stored before): the boot's mark may rise.
+                    if result.is_ok()
+                        && let Some(high) = batch.records.iter().map(|r| r.seq).max()
+                    {
+                        self.directory.stored(batch.device_key, batch.boot_id, high);
+                    }
                     // The session may be gone; then nobody needs the ack.
                     let _ = reply.send(BatchDone { batch, result });
                 }
@@ -292,7 +321,7 @@ impl Writer {
     fn refuse(op: Op) -> Pending {
         match op {
             Op::Telemetry(b, reply) => Pending::Batch(b, Ok(0), reply),
-            Op::Write { f, .. } => f(None).0,
+            Op::Write { f, .. } | Op::Open(f) => f(None).0,
             Op::Stop => Pending::nothing(),
         }
     }
@@ -311,7 +340,7 @@ impl Writer {
                     )
                 }
             },
-            Op::Write { f, .. } => f(Some(self)),
+            Op::Write { f, .. } | Op::Open(f) => f(Some(self)),
             Op::Stop => (Pending::nothing(), OpOutcome::Done),
         }
     }

@@ -117,7 +117,7 @@ async fn serve(io: DuplexStream, store: Store, rules: Arc<Rules>) {
                 peer_addr: "pipe".into(),
                 boot_id: h.boot_id,
             };
-            let opened = store.open_session(info).await.unwrap();
+            let opened = store.open_session(info, |_| {}).await.unwrap();
             gw.opened(Now::real(), &h, opened).unwrap();
         }
         while let Some(batch) = gw.poll_batch(Now::real()) {

@@ -238,14 +238,17 @@ impl Pair {
         }
         let opened = self
             .rt
-            .block_on(self.store.open_session(SessionInfo {
-                device: DEVICE.into(),
-                cert_serial: "01".into(),
-                cert_not_after: 0,
-                firmware: h.firmware.clone(),
-                peer_addr: "pair".into(),
-                boot_id: h.boot_id,
-            }))
+            .block_on(self.store.open_session(
+                SessionInfo {
+                    device: DEVICE.into(),
+                    cert_serial: "01".into(),
+                    cert_not_after: 0,
+                    firmware: h.firmware.clone(),
+                    peer_addr: "pair".into(),
+                    boot_id: h.boot_id,
+                },
+                |_| {},
+            ))
             .unwrap();
         let now = self.now();
         let link = self.link.as_mut().unwrap();

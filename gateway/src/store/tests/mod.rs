@@ -12,7 +12,7 @@ use device_client::proto::{self, Reading, Readings, Seq, Telemetry, Uplink, Valu
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::devices::{close_session_op, open_session};
+use super::devices::{close_session_op, record_open};
 use super::schema::open_writer_connection;
 use super::writer::{Op, OpOutcome, Pending, Writer};
 use super::*;
@@ -45,18 +45,32 @@ fn body(seq: Seq) -> Vec<u8> {
     buf[2..n].to_vec()
 }
 
-async fn session(store: &Store, device: &str, boot: u64) -> Opened {
-    store
-        .open_session(SessionInfo {
-            device: device.into(),
-            cert_serial: "01".into(),
-            cert_not_after: 0,
-            firmware: "fw".into(),
-            peer_addr: "127.0.0.1:1".into(),
-            boot_id: boot,
+/// Opens a session; the receiver gets what the writer's commit of it found.
+async fn session_told(
+    store: &Store,
+    device: &str,
+    boot: u64,
+) -> (Opened, oneshot::Receiver<OpenRecorded>) {
+    let (tx, rx) = oneshot::channel();
+    let info = SessionInfo {
+        device: device.into(),
+        cert_serial: "01".into(),
+        cert_not_after: 0,
+        firmware: "fw".into(),
+        peer_addr: "127.0.0.1:1".into(),
+        boot_id: boot,
+    };
+    let o = store
+        .open_session(info, move |r| {
+            let _ = tx.send(r);
         })
         .await
-        .unwrap()
+        .unwrap();
+    (o, rx)
+}
+
+async fn session(store: &Store, device: &str, boot: u64) -> Opened {
+    session_told(store, device, boot).await.0
 }
 
 async fn insert(
@@ -109,6 +123,107 @@ async fn duplicates_are_ignored_and_last_acked_follows() {
     assert!(matches!(store.flush().await, Err(StoreError::Closed)));
 }
 
+/// A session opens from memory; the device's row is written later. A read of devices
+/// still shows it at once (it waits for the opens sent before it), and the commit
+/// that records it says whether commands wait.
+#[tokio::test]
+async fn a_session_opens_from_memory_and_reads_see_it_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    for i in 0..50 {
+        let (o, rx) = session_told(&store, &format!("d{i}"), 1).await;
+        let d = store.device(&format!("d{i}")).await.unwrap();
+        let d = d.expect("a device whose session opened is in the store");
+        assert!(d.online);
+        assert_eq!(d.boot_id, Some(1));
+        assert_eq!(rx.await.unwrap(), OpenRecorded::Done);
+        if i == 0 {
+            // A command queued while offline is announced by the next open.
+            store.close_session(o.device_key).await.unwrap();
+            store
+                .enqueue_command(
+                    "d0",
+                    "c",
+                    values::OwnedReadings::default(),
+                    Duration::from_secs(60),
+                    Route::Local,
+                )
+                .await
+                .unwrap();
+            let (o2, rx) = session_told(&store, "d0", 2).await;
+            assert_eq!(o2.device_key, o.device_key);
+            assert_eq!(rx.await.unwrap(), OpenRecorded::CommandsWaiting);
+        }
+    }
+    writer.stop(&store).await;
+}
+
+/// `last_acked` comes from memory: it follows commits, starts again with a new boot,
+/// is read from the file for a boot that is not the last one and after a restart, and
+/// a deleted device comes back under a new key with nothing claimed.
+#[tokio::test]
+async fn last_acked_from_memory_follows_commits_boots_restarts_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let o = session(&store, "d1", 7).await;
+    assert_eq!(insert(&store, o, 7, 1..=10, now_ms()).await, 10);
+    assert_eq!(session(&store, "d1", 7).await.last_acked, Some(10));
+    assert_eq!(session(&store, "d1", 8).await.last_acked, None);
+    let o8 = session(&store, "d1", 8).await;
+    assert_eq!(insert(&store, o8, 8, 1..=3, now_ms()).await, 3);
+    // Back to boot 7 (a device should not, but may): its mark is read from the file.
+    let back = session(&store, "d1", 7).await;
+    assert_eq!(back.last_acked, Some(10));
+    assert_eq!(insert(&store, back, 7, 1..=11, now_ms()).await, 1);
+    assert_eq!(session(&store, "d1", 7).await.last_acked, Some(11));
+    writer.stop(&store).await;
+
+    let (store, writer) = open(dir.path());
+    let o = session(&store, "d1", 7).await;
+    assert_eq!(o.last_acked, Some(11), "read back from the file");
+    store.close_session(o.device_key).await.unwrap();
+    assert!(store.delete_device("d1").await.unwrap());
+    let fresh = session(&store, "d1", 7).await;
+    assert_ne!(fresh.device_key, o.device_key);
+    assert_eq!(fresh.last_acked, None);
+    assert_eq!(insert(&store, fresh, 7, 1..=2, now_ms()).await, 2);
+    let recs = store
+        .telemetry("d1", TelemetryQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(recs.len(), 2);
+    writer.stop(&store).await;
+}
+
+/// A device row written behind the gateway's back under the key it would give next:
+/// that device's open fails (and says so); the next device is not hurt.
+#[tokio::test]
+async fn a_key_taken_behind_the_gateways_back_fails_only_that_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let first = session(&store, "d1", 1).await;
+    {
+        let c = rusqlite::Connection::open(dir.path().join("t.sqlite")).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c.execute(
+            "INSERT INTO devices(key, id) VALUES (?1, 'intruder')",
+            [first.device_key + 1],
+        )
+        .unwrap();
+    }
+    let (_, rx) = session_told(&store, "d2", 1).await;
+    assert_eq!(rx.await.unwrap(), OpenRecorded::Failed);
+    let d3 = session(&store, "d3", 1).await;
+    assert!(store.device("d3").await.unwrap().unwrap().online);
+    assert_eq!(insert(&store, d3, 1, 1..=3, now_ms()).await, 3);
+    assert_eq!(
+        store.device("intruder").await.unwrap().unwrap().connects,
+        0,
+        "the other row is left as it was"
+    );
+    writer.stop(&store).await;
+}
+
 /// A writer on a fresh file, with sessions open for `devices` (their keys).
 fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
     let dir = tempfile::tempdir().unwrap();
@@ -122,6 +237,7 @@ fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
         sinks: Vec::new(),
         health: Arc::new(StoreHealth::default()),
         commits: Arc::new(tokio::sync::watch::Sender::new(0)),
+        directory: Arc::new(super::directory::Directory::default()),
     };
     let keys = devices
         .iter()
@@ -134,7 +250,9 @@ fn writer_with(devices: &[&str]) -> (tempfile::TempDir, Writer, Vec<i64>) {
                 peer_addr: "127.0.0.1:1".into(),
                 boot_id: 1,
             };
-            open_session(&w, &info, 0).unwrap().device_key
+            let (key, _) = w.directory.open(d, 1);
+            record_open(&w, key, &info, 0).unwrap();
+            key
         })
         .collect();
     (dir, w, keys)
