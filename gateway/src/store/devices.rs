@@ -96,7 +96,7 @@ impl Store {
         // No fsync of its own: the device's row is metadata, and what the session is
         // told (`last_acked`) comes from telemetry commits, which are always synced.
         // A crash can lose the row only together with everything committed after it.
-        self.send(Op::Open(Box::new(move |w| {
+        let sent = self.send(Op::Open(Box::new(move |w| {
             let Some(w) = w else {
                 return (
                     Pending::Reply(Box::new(move |_| done(OpenRecorded::Failed))),
@@ -104,19 +104,21 @@ impl Store {
                 );
             };
             let r = record_open(w, device_key, &info, now);
-            let outcome = OpOutcome::of(&r);
-            let waiting = matches!(r, Ok(true));
+            let found = r.as_ref().ok().copied();
             let pending = Pending::Reply(Box::new(move |committed| {
-                done(match (committed, waiting) {
-                    (Err(_), _) => OpenRecorded::Failed,
-                    (Ok(()), true) => OpenRecorded::CommandsWaiting,
-                    (Ok(()), false) if matches!(outcome, OpOutcome::Done) => OpenRecorded::Done,
-                    (Ok(()), false) => OpenRecorded::Failed,
+                done(match (committed, found) {
+                    (Ok(()), Some(true)) => OpenRecorded::CommandsWaiting,
+                    (Ok(()), Some(false)) => OpenRecorded::Done,
+                    (Err(_), _) | (_, None) => OpenRecorded::Failed,
                 })
             }));
             (pending, OpOutcome::of(&r))
-        })))
-        .await?;
+        })));
+        if let Err(e) = sent.await {
+            // The op is gone unrun: count it done, or every read would wait for it.
+            self.opens.done.send_modify(|n| *n += 1);
+            return Err(e);
+        }
         Ok(Opened {
             device_key,
             last_acked,

@@ -156,6 +156,22 @@ async fn a_session_opens_from_memory_and_reads_see_it_at_once() {
         }
     }
     writer.stop(&store).await;
+    // An open the stopped writer never gets is counted done, so reads (which do not
+    // need the writer) do not wait for it.
+    let info = SessionInfo {
+        device: "late".into(),
+        cert_serial: "01".into(),
+        cert_not_after: 0,
+        firmware: "fw".into(),
+        peer_addr: "127.0.0.1:1".into(),
+        boot_id: 1,
+    };
+    let late = store.open_session(info, |_| {}).await;
+    assert!(matches!(late, Err(StoreError::Closed)), "{late:?}");
+    assert_eq!(
+        *store.opens.done.borrow(),
+        store.opens.sent.load(std::sync::atomic::Ordering::Acquire)
+    );
 }
 
 /// `last_acked` comes from memory: it follows commits, starts again with a new boot,
