@@ -28,6 +28,8 @@
 //!  mod.rs        the handle (Store), opening, the calls into the writer and the readers
 //!  writer.rs     the writer thread: group commit, savepoints, answers after the commit
 //!  batch.rs      telemetry batches (the hot path) and their insert
+//!  chunk.rs      a chunk of records: its layout and cut rules (docs/STORE.md)
+//!  directory.rs  devices in memory: id → key, the current boot's mark (opens skip the writer)
 //!  records.rs    devices and telemetry as read back, and their queries
 //!  devices.rs    sessions opening and closing, registration, groups, refusals
 //!  commands.rs   the command queue and its lifecycle
