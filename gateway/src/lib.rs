@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  devices ══TLS══► server (accept, handshake budget, handshake, identity = cert CN,
-//!                     │        connection cap)           one task per connection
+//!                     │        connection cap)           one task per connection;
+//!                     │        TLS: tls_stream (rustls unbuffered, no buffer while idle)
 //!                     ▼
 //!                   session ── Batch ──► store writer ── group commit ──► SQLite (WAL)
 //!                     ▲  │  ◄── BatchDone (then Ack) ──┘                      ▲
@@ -36,6 +37,7 @@ pub(crate) mod session;
 mod shared;
 pub(crate) mod store;
 pub(crate) mod tls;
+pub(crate) mod tls_stream;
 pub(crate) mod values;
 
 use std::collections::HashMap;

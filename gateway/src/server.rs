@@ -33,14 +33,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Shared;
 use crate::events::Refused;
 use crate::store::now_ms;
 use crate::tls::{self, Refusal};
+use crate::tls_stream::{self, TlsStream};
 
 /// Binds a listener with an explicit backlog (the runtime's own bind uses 128, which a
 /// reconnect burst of a few hundred devices overflows: each one then waits 1–3 s for
@@ -325,7 +324,7 @@ async fn connection(
     shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-type Stream = Box<TlsStream<TcpStream>>;
+type Stream = Box<TlsStream>;
 
 /// Trades the pre-authentication ticket for a connection permit. At `max_connections`
 /// the device is told `Goodbye{Overload}` (still under its ticket, so the budgets
@@ -361,7 +360,6 @@ async fn handshake(
     peer: SocketAddr,
 ) -> Option<(Stream, tls::PeerIdentity)> {
     let material = shared.tls.current();
-    let acceptor = TlsAcceptor::from(material.config.clone());
     let refused = |reason: Refusal, detail: String, cert: Option<tls::CertSummary>| {
         shared.metrics.refused(reason);
         if shared.log_gates.refused.admit(Instant::now()) {
@@ -381,7 +379,7 @@ async fn handshake(
             serial,
         });
     };
-    let accept = tls::Observed(acceptor.accept(tcp));
+    let accept = tls::Observed(Box::pin(tls_stream::accept(tcp, material.config.clone())));
     let stream = match timeout(shared.config.handshake_timeout, accept).await {
         Ok((Ok(s), _)) => s,
         Ok((Err(e), cert)) => {
@@ -397,12 +395,7 @@ async fn handshake(
             return None;
         }
     };
-    let cert = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .cloned();
+    let cert = stream.peer_certificates().and_then(|c| c.first()).cloned();
     let Some(cert) = cert else {
         refused(Refusal::NoClientCert, "no client certificate".into(), None);
         return None;

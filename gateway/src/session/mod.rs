@@ -29,12 +29,11 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::tls_stream::TlsStream;
 use device_client::proto::GoodbyeReason;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::Shared;
@@ -61,7 +60,7 @@ thread_local! {
 /// what each idle connection costs).
 pub fn run(
     shared: Arc<Shared>,
-    stream: Box<TlsStream<TcpStream>>,
+    stream: Box<TlsStream>,
     identity: PeerIdentity,
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
@@ -103,7 +102,7 @@ pub fn run(
 
 struct Session {
     shared: Arc<Shared>,
-    stream: Box<TlsStream<TcpStream>>,
+    stream: Box<TlsStream>,
     device: Arc<str>,
     peer: SocketAddr,
     identity: PeerIdentity,
@@ -145,7 +144,7 @@ enum Wake {
 }
 
 /// Reads once without waiting: `None` if TLS has nothing more right now.
-fn try_read(stream: &mut TlsStream<TcpStream>, buf: &mut [u8]) -> Option<io::Result<usize>> {
+fn try_read(stream: &mut TlsStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
     let mut cx = Context::from_waker(Waker::noop());
     let mut rb = ReadBuf::new(buf);
     match Pin::new(stream).poll_read(&mut cx, &mut rb) {
@@ -226,7 +225,7 @@ impl Session {
             biased;
             () = self.signals.woken() => Wake::Signal,
             done = wait_commit(&mut self.commit) => Wake::Committed(done),
-            ready = self.stream.get_ref().0.readable(), if can_read => Wake::Readable(ready),
+            ready = self.stream.tcp().readable(), if can_read => Wake::Readable(ready),
             () = &mut self.deadline => Wake::Deadline,
         };
         match wake {
