@@ -26,10 +26,15 @@ fn hello_sent(dev: &mut Dev, now: Millis) {
 
 /// A `Welcome` frame as the bytes a gateway would send.
 fn welcome(max_frame: u16) -> Vec<u8> {
+    welcome_v(1, max_frame)
+}
+
+/// [`welcome`] of protocol `version`.
+fn welcome_v(version: u8, max_frame: u16) -> Vec<u8> {
     let mut frame = [0u8; MAX_DOWNLINK_FRAME];
     let n = proto::encode(
         &Downlink::Welcome(Welcome {
-            version: 1,
+            version,
             heartbeat_s: 10,
             last_acked: None,
             server_time_ms: 1_764_100_000_000,
@@ -139,4 +144,35 @@ fn telemetry_over_the_frame_limit_is_refused() {
     let r = dev.send_telemetry(None, &[Reading::new(Name::new("s").unwrap(), long)]);
     assert_eq!(r, Err(SendError::TooLarge));
     assert_eq!(dev.unacked(), Unacked::default());
+}
+
+/// The report a version 2 session owes right after `Welcome` is not lost when the
+/// report the application queued is too large for this gateway and is dropped: the
+/// client sends the plain one instead, before any telemetry. (Found by the
+/// `client_machine` fuzz target: the dropped report had cleared the debt.)
+#[test]
+fn a_dropped_report_still_leaves_the_owed_report_to_send() {
+    let mut dev = device();
+    hello_sent(&mut dev, 0);
+    assert!(dev.handle_input(0, &welcome_v(2, 128)).is_ok());
+    // 138 bytes: over the gateway's 128, within the device's own 512.
+    let long = "x".repeat(128);
+    let value = Value::str(&long).unwrap();
+    dev.report_state(&[Reading::new(Name::new("note").unwrap(), value)])
+        .unwrap();
+    send_one(&mut dev).unwrap();
+    let mut buf = [0u8; 512];
+    let n = dev.poll_transmit(0, &mut buf).expect("a frame");
+    match proto::decode_uplink(&buf[2..n]).unwrap() {
+        proto::Uplink::Reported(r) => {
+            assert_eq!(r.desired_version, 0);
+            assert!(r.values.is_empty());
+        }
+        other => panic!("expected the owed Reported first, got {other:?}"),
+    }
+    let n = dev.poll_transmit(0, &mut buf).expect("the record");
+    assert!(matches!(
+        proto::decode_uplink(&buf[2..n]).unwrap(),
+        proto::Uplink::Telemetry(_)
+    ));
 }

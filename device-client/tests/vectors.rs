@@ -148,6 +148,67 @@ fn vectors() -> Vec<(&'static str, Msg)> {
             })),
         ),
         ("up-ping", Up(Uplink::Ping(Ping { nonce: 0xdead_beef }))),
+        // Version 2.
+        (
+            "up-hello-v2",
+            Up(Uplink::Hello(Hello {
+                version: 2,
+                boot_id: 0x0123_4567_89ab_cdef,
+                firmware: Text::new("2.0.0").unwrap(),
+                max_frame: 1024,
+            })),
+        ),
+        (
+            "up-reported-sync",
+            Up(Uplink::Reported(Reported {
+                desired_version: 0,
+                values: Readings::new(),
+            })),
+        ),
+        (
+            "up-reported",
+            Up(Uplink::Reported(Reported {
+                desired_version: 3,
+                values: readings(&[
+                    r("interval_s", Value::U64(10)),
+                    r("mode", Value::str("eco").unwrap()),
+                ]),
+            })),
+        ),
+        (
+            "down-welcome-v2",
+            Down(Downlink::Welcome(Welcome {
+                version: 2,
+                heartbeat_s: 30,
+                last_acked: Some(41),
+                server_time_ms: 1_764_100_000_000,
+                max_frame: 4096,
+            })),
+        ),
+        (
+            "down-desired",
+            Down(Downlink::Desired(Desired {
+                version: 3,
+                base: 1,
+                changes: Changes::from_slice(&[
+                    Change::Set(r("interval_s", Value::U64(10))),
+                    Change::Unset(name("led")),
+                ])
+                .unwrap(),
+            })),
+        ),
+        (
+            "down-desired-whole",
+            Down(Downlink::Desired(Desired {
+                version: 3,
+                base: 0,
+                changes: Changes::from_slice(&[
+                    Change::Set(r("interval_s", Value::U64(10))),
+                    Change::Set(r("mode", Value::str("eco").unwrap())),
+                ])
+                .unwrap(),
+            })),
+        ),
         (
             "down-welcome",
             Down(Downlink::Welcome(Welcome {
@@ -285,6 +346,10 @@ fn every_vector_file_is_checked() {
 fn hello_and_welcome_carry_the_version_in_byte_two() {
     let hello = parse_hex(&std::fs::read_to_string(dir().join("up-hello.hex")).unwrap());
     let welcome = parse_hex(&std::fs::read_to_string(dir().join("down-welcome.hex")).unwrap());
+    assert_eq!(peek_version(&hello[HEADER_LEN..]), Some(1));
+    assert_eq!(peek_version(&welcome[HEADER_LEN..]), Some(1));
+    let hello = parse_hex(&std::fs::read_to_string(dir().join("up-hello-v2.hex")).unwrap());
+    let welcome = parse_hex(&std::fs::read_to_string(dir().join("down-welcome-v2.hex")).unwrap());
     assert_eq!(peek_version(&hello[HEADER_LEN..]), Some(PROTOCOL_VERSION));
     assert_eq!(peek_version(&welcome[HEADER_LEN..]), Some(PROTOCOL_VERSION));
     // Not a Hello: no version to peek.

@@ -84,7 +84,8 @@ pub(crate) struct EventsArgs {
     /// Only events of the devices of this group (repeatable).
     #[arg(long)]
     pub(crate) group: Vec<String>,
-    /// Only events of this type: telemetry, presence, command, handshake_refused
+    /// Only events of this type: telemetry, presence, command, handshake_refused,
+    /// desired, reported
     /// (repeatable).
     #[arg(long = "type")]
     pub(crate) types: Vec<String>,
@@ -181,6 +182,9 @@ pub(crate) struct Overrides {
     /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown}.
     #[arg(long)]
     pub(crate) retry_after_s: Option<u16>,
+    /// Highest device protocol version spoken (1: behave as a version 1 gateway).
+    #[arg(long)]
+    pub(crate) max_protocol_version: Option<u8>,
     /// Ack before fsync: a power loss may lose telemetry devices saw acked.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub(crate) danger_ack_before_fsync: Option<bool>,
@@ -260,6 +264,7 @@ impl Overrides {
             max_frame,
             max_pending_records,
             retry_after_s,
+            max_protocol_version,
             danger_ack_before_fsync,
             max_commit_records,
             command_ttl,

@@ -42,6 +42,24 @@ pub enum Event {
     },
     /// A command changed state.
     Command(CommandRecord),
+    /// An operator changed a device's desired state (protocol version 2).
+    Desired {
+        /// Device id.
+        device: Arc<str>,
+        /// The desired document's version now.
+        version: u32,
+        /// The desired settings now.
+        desired: Map<String, Json>,
+    },
+    /// A device reported its state (protocol version 2).
+    Reported {
+        /// Device id.
+        device: Arc<str>,
+        /// The desired version it holds.
+        desired_version: u32,
+        /// The values it reported (merged into what it reported before).
+        values: Map<String, Json>,
+    },
     /// A TLS connection was refused.
     HandshakeRefused {
         /// Peer address.
@@ -61,7 +79,10 @@ impl Event {
     /// The device the event is about, if any.
     pub fn device(&self) -> Option<&str> {
         match self {
-            Event::Telemetry { device, .. } | Event::Presence { device, .. } => Some(device),
+            Event::Telemetry { device, .. }
+            | Event::Presence { device, .. }
+            | Event::Desired { device, .. }
+            | Event::Reported { device, .. } => Some(device),
             Event::Command(c) => Some(&c.device),
             Event::HandshakeRefused { .. } => None,
         }

@@ -130,6 +130,35 @@ impl Gateway {
         Ok(rec)
     }
 
+    /// Merges `patch` (a JSON object of setting → value, `null` unsets) into a
+    /// device's desired state, if its version is `expect` (when given); a device online
+    /// with protocol version 2 gets the change at once, others when they next report.
+    pub async fn put_desired(
+        &self,
+        device: &str,
+        patch: serde_json::Value,
+        expect: Option<u32>,
+    ) -> Result<store::PutDesired, StoreError> {
+        let out = self.shared.store.put_desired(device, patch, expect).await?;
+        if let store::PutDesired::Done {
+            changed: true, doc, ..
+        } = &out
+        {
+            self.shared.publish(|| Event::Desired {
+                device: device.into(),
+                version: doc.version,
+                desired: doc.values(),
+            });
+            self.shared.registry.notify_desired(device);
+        }
+        Ok(out)
+    }
+
+    /// A device's desired and reported state; `None` if the device is unknown.
+    pub async fn device_state(&self, device: &str) -> Result<Option<store::StateView>, StoreError> {
+        self.shared.store.device_state(device).await
+    }
+
     /// A command's record, from whichever gateway of the fleet keeps it.
     pub async fn command_record(&self, id: i64) -> Result<Option<CommandRecord>, CommandError> {
         if let Some(f) = &self.shared.fleet_commands

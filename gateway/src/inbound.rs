@@ -15,8 +15,8 @@
 //! already stored and only noted (the session acknowledges them).
 
 use device_client::proto::{
-    self, CommandResult, DecodeError, FrameError, Hello, MIN_MAX_FRAME, PROTOCOL_VERSION, Seq,
-    Uplink,
+    self, CommandResult, DecodeError, FrameError, Hello, MIN_MAX_FRAME, MIN_PROTOCOL_VERSION,
+    Reported, Seq, Uplink,
 };
 
 /// A device broke the protocol (PROTOCOL.md §9).
@@ -41,6 +41,14 @@ pub enum Violation {
     /// `Telemetry.seq` is 0.
     #[error("telemetry seq 0")]
     SeqZero,
+    /// A message the session's protocol version does not have.
+    #[error("{message} in a session of protocol version {version}")]
+    NotInVersion {
+        /// The message.
+        message: &'static str,
+        /// The session's version.
+        version: u8,
+    },
     /// `Telemetry.seq` did not grow.
     #[error("telemetry seq {got} after {prev}")]
     SeqNotIncreasing {
@@ -69,6 +77,8 @@ pub enum Stop {
 /// The fields of `Hello` a session keeps (the message borrows the read buffer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloFields {
+    /// The highest protocol version the device speaks.
+    pub version: u8,
     /// Boot id.
     pub boot_id: u64,
     /// Firmware version.
@@ -83,6 +93,7 @@ impl HelloFields {
             return Err(Violation::MaxFrameTooSmall(h.max_frame));
         }
         Ok(Self {
+            version: h.version,
             boot_id: h.boot_id,
             firmware: h.firmware.as_str().to_owned(),
             max_frame: h.max_frame,
@@ -109,6 +120,8 @@ pub enum Frame<'a> {
     CommandResult(CommandResult<'a>),
     /// A ping, to answer with this nonce.
     Ping(u32),
+    /// The device's reported state (version 2).
+    Reported(Reported<'a>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +132,8 @@ enum State {
     Opening,
     /// The session is open.
     Open {
+        /// The session's protocol version (`Welcome.version`).
+        version: u8,
         /// `Welcome.last_acked`.
         welcome_acked: Option<Seq>,
         /// The last new record of this session.
@@ -231,11 +246,13 @@ impl Inbound {
         Ok(hello)
     }
 
-    /// The session is open, and `Welcome` said `welcome_acked` is stored: frames held
-    /// behind the `Hello` are handled next ([`feed`](Self::feed) with no new bytes).
-    pub fn opened(&mut self, welcome_acked: Option<Seq>) {
+    /// The session is open with protocol `version`, and `Welcome` said `welcome_acked`
+    /// is stored: frames held behind the `Hello` are handled next ([`feed`](Self::feed)
+    /// with no new bytes).
+    pub fn opened(&mut self, version: u8, welcome_acked: Option<Seq>) {
         if matches!(self.state, State::Opening) {
             self.state = State::Open {
+                version,
                 welcome_acked,
                 last_seq: None,
             };
@@ -252,16 +269,30 @@ impl Inbound {
     fn frame<'b>(&mut self, body: &'b [u8]) -> Result<Step<'b>, Stop> {
         if matches!(self.state, State::AwaitHello)
             && let Some(v) = proto::peek_version(body)
-            && v < PROTOCOL_VERSION
+            && v < MIN_PROTOCOL_VERSION
         {
             return Err(Stop::UnsupportedVersion(v));
         }
         let msg = proto::decode_uplink(body).map_err(Violation::from)?;
         let (welcome_acked, last_seq) = match &mut self.state {
             State::Open {
+                version,
                 welcome_acked,
                 last_seq,
-            } => (*welcome_acked, last_seq),
+            } => {
+                if msg.since_version() > *version {
+                    let message = match msg {
+                        Uplink::Reported(_) => "Reported",
+                        _ => "a message",
+                    };
+                    return Err(Violation::NotInVersion {
+                        message,
+                        version: *version,
+                    }
+                    .into());
+                }
+                (*welcome_acked, last_seq)
+            }
             _ => {
                 return match msg {
                     Uplink::Hello(h) => {
@@ -272,6 +303,7 @@ impl Inbound {
                     Uplink::Telemetry(_) => Err(Violation::BeforeHello("Telemetry").into()),
                     Uplink::CommandResult(_) => Err(Violation::BeforeHello("CommandResult").into()),
                     Uplink::Ping(_) => Err(Violation::BeforeHello("Ping").into()),
+                    Uplink::Reported(_) => Err(Violation::BeforeHello("Reported").into()),
                 };
             }
         };
@@ -301,6 +333,7 @@ impl Inbound {
             }
             Uplink::CommandResult(r) => Ok(Step::Frame(Frame::CommandResult(r))),
             Uplink::Ping(p) => Ok(Step::Frame(Frame::Ping(p.nonce))),
+            Uplink::Reported(r) => Ok(Step::Frame(Frame::Reported(r))),
         }
     }
 }
@@ -340,6 +373,13 @@ mod tests {
         }))
     }
 
+    fn reported(desired_version: u32) -> Vec<u8> {
+        frame(&Uplink::Reported(proto::Reported {
+            desired_version,
+            values: Readings::new(),
+        }))
+    }
+
     /// A version-0 `Hello` whose variant index is `80 00` instead of `00`.
     fn long_index_hello() -> Vec<u8> {
         let body = [&[0x80][..], &hello(0)[2..]].concat();
@@ -364,13 +404,15 @@ mod tests {
                         Frame::Telemetry { seq, .. } => format!("t{seq}"),
                         Frame::CommandResult(r) => format!("r{}", r.id),
                         Frame::Ping(n) => format!("p{n}"),
+                        Frame::Reported(r) => format!("s{}", r.desired_version),
                     });
                     Ok::<_, Stop>(())
                 });
                 match r {
                     Ok(Some(h)) => {
                         out.push(format!("hello{}", h.boot_id));
-                        inb.opened(welcome_acked);
+                        // The session speaks the version the device offered.
+                        inb.opened(h.version, welcome_acked);
                         next = Some(&[][..]);
                     }
                     Ok(None) => {}
@@ -386,11 +428,12 @@ mod tests {
 
     #[test]
     fn frames_come_out_the_same_however_the_bytes_are_split() {
-        let mut bytes = hello(PROTOCOL_VERSION);
+        let mut bytes = hello(proto::PROTOCOL_VERSION);
         for seq in [2, 3, 5, 6] {
             bytes.extend(telemetry(seq));
         }
         bytes.extend(frame(&Uplink::Ping(Ping { nonce: 9 })));
+        bytes.extend(reported(4));
         let whole = run(&bytes, bytes.len(), Some(3));
         assert_eq!(
             whole,
@@ -400,6 +443,7 @@ mod tests {
                     "t5".into(),
                     "t6".into(),
                     "p9".into(),
+                    "s4".into(),
                     "replayed3".into(),
                 ],
                 None
@@ -410,7 +454,7 @@ mod tests {
             assert_eq!(stop, None, "step {step}");
             // Replays are noted per piece; the frames are the same in any split.
             let frames: Vec<_> = out.iter().filter(|s| !s.starts_with("replayed")).collect();
-            assert_eq!(frames, ["hello7", "t5", "t6", "p9"], "step {step}");
+            assert_eq!(frames, ["hello7", "t5", "t6", "p9", "s4"], "step {step}");
         }
     }
 
@@ -423,6 +467,16 @@ mod tests {
             // which the decoder accepts: the version check must not be skipped.
             (long_index_hello(), Stop::UnsupportedVersion(0)),
             ([hello(1), hello(1)].concat(), Violation::SecondHello.into()),
+            // Version 2's message in a version 1 session.
+            (
+                [hello(1), reported(0)].concat(),
+                Violation::NotInVersion {
+                    message: "Reported",
+                    version: 1,
+                }
+                .into(),
+            ),
+            (reported(0), Violation::BeforeHello("Reported").into()),
             ([hello(1), telemetry(0)].concat(), Violation::SeqZero.into()),
             (
                 [hello(1), telemetry(5), telemetry(5)].concat(),

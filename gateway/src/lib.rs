@@ -35,6 +35,7 @@ pub(crate) mod registry;
 pub(crate) mod server;
 pub(crate) mod session;
 mod shared;
+pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod tls;
 pub(crate) mod tls_stream;

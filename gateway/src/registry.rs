@@ -22,12 +22,53 @@ pub struct Signals {
     commands: AtomicBool,
     /// With `commands`: hand out those sent to an earlier session too.
     resend: AtomicBool,
+    /// The desired state changed (or the device asked for it).
+    desired: AtomicBool,
+    /// State reports waiting to be recorded, merged; `Some` while a task records them
+    /// (one at a time per session, however fast the device reports).
+    reports: Mutex<Option<Box<PendingReports>>>,
     wake: Notify,
     /// When the device last sent anything, ms since the epoch (0: not yet).
     last_seen_ms: AtomicI64,
 }
 
+/// A device's state reports not yet recorded: the desired version it last said it
+/// holds, and its values merged (a later value of a name wins).
+#[derive(Debug, Default)]
+pub struct PendingReports {
+    /// The reports since the recording task last took them, if any.
+    pub next: Option<(u32, serde_json::Map<String, serde_json::Value>)>,
+}
+
 impl Signals {
+    /// Adds a report to record; `true` if no task records this session's reports now
+    /// (the caller starts one, which calls [`take_reports`](Self::take_reports) until
+    /// it says there are none left).
+    pub fn add_report(
+        &self,
+        version: u32,
+        values: serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        let mut slot = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let start = slot.is_none();
+        let pending = slot.get_or_insert_default();
+        let (v, merged) = pending.next.get_or_insert_default();
+        *v = version;
+        merged.extend(values);
+        start
+    }
+
+    /// The reports to record next; `None` (and the recording task ends) if there are
+    /// none.
+    pub fn take_reports(&self) -> Option<(u32, serde_json::Map<String, serde_json::Value>)> {
+        let mut slot = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let next = slot.as_mut().and_then(|p| p.next.take());
+        if next.is_none() {
+            *slot = None;
+        }
+        next
+    }
+
     /// Asks the session to send `Goodbye` with `reason` and close (the latest reason
     /// wins).
     pub fn close(&self, reason: GoodbyeReason) {
@@ -51,6 +92,17 @@ impl Signals {
     pub fn commands_waiting_resend(&self) {
         self.resend.store(true, Ordering::Release);
         self.commands_waiting();
+    }
+
+    /// Tells the session that its device's desired state changed (requests coalesce).
+    pub fn desired_changed(&self) {
+        self.desired.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether the desired state changed since the last call.
+    pub fn take_desired(&self) -> bool {
+        self.desired.swap(false, Ordering::AcqRel)
     }
 
     /// Notes that the device sent something at `now_ms`.
@@ -145,24 +197,28 @@ impl Registry {
 
     /// Tells a device's session that commands are waiting; false if it is offline.
     pub fn notify_commands(&self, device: &str) -> bool {
+        self.signal(device, Signals::commands_waiting)
+    }
+
+    /// Calls `f` on a device's session's signals; false if it is offline.
+    fn signal(&self, device: &str, f: impl FnOnce(&Signals)) -> bool {
         match self.lock().get(device) {
             Some(e) => {
-                e.signals.commands_waiting();
+                f(&e.signals);
                 true
             }
             None => false,
         }
     }
 
+    /// Tells a device's session that its desired state changed; false if it is offline.
+    pub fn notify_desired(&self, device: &str) -> bool {
+        self.signal(device, Signals::desired_changed)
+    }
+
     /// Asks a device's session to close; false if it is offline.
     pub fn close(&self, device: &str, reason: GoodbyeReason) -> bool {
-        match self.lock().get(device) {
-            Some(e) => {
-                e.signals.close(reason);
-                true
-            }
-            None => false,
-        }
+        self.signal(device, |s| s.close(reason))
     }
 
     /// When a device with a live session last sent a frame, ms since the epoch.

@@ -14,7 +14,8 @@ pub struct Filter {
     pub devices: Vec<String>,
     /// Groups (their devices).
     pub groups: Vec<String>,
-    /// Event types: `telemetry`, `presence`, `command`, `handshake_refused`.
+    /// Event types: `telemetry`, `presence`, `command`, `handshake_refused`, `desired`,
+    /// `reported`.
     pub types: Vec<String>,
 }
 

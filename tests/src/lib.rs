@@ -292,6 +292,17 @@ pub enum Down {
     Pong(u32),
     /// `Goodbye`.
     Goodbye(Goodbye),
+    /// `Desired` (version 2).
+    Desired {
+        /// Version reached.
+        version: u32,
+        /// Base version (0: the whole document).
+        base: u32,
+        /// Settings set, as JSON.
+        set: serde_json::Value,
+        /// Settings unset.
+        unset: Vec<String>,
+    },
 }
 
 impl Down {
@@ -307,6 +318,22 @@ impl Down {
             },
             Downlink::Pong(p) => Down::Pong(p.nonce),
             Downlink::Goodbye(g) => Down::Goodbye(*g),
+            Downlink::Desired(d) => {
+                let mut set = Vec::new();
+                let mut unset = Vec::new();
+                for c in &d.changes {
+                    match c {
+                        device_client::proto::Change::Set(r) => set.push(*r),
+                        device_client::proto::Change::Unset(n) => unset.push(n.to_string()),
+                    }
+                }
+                Down::Desired {
+                    version: d.version,
+                    base: d.base,
+                    set: serde_json::Value::Object(gateway::testing::readings_to_json(&set)),
+                    unset,
+                }
+            }
         }
     }
 }
@@ -377,8 +404,13 @@ impl RawDevice {
 
     /// Sends `Hello` and returns the `Welcome` (panics on anything else).
     pub async fn hello(&mut self, boot_id: u64) -> Welcome {
+        self.hello_version(boot_id, PROTOCOL_VERSION).await
+    }
+
+    /// [`hello`](Self::hello) offering protocol `version`.
+    pub async fn hello_version(&mut self, boot_id: u64, version: u8) -> Welcome {
         self.send(&Uplink::Hello(Hello {
-            version: PROTOCOL_VERSION,
+            version,
             boot_id,
             firmware: Text::new("test-1.0").unwrap(),
             max_frame: MAX_DOWNLINK_FRAME as u16,

@@ -27,7 +27,7 @@ use embassy_futures::select::{Either, select};
 use embedded_io_async::{Error as _, ErrorKind, Read, Write};
 
 use crate::machine::{Client, Disconnect, Event, Input, Millis};
-use crate::proto::Command;
+use crate::proto::{Command, Desired};
 
 #[cfg(feature = "embedded-tls")]
 pub mod embedded_tls;
@@ -92,6 +92,19 @@ pub trait App {
         client: &mut Client<R, O>,
         command: &Command<'_>,
     );
+
+    /// Changes to the desired state arrived (protocol version 2): apply them, and
+    /// report the values with [`Client::report_state`] if the gateway should show
+    /// them. The client reports the new desired version on its own. Optional: a device
+    /// without settings ignores them.
+    fn on_desired<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        desired: &Desired<'_>,
+    ) {
+        let _ = (now, client, desired);
+    }
 
     /// Something happened (connected, acked, disconnected ...). Optional.
     fn on_event<const R: usize, const O: usize>(
@@ -307,6 +320,13 @@ async fn read_loop<Rd: Read, K: Clock, A: App, const R: usize, const O: usize>(
                     if let Some(cmd) = command {
                         shared.app.borrow_mut().on_command(now, &mut **client, &cmd);
                     }
+                }
+                Ok(Input::Desired { len, desired }) => {
+                    start += len;
+                    shared
+                        .app
+                        .borrow_mut()
+                        .on_desired(now, &mut **client, &desired);
                 }
                 Err(_) => {
                     ended = true;

@@ -24,9 +24,9 @@ mod ring;
 use heapless::{Deque, Vec};
 
 use crate::proto::{
-    self, CommandId, CommandResult, CommandStatus, DecodeError, Downlink, FrameError,
-    GoodbyeReason, HEADER_LEN, Hello, MIN_MAX_FRAME, PROTOCOL_VERSION, Ping, Reading, Readings,
-    Seq, Telemetry, Text, Uplink,
+    self, CommandId, CommandResult, CommandStatus, DecodeError, Desired, Downlink, FrameError,
+    GoodbyeReason, HEADER_LEN, Hello, MIN_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Ping,
+    Reading, Readings, Reported, Seq, Telemetry, Text, Uplink,
 };
 use ring::{PushError, Ring};
 
@@ -78,6 +78,11 @@ pub struct Config {
     /// Seeds the reconnect jitter; use a different value per device (e.g. from the
     /// hardware RNG) so that a fleet does not reconnect in lockstep.
     pub jitter_seed: u64,
+    /// The lowest protocol version the device accepts in `Welcome` (1 or 2). A device
+    /// that cannot work without version 2's messages (its settings come only as a
+    /// desired state, say) sets 2: a gateway that answers with version 1 is then
+    /// refused with [`Disconnect::UnsupportedVersion`], which is fatal.
+    pub min_version: u8,
 }
 
 impl Config {
@@ -93,7 +98,15 @@ impl Config {
             backoff_max_ms: 60_000,
             welcome_timeout_ms: 10_000,
             jitter_seed: boot_id,
+            min_version: MIN_PROTOCOL_VERSION,
         }
+    }
+
+    /// The lowest protocol version accepted in `Welcome` (default 1).
+    #[must_use]
+    pub const fn with_min_version(mut self, version: u8) -> Self {
+        self.min_version = version;
+        self
     }
 
     /// The largest frames received (`max_frame_in`, the receive buffer) and sent
@@ -178,7 +191,8 @@ pub enum Disconnect {
     BadMessage(DecodeError),
     /// A message that makes no sense now (e.g. `Ack` before `Welcome`).
     Unexpected,
-    /// The gateway chose a protocol version this client does not speak.
+    /// The gateway chose a protocol version this client does not speak, or one below
+    /// its `Config::min_version`.
     UnsupportedVersion(u8),
     /// The gateway announced a `max_frame` below the protocol's minimum
     /// ([`MIN_MAX_FRAME`]): nothing could be sent to it.
@@ -239,6 +253,8 @@ pub enum Event {
         last_acked: Option<Seq>,
         /// Its clock, ms since the Unix epoch: set the device clock from it if needed.
         server_time_ms: u64,
+        /// The session's protocol version: 1 means no state document.
+        version: u8,
     },
     /// Records up to `seq` are durable; their ring space is free.
     Acked {
@@ -280,6 +296,17 @@ pub enum Input<'b> {
         len: usize,
         /// A command to run, if the frame was a new one.
         command: Option<proto::Command<'b>>,
+    },
+    /// One frame of `len` bytes held changes to the desired state (version 2) that
+    /// apply to what the device holds: apply them (`base` 0: the whole document,
+    /// unlisted settings go back to their defaults). The client counts them applied and
+    /// reports the new version on its own; call [`Client::report_state`] to report the
+    /// values as well.
+    Desired {
+        /// Bytes consumed.
+        len: usize,
+        /// The changes.
+        desired: Desired<'b>,
     },
 }
 
@@ -343,6 +370,8 @@ enum Link {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Session {
+    /// The protocol version of the session.
+    version: u8,
     peer_max_frame: usize,
     heartbeat_ms: Millis,
     last_tx: Millis,
@@ -366,6 +395,10 @@ pub struct Client<const RING: usize, const OUTBOX: usize = 256> {
     retry_after_ms: Millis,
     rng: u64,
     acked: Option<Seq>,
+    /// The desired document version applied (0: none).
+    desired_version: u32,
+    /// A `Reported` with `desired_version` is owed to the gateway (version 2).
+    report_due: bool,
 }
 
 impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
@@ -385,6 +418,8 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             // xorshift must not start at 0.
             rng: cfg.jitter_seed | 1,
             acked: None,
+            desired_version: 0,
+            report_due: false,
         }
     }
 
@@ -433,6 +468,29 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
     #[must_use]
     pub fn acked(&self) -> Option<Seq> {
         self.acked
+    }
+
+    /// The protocol version of the open session, if one is open.
+    #[must_use]
+    pub fn session_version(&self) -> Option<u8> {
+        match self.link {
+            Link::Open(s) => Some(s.version),
+            _ => None,
+        }
+    }
+
+    /// The version of the desired state document the device holds (0: none).
+    #[must_use]
+    pub fn desired_version(&self) -> u32 {
+        self.desired_version
+    }
+
+    /// Sets the desired document version the device holds: for a device that keeps
+    /// its settings across reboots together with their version (so the gateway sends
+    /// only what changed since). Without it a device starts at 0 and gets the whole
+    /// document on its first session.
+    pub fn set_desired_version(&mut self, version: u32) {
+        self.desired_version = version;
     }
 
     // ------------------------------------------------------------------------------
@@ -488,6 +546,22 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
         let msg = Uplink::CommandResult(CommandResult { id, status, values });
         push_frame(&mut self.outbox, &msg, usize::from(self.cfg.max_frame_out))?;
         *slot = Recent::Done(id, status);
+        Ok(())
+    }
+
+    /// Reports state values (version 2): sent when a session of version 2 is open,
+    /// with the desired version the device holds; each value replaces the reported
+    /// one of the same name at the gateway. A gateway of version 1 never gets them
+    /// (they are dropped when their turn comes).
+    pub fn report_state(&mut self, values: &[Reading<'_>]) -> Result<(), CompleteError> {
+        let values = Readings::from_slice(values).map_err(|_| CompleteError::TooLarge)?;
+        let msg = Uplink::Reported(Reported {
+            desired_version: self.desired_version,
+            values,
+        });
+        push_frame(&mut self.outbox, &msg, usize::from(self.cfg.max_frame_out))?;
+        // This report carries the version too.
+        self.report_due = false;
         Ok(())
     }
 
@@ -548,21 +622,31 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             Ok(m) => m,
             Err(e) => return Err(self.down(now, Disconnect::BadMessage(e))),
         };
-        if let Link::Open(s) = &mut self.link {
-            s.last_rx = now;
+        let version = match &mut self.link {
+            Link::Open(s) => {
+                s.last_rx = now;
+                s.version
+            }
+            _ => MIN_PROTOCOL_VERSION,
+        };
+        if msg.since_version() > version {
+            // A message of a later version than the session's.
+            return Err(self.down(now, Disconnect::Unexpected));
         }
         let command = match msg {
             Downlink::Welcome(w) => {
                 if !matches!(self.link, Link::Hello { sent: true, .. }) {
                     return Err(self.down(now, Disconnect::Unexpected));
                 }
-                if w.version != PROTOCOL_VERSION {
+                let lowest = self.cfg.min_version.max(MIN_PROTOCOL_VERSION);
+                if !(lowest..=PROTOCOL_VERSION).contains(&w.version) {
                     return Err(self.down(now, Disconnect::UnsupportedVersion(w.version)));
                 }
                 if w.max_frame < MIN_MAX_FRAME {
                     return Err(self.down(now, Disconnect::MaxFrameTooSmall(w.max_frame)));
                 }
                 self.link = Link::Open(Session {
+                    version: w.version,
                     peer_max_frame: usize::from(w.max_frame),
                     heartbeat_ms: Millis::from(w.heartbeat_s.max(1)) * 1000,
                     last_tx: now,
@@ -575,10 +659,31 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
                     self.acknowledge(last);
                 }
                 self.ring.rewind();
+                // Version 2: say which desired version we hold, so the gateway sends
+                // what changed since.
+                self.report_due = w.version >= 2;
                 self.event(Event::Connected {
                     last_acked: w.last_acked,
                     server_time_ms: w.server_time_ms,
+                    version: w.version,
                 });
+                None
+            }
+            Downlink::Desired(d) => {
+                if !self.is_open() {
+                    return Err(self.down(now, Disconnect::Unexpected));
+                }
+                self.report_due = true;
+                if d.base == 0 || (d.base == self.desired_version && d.version > d.base) {
+                    self.desired_version = d.version;
+                    return Ok(Input::Desired {
+                        len: frame.len,
+                        desired: d,
+                    });
+                }
+                // Changes to a version we do not hold (we lost ours): ask for the whole
+                // document by reporting version 0.
+                self.desired_version = 0;
                 None
             }
             Downlink::Ack(a) => {
@@ -703,8 +808,20 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             }
             Link::Open(s) => {
                 let limit = s.peer_max_frame.min(buf.len());
-                // Command results first: they are small and someone waits for them.
-                if let Some(n) = pop_frame(&mut self.outbox, buf.get_mut(..limit)?) {
+                // Command results (and reports) first: they are small and someone waits
+                // for them.
+                let out = buf.get_mut(..limit)?;
+                if let Some(n) = pop_frame(&mut self.outbox, out, s.version, &mut self.report_due) {
+                    s.last_tx = now;
+                    return Some(n);
+                }
+                if self.report_due && s.version >= 2 {
+                    let msg = Uplink::Reported(Reported {
+                        desired_version: self.desired_version,
+                        values: Readings::new(),
+                    });
+                    let n = proto::encode(&msg, buf.get_mut(..limit)?).ok()?;
+                    self.report_due = false;
                     s.last_tx = now;
                     return Some(n);
                 }
@@ -809,6 +926,9 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
     }
 }
 
+/// The variant index of `Uplink::Reported`, the first byte of its body.
+const REPORTED_VARIANT: u8 = 4;
+
 /// Appends an encoded frame to the outbox.
 fn push_frame<const N: usize>(
     outbox: &mut Vec<u8, N>,
@@ -843,15 +963,25 @@ fn push_frame<const N: usize>(
 
 /// Moves the first frame of the outbox into `out`. A frame larger than `out` (the
 /// gateway's limit) is discarded: the gateway sends the command again next session and
-/// gets the status alone.
-fn pop_frame<const N: usize>(outbox: &mut Vec<u8, N>, out: &mut [u8]) -> Option<usize> {
+/// gets the status alone. So is a `Reported` in a session of version 1, which has no
+/// such message. A `Reported` dropped in a version 2 session sets `report_due`: the
+/// version it carried is still owed to the gateway (in a plain report, which fits).
+fn pop_frame<const N: usize>(
+    outbox: &mut Vec<u8, N>,
+    out: &mut [u8],
+    version: u8,
+    report_due: &mut bool,
+) -> Option<usize> {
     loop {
         let &[hi, lo, ..] = outbox.as_slice() else {
             return None;
         };
         let len = HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
+        // The body's first byte is the variant: `Reported` is `Uplink` variant 4.
+        let is_report = outbox.get(HEADER_LEN) == Some(&REPORTED_VARIANT);
+        let too_new = version < 2 && is_report;
         let copied = match (out.get_mut(..len), outbox.get(..len)) {
-            (Some(dst), Some(src)) => {
+            (Some(dst), Some(src)) if !too_new => {
                 dst.copy_from_slice(src);
                 true
             }
@@ -862,6 +992,9 @@ fn pop_frame<const N: usize>(outbox: &mut Vec<u8, N>, out: &mut [u8]) -> Option<
         outbox.truncate(outbox.len() - len);
         if copied {
             return Some(len);
+        }
+        if is_report && !too_new {
+            *report_due = true;
         }
     }
 }

@@ -1,7 +1,11 @@
-//! Protocol version 1 limits (PROTOCOL.md §6). Changing any of them is a new version.
+//! Protocol limits (PROTOCOL.md §6). Changing any of them is a new version.
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The highest protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// The lowest protocol version this crate speaks: version 1 peers still work, without
+/// the messages version 2 added.
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
 
 /// Frame header length: the body length as a big-endian `u16`.
 pub const HEADER_LEN: usize = 2;

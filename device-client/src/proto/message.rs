@@ -7,9 +7,9 @@
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
-use super::limits::MAX_FIRMWARE_LEN;
+use super::limits::{MAX_FIRMWARE_LEN, MAX_READINGS};
 use super::text::{Name, Text};
-use super::value::Readings;
+use super::value::{Reading, Readings};
 
 /// A device's telemetry sequence number. Numbers start at 1 for each boot id and grow by
 /// one per record.
@@ -38,6 +38,9 @@ pub enum Uplink<'a> {
     CommandResult(CommandResult<'a>),
     /// `3`: a heartbeat; the gateway answers with [`Pong`].
     Ping(Ping),
+    /// `4`, version 2: the device's state, and the desired version it has applied.
+    #[serde(borrow)]
+    Reported(Reported<'a>),
 }
 
 /// The first message of a session.
@@ -96,6 +99,19 @@ pub enum CommandStatus {
     Expired,
 }
 
+/// The device's reported state (version 2, PROTOCOL.md §5.3): values merged by name
+/// into what the gateway shows as reported, and the desired document version the
+/// device has applied. A device sends one right after `Welcome` (its values may be
+/// empty): until it does, the gateway sends it no [`Desired`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct Reported<'a> {
+    /// The version of the last [`Desired`] the device applied; 0 if none.
+    pub desired_version: u32,
+    /// Reported values (0 to 16), each replacing the one of the same name.
+    #[serde(borrow)]
+    pub values: Readings<'a>,
+}
+
 /// A heartbeat from the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 pub struct Ping {
@@ -122,6 +138,9 @@ pub enum Downlink<'a> {
     Pong(Pong),
     /// `4`: the gateway is closing the session.
     Goodbye(Goodbye),
+    /// `5`, version 2: changes to the device's desired settings.
+    #[serde(borrow)]
+    Desired(Desired<'a>),
 }
 
 /// The gateway's answer to `Hello`.
@@ -164,6 +183,48 @@ pub struct Command<'a> {
     /// device that cannot run it in time answers `Expired`.
     pub ttl_ms: u32,
 }
+
+/// Changes to the desired state document (version 2, PROTOCOL.md §5.3).
+///
+/// `base` 0 means the whole document: settings not listed are unset. Otherwise the
+/// changes apply on top of document version `base`, which is what the device last
+/// reported or was last sent; a device holding another version ignores the message
+/// and reports its own version, and the gateway answers with the whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct Desired<'a> {
+    /// The document version after these changes (at least 1).
+    pub version: u32,
+    /// The version the changes apply to; 0: this is the whole document.
+    pub base: u32,
+    /// What changed (0 to 16).
+    #[serde(borrow)]
+    pub changes: Changes<'a>,
+}
+
+/// One change of a desired setting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, MaxSize)]
+pub enum Change<'a> {
+    /// `0`: the setting now has this value.
+    #[serde(borrow)]
+    Set(Reading<'a>),
+    /// `1`: the setting is no longer desired (the device goes back to its default).
+    #[serde(borrow)]
+    Unset(Name<'a>),
+}
+
+impl<'a> Change<'a> {
+    /// The setting's name.
+    pub fn name(&self) -> Name<'a> {
+        match self {
+            Change::Set(r) => r.name,
+            Change::Unset(n) => *n,
+        }
+    }
+}
+
+/// Up to [`MAX_READINGS`] changes: a desired document holds at most that many
+/// settings, so the whole document always fits one message.
+pub type Changes<'a> = heapless::Vec<Change<'a>, MAX_READINGS>;
 
 /// Answers a [`Ping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
@@ -217,6 +278,26 @@ impl GoodbyeReason {
             GoodbyeReason::UnsupportedVersion => "unsupported_version",
             GoodbyeReason::Revoked => "revoked",
             GoodbyeReason::ServerError => "server_error",
+        }
+    }
+}
+
+impl Uplink<'_> {
+    /// The first protocol version that has this message.
+    pub const fn since_version(&self) -> u8 {
+        match self {
+            Uplink::Reported(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl Downlink<'_> {
+    /// The first protocol version that has this message.
+    pub const fn since_version(&self) -> u8 {
+        match self {
+            Downlink::Desired(_) => 2,
+            _ => 1,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The device protocol, version 1: messages, framing, limits (docs/PROTOCOL.md).
+//! The device protocol, versions 1 and 2: messages, framing, limits (docs/PROTOCOL.md).
 //!
 //! This is the only codec for these messages; the gateway uses it too. Everything here
 //! is `no_std`, allocation-free and panic-free on any input: encoding writes into a
@@ -22,6 +22,10 @@
 //!    |<-------------------------------------->|
 //!    |                Goodbye{reason, retry_after}
 //!    |<---------------------------------------|
+//!    | version 2: Reported{desired_version, values}
+//!    |--------------------------------------->|
+//!    |          Desired{version, base, changes}
+//!    |<---------------------------------------|
 //! ```
 
 pub mod frame;
@@ -40,8 +44,8 @@ pub use frame::{
 pub use identity::{DeviceId, InvalidDeviceId, MAX_DEVICE_ID_LEN};
 pub use limits::*;
 pub use message::{
-    Ack, Command, CommandId, CommandResult, CommandStatus, Downlink, Goodbye, GoodbyeReason, Hello,
-    Message, Ping, Pong, Seq, Telemetry, Uplink, Welcome,
+    Ack, Change, Changes, Command, CommandId, CommandResult, CommandStatus, Desired, Downlink,
+    Goodbye, GoodbyeReason, Hello, Message, Ping, Pong, Reported, Seq, Telemetry, Uplink, Welcome,
 };
 pub use text::{Blob, Name, Text, TextError};
 pub use value::{Reading, Readings, Value, find};

@@ -3,7 +3,7 @@
 
 extern crate std;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::format;
 use std::rc::Rc;
 use std::string::String;
@@ -20,8 +20,10 @@ use super::{BootSummary, DeviceSummary, Settings};
 use crate::driver::tokio::TokioClock;
 use crate::driver::{App, Clock, run};
 use crate::machine::{Client, CompleteError, Config, Event, Millis, SendError};
-use crate::proto::owned::{OwnedReadings, borrow_readings, to_owned_readings};
-use crate::proto::{Command, CommandId, CommandStatus, Name, Reading, Seq, Value, find};
+use crate::proto::owned::{OwnedReadings, OwnedValue, borrow_readings, to_owned_readings};
+use crate::proto::{
+    Change, Command, CommandId, CommandStatus, Desired, Name, Reading, Seq, Value, find,
+};
 
 /// Frames a simulated device receives and sends, at most (its rx and tx buffers).
 const FRAME: usize = 512;
@@ -202,6 +204,10 @@ struct Device {
     model: Model,
     /// Commands run, with how they ended, across reboots (newest last).
     executed: VecDeque<(CommandId, CommandStatus)>,
+    /// The desired settings applied (protocol version 2) and their version, kept
+    /// across reboots as a real device keeps them in flash.
+    settings: BTreeMap<String, OwnedValue>,
+    desired_version: u32,
     connected_once: bool,
     connects: u64,
     commands: u64,
@@ -479,6 +485,46 @@ impl App for SimApp<'_> {
         }
     }
 
+    /// Applies desired settings (an `interval_ms` or `interval_s` setting sets the
+    /// sampling interval, as `set_interval` does) and reports every setting it holds.
+    fn on_desired<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        desired: &Desired<'_>,
+    ) {
+        let settings = &mut self.dev.settings;
+        if desired.base == 0 {
+            settings.clear();
+        }
+        for change in &desired.changes {
+            match change {
+                Change::Set(r) => {
+                    settings.insert(r.name.as_str().into(), OwnedValue::from_value(&r.value));
+                }
+                Change::Unset(n) => {
+                    settings.remove(n.as_str());
+                }
+            }
+        }
+        self.dev.desired_version = desired.version;
+        let applied: OwnedReadings = settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Ok(readings) = borrow_readings(&applied)
+            && let Ok(ms) = interval_arg(&readings)
+            && self.dev.interval_ms != Some(ms)
+        {
+            self.dev.interval_ms = Some(ms);
+            self.next_sample = now as f64 + ms;
+        }
+        // A full outbox leaves the version report to the client (it is still due).
+        if let Ok(readings) = borrow_readings(&applied) {
+            let _ = client.report_state(&readings);
+        }
+    }
+
     fn on_event<const R: usize, const O: usize>(
         &mut self,
         _now: Millis,
@@ -546,6 +592,8 @@ pub(crate) async fn device<const RING: usize>(
         interval_ms: settings.interval_ms,
         model,
         executed: VecDeque::new(),
+        settings: BTreeMap::new(),
+        desired_version: 0,
         connected_once: false,
         connects: 0,
         commands: 0,
@@ -571,7 +619,10 @@ pub(crate) async fn device<const RING: usize>(
         config.backoff_min_ms = settings.backoff_min_ms;
         config.backoff_max_ms = settings.backoff_max_ms;
         config.jitter_seed = dev.rng.next_u64();
+        config.min_version = settings.min_version;
         let mut client: Client<RING, OUTBOX> = Client::new(config);
+        // Its settings survived the reboot: the gateway sends only what changed.
+        client.set_desired_version(dev.desired_version);
         let now = ctx.clock.now();
         let first_sample = match dev.interval_ms {
             // Devices start out of step: the first sample at a random point of the

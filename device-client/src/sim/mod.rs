@@ -122,6 +122,9 @@ pub struct SimConfig {
     pub backoff_max: Duration,
     /// Firmware version in `Hello`.
     pub firmware: &'static str,
+    /// The lowest protocol version devices accept in `Welcome` (1: any gateway; 2:
+    /// refuse a version 1 gateway, as a device that needs the state document would).
+    pub min_version: u8,
 }
 
 impl SimConfig {
@@ -142,6 +145,7 @@ impl SimConfig {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             firmware: FIRMWARE,
+            min_version: crate::proto::MIN_PROTOCOL_VERSION,
         }
     }
 }
@@ -280,6 +284,7 @@ pub(crate) struct Settings {
     pub(crate) backoff_max_ms: Millis,
     pub(crate) connect_timeout: Duration,
     pub(crate) firmware: &'static str,
+    pub(crate) min_version: u8,
 }
 
 /// 0: run, 1: stop (then drain), 2: abort (no drain).
@@ -530,6 +535,7 @@ fn check(c: &SimConfig) -> Result<Settings, SimError> {
         backoff_max_ms: ms(c.backoff_max).max(ms(c.backoff_min)).max(1),
         connect_timeout: c.connect_timeout,
         firmware: c.firmware,
+        min_version: c.min_version,
     })
 }
 

@@ -91,7 +91,14 @@ pub(super) async fn events(
 }
 
 /// The `type` of each event, as the stream's filter names it.
-pub(super) const EVENT_TYPES: [&str; 4] = ["telemetry", "presence", "command", "handshake_refused"];
+pub(super) const EVENT_TYPES: [&str; 6] = [
+    "telemetry",
+    "presence",
+    "command",
+    "handshake_refused",
+    "desired",
+    "reported",
+];
 
 pub(super) struct Filter {
     devices: HashSet<String>,
@@ -105,6 +112,8 @@ impl Filter {
             Event::Presence { .. } => "presence",
             Event::Command(_) => "command",
             Event::HandshakeRefused { .. } => "handshake_refused",
+            Event::Desired { .. } => "desired",
+            Event::Reported { .. } => "reported",
         };
         if !self.types.is_empty() && !self.types.contains(ty) {
             return false;

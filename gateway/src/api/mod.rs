@@ -25,6 +25,7 @@ mod events;
 mod extract;
 mod metrics;
 mod server;
+mod state;
 mod token;
 
 use commands::*;
@@ -32,6 +33,7 @@ use devices::*;
 use events::*;
 use extract::*;
 pub(crate) use server::serve;
+use state::*;
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -111,6 +113,11 @@ pub fn routes() -> Vec<(
             &["get", "post"],
             get(list_commands).post(post_command),
         ),
+        (
+            "/api/v1/devices/{id}/state",
+            &["get", "put"],
+            get(get_state).put(put_state),
+        ),
         ("/api/v1/commands/{id}", &["get"], get(get_command)),
         (
             "/api/v1/commands/{id}/cancel",
@@ -127,6 +134,11 @@ pub fn routes() -> Vec<(
             "/api/v1/groups/{name}/commands",
             &["post"],
             post(post_group_command),
+        ),
+        (
+            "/api/v1/groups/{name}/state",
+            &["put"],
+            axum::routing::put(put_group_state),
         ),
         ("/api/v1/refusals", &["get"], get(list_refusals)),
         ("/api/v1/bridge", &["get"], get(bridge_state)),

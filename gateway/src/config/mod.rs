@@ -70,6 +70,10 @@ pub struct Config {
     /// Seconds a device is asked to wait before reconnecting after `Goodbye` for
     /// overload or shutdown.
     pub retry_after_s: u16,
+    /// The highest device protocol version spoken (1 or 2). 1 makes the gateway
+    /// behave as a version 1 gateway (no state document): for a fleet upgraded in
+    /// stages, or to test devices against one.
+    pub max_protocol_version: u8,
 
     /// Acknowledge telemetry once committed to SQLite's write-ahead log without waiting
     /// for the disk (`synchronous=NORMAL`). Survives a crash of the gateway, but a power
@@ -299,6 +303,7 @@ impl Default for Config {
             max_frame: 4096,
             max_pending_records: 1024,
             retry_after_s: 5,
+            max_protocol_version: device_client::proto::PROTOCOL_VERSION,
             danger_ack_before_fsync: false,
             max_commit_records: 20_000,
             retention: Some(Duration::from_secs(30 * 24 * 3600)),
@@ -406,6 +411,17 @@ impl Config {
                 format!(
                     "{} is below the protocol's minimum of {MIN_MAX_FRAME}",
                     self.max_frame
+                ),
+            );
+        }
+        use device_client::proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&self.max_protocol_version) {
+            return invalid(
+                "max_protocol_version",
+                format!(
+                    "{} is outside {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the versions \
+                     this gateway speaks",
+                    self.max_protocol_version
                 ),
             );
         }

@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use device_client::proto::{
     self, Ack, Command, CommandResult, Downlink, Goodbye, GoodbyeReason, MAX_DOWNLINK_FRAME,
-    MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Pong, Seq, Welcome,
+    MIN_MAX_FRAME, Name, Pong, Seq, Welcome,
 };
 
 use crate::inbound::{Frame, HelloFields, Inbound, Stop, Violation};
+use crate::state::Delta;
 use crate::store::{Batch, BatchDone, CommandState, Opened, OutgoingCommand, StoreError};
 use crate::values;
 
@@ -49,6 +50,9 @@ pub(crate) struct Rules {
     pub max_pending_records: usize,
     /// `Goodbye.retry_after_s` for ordinary closes.
     pub retry_after_s: u16,
+    /// The highest protocol version this gateway speaks (`Welcome.version` is the
+    /// lower of it and `Hello.version`).
+    pub max_version: u8,
 }
 
 impl Rules {
@@ -60,6 +64,7 @@ impl Rules {
             heartbeat: c.heartbeat,
             max_pending_records: c.max_pending_records,
             retry_after_s: c.retry_after_s,
+            max_version: c.max_protocol_version,
         }
     }
 
@@ -180,6 +185,11 @@ pub(crate) struct Fed {
     pub ignored_results: usize,
     /// Results of commands in flight, to record in the store.
     pub results: Vec<ResultToRecord>,
+    /// The device's reports (version 2), merged: its values and the desired version it
+    /// holds, to record in the store.
+    pub reported: Option<(u32, serde_json::Map<String, serde_json::Value>)>,
+    /// The device asked for the desired state ([`Machine::desired_base`]).
+    pub wants_desired: bool,
 }
 
 /// A command's result to record.
@@ -211,6 +221,11 @@ pub(crate) struct Committed {
 /// State of an open session.
 #[derive(Debug)]
 struct Open {
+    /// The session's protocol version.
+    version: u8,
+    /// The desired version the device holds, or will once what was sent arrives;
+    /// `None` until its first `Reported` (version 2).
+    desired: Option<u32>,
     device_key: i64,
     peer_max_frame: usize,
     /// Highest seq acked.
@@ -305,14 +320,17 @@ impl Machine {
     /// ([`command_room`](Self::command_room), [`send_command`](Self::send_command)),
     /// those sent before included.
     pub(crate) fn opened(&mut self, now: Now, hello: &HelloFields, o: Opened) -> Result<Fed, End> {
+        let version = hello.version.min(self.rules.max_version);
         let welcome = Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             heartbeat_s: u16::try_from(self.rules.heartbeat.as_secs()).unwrap_or(u16::MAX),
             last_acked: o.last_acked,
             server_time_ms: u64::try_from(now.wall_ms).unwrap_or(0),
             max_frame: self.rules.max_frame,
         };
         self.open = Some(Open {
+            version,
+            desired: None,
             device_key: o.device_key,
             peer_max_frame: usize::from(hello.max_frame),
             acked: o.last_acked,
@@ -324,7 +342,7 @@ impl Machine {
         });
         self.queue(&Downlink::Welcome(welcome));
         self.touch(now);
-        self.inbound.opened(o.last_acked);
+        self.inbound.opened(version, o.last_acked);
         // Frames that came in the same read as Hello.
         self.handle_bytes(now, &[])
     }
@@ -471,6 +489,34 @@ impl Machine {
         Ok(())
     }
 
+    /// The desired version to send changes from, once the device has said what it
+    /// holds (its first `Reported`); `None` before that or in a version 1 session.
+    pub(crate) fn desired_base(&self) -> Option<u32> {
+        self.open
+            .as_ref()
+            .filter(|o| o.version >= 2)
+            .and_then(|o| o.desired)
+    }
+
+    /// Sends changes of the desired state fetched for [`desired_base`](Self::desired_base).
+    /// Changes fetched for another base than the device's now (it asked again
+    /// meanwhile) are dropped: the driver fetches again for that one. Returns whether
+    /// the changes were queued.
+    pub(crate) fn send_desired(&mut self, delta: &Delta) -> Result<bool, Unsendable> {
+        let Some(base) = self.desired_base() else {
+            return Err(Unsendable::NotOpen);
+        };
+        if delta.base != 0 && delta.base != base {
+            return Ok(false);
+        }
+        let msg = delta.message()?;
+        self.queue_checked(&Downlink::Desired(msg))?;
+        if let Some(open) = self.open.as_mut() {
+            open.desired = Some(delta.version);
+        }
+        Ok(true)
+    }
+
     /// Resets the idle deadline: something arrived.
     fn touch(&mut self, now: Now) {
         if self.open.is_some() {
@@ -522,6 +568,20 @@ impl Machine {
                 None => fed.ignored_results += 1,
             },
             Frame::Ping(nonce) => self.queue(&Downlink::Pong(Pong { nonce })),
+            Frame::Reported(r) => {
+                let Some(open) = self.open.as_mut() else {
+                    return;
+                };
+                // The first report says what the device holds; a later one with
+                // version 0 says it lost it. Either asks for the desired state.
+                if open.desired.is_none() || (r.desired_version == 0 && open.desired != Some(0)) {
+                    fed.wants_desired = true;
+                    open.desired = Some(r.desired_version);
+                }
+                let (version, values) = fed.reported.get_or_insert_default();
+                *version = r.desired_version;
+                values.extend(values::readings_to_json(&r.values));
+            }
         }
     }
 

@@ -233,6 +233,9 @@ impl Session {
                 if let Some(reason) = self.signals.close_reason() {
                     return Some(self.machine.close(reason));
                 }
+                if self.machine.desired_base().is_some() && self.signals.take_desired() {
+                    return Box::pin(self.send_desired()).await.err();
+                }
                 // Commands before `Hello` wait: the session's start sends them all.
                 if self.machine.is_open()
                     && let Some(resend) = self.signals.take_commands()
@@ -313,6 +316,37 @@ impl Session {
             );
         }
         let device_key = self.machine.device_key();
+        if fed.wants_desired
+            && let (Some(base), Some(key)) = (self.machine.desired_base(), device_key)
+            && self.shared.store.desired_version(key) != base
+        {
+            // Fetched from the store in the session's loop (it awaits).
+            self.signals.desired_changed();
+        }
+        if let (Some((version, values)), Some(key)) = (fed.reported, device_key)
+            && self
+                .shared
+                .store
+                .report_changes_state(key, version, !values.is_empty())
+        {
+            self.shared.publish(|| Event::Reported {
+                device: self.device.clone(),
+                desired_version: version,
+                values: values.clone(),
+            });
+            // Recorded off the session's path, as command results are, by one task at
+            // a time: reports that come meanwhile are merged into its next write.
+            if self.signals.add_report(version, values) {
+                let (shared, signals) = (self.shared.clone(), self.signals.clone());
+                tokio::spawn(async move {
+                    while let Some((version, values)) = signals.take_reports() {
+                        if let Err(e) = shared.store.record_reported(key, version, values).await {
+                            warn!(error = %e, "storing a state report failed");
+                        }
+                    }
+                });
+            }
+        }
         for r in fed.results {
             let Some(device_key) = device_key else {
                 break;
@@ -424,6 +458,36 @@ impl Session {
             Some(resend) => self.send_commands(resend).await,
             None => Ok(()),
         }
+    }
+
+    /// Sends what the device lacks of its desired state (version 2), if anything.
+    async fn send_desired(&mut self) -> Result<(), End> {
+        // Fetched again if the device asked anew while the store answered.
+        for _ in 0..3 {
+            let (Some(base), Some(key)) = (self.machine.desired_base(), self.machine.device_key())
+            else {
+                return Ok(());
+            };
+            let Some(delta) = self.shared.store.desired_since(key, base).await? else {
+                return Ok(());
+            };
+            match self.machine.send_desired(&delta) {
+                Ok(true) => {
+                    debug!(
+                        version = delta.version,
+                        base = delta.base,
+                        "desired state sent"
+                    );
+                    return Ok(());
+                }
+                Ok(false) => continue,
+                Err(why) => {
+                    warn!(%why, "desired state cannot be sent to this device");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends queued commands, up to the in-flight limit.

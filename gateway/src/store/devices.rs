@@ -304,6 +304,7 @@ fn delete_device_rows(c: &rusqlite::Connection, id: &str) -> Result<Option<i64>,
     c.execute("DELETE FROM chunks WHERE device = ?1", [key])?;
     c.execute("DELETE FROM boots WHERE device = ?1", [key])?;
     c.execute("DELETE FROM commands WHERE device = ?1", [key])?;
+    c.execute("DELETE FROM device_state WHERE device = ?1", [key])?;
     c.execute("DELETE FROM groups WHERE device = ?1", [id])?;
     c.execute("DELETE FROM devices WHERE key = ?1", [key])?;
     Ok(Some(key))

@@ -63,6 +63,7 @@ mod records;
 mod retention;
 mod schema;
 mod sinks;
+mod state;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -78,6 +79,7 @@ pub use records::{
 };
 pub use retention::Pruned;
 use schema::{open_writer_connection, private_dir, private_files};
+pub use state::{PutDesired, StateView};
 use writer::{Op, OpOutcome, Pending, Writer, after};
 
 /// Most read-only connections open at once (each holds three files in WAL mode); more
@@ -133,6 +135,9 @@ pub struct Store {
     /// Session opens sent to the writer and done: reads of devices wait for the ones
     /// sent before them ([`Store::opens_settled`]).
     opens: Arc<Opens>,
+    /// Desired and reported state versions per device, so that a session opening
+    /// costs no store work for the state document when nothing changed (state.rs).
+    state_versions: Arc<state::Versions>,
 }
 
 /// Session opens the writer has been sent, and has applied (committed or failed).
@@ -172,6 +177,7 @@ impl Store {
         let health = Arc::new(StoreHealth::default());
         let commits = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let directory = Arc::new(directory::Directory::load(&conn)?);
+        let state_versions = Arc::new(state::Versions::load(&conn)?);
         let opens = Arc::new(Opens::default());
         let writer = Writer {
             commits: commits.clone(),
@@ -201,6 +207,7 @@ impl Store {
                 commits,
                 directory,
                 opens,
+                state_versions,
             },
             WriterThread(Some(handle)),
         ))

@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS commands(
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(device, state) WHERE state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS commands_expiry ON commands(expires_ms) WHERE state IN ('queued', 'sent');
+-- The device state document (protocol version 2, gateway/src/state.rs): the desired
+-- settings as a versioned JSON document, and what the device last reported.
+CREATE TABLE IF NOT EXISTS device_state(
+    device            INTEGER PRIMARY KEY,
+    desired           TEXT,
+    reported          TEXT,
+    reported_version  INTEGER,
+    reported_ms       INTEGER
+);
 -- Where each northbound sink (the MQTT bridge, the fleet) is in the telemetry: the
 -- row of the last record it delivered. Rows grow in commit order (one writer) and are
 -- never given twice, so `row > cursor` is exactly what is left to send.

@@ -346,7 +346,7 @@ fn handle(
                 None
             }
             Uplink::Ping(p) => Some(Downlink::Pong(Pong { nonce: p.nonce })),
-            Uplink::CommandResult(_) => None,
+            Uplink::CommandResult(_) | Uplink::Reported(_) => None,
         };
         start += frame.len;
         if let Some(reply) = reply {

@@ -13,6 +13,7 @@
 
 mod cases;
 mod driver;
+mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use device_client::machine::{
     Client, CompleteError, Config, Disconnect, Event, Input, Millis, SendError, Unacked,
 };
 use device_client::proto::{
-    self, CommandStatus, Downlink, GoodbyeReason, Name, Reading, Seq, Uplink, Value,
+    self, Change, CommandStatus, Downlink, GoodbyeReason, Name, Reading, Seq, Uplink, Value,
 };
 use tokio::sync::oneshot;
 
@@ -74,6 +75,10 @@ struct Pair {
     sent: Vec<Vec<Seq>>,
     /// Why gateway sessions ended, in order, with the frames they sent last.
     ended: Vec<(End, Vec<u8>)>,
+    /// `Desired` messages the device applied: (version, base, changes as text).
+    desired: Vec<(u32, u32, Vec<String>)>,
+    /// Reports the device put on the wire: (desired version, number of values).
+    reports: Vec<(u32, usize)>,
 }
 
 impl Pair {
@@ -109,6 +114,7 @@ impl Pair {
                 heartbeat: Duration::from_secs(HEARTBEAT_S),
                 max_pending_records: 1024,
                 retry_after_s: 5,
+                max_version: proto::PROTOCOL_VERSION,
             }),
             dev: Client::new(cfg),
             link: None,
@@ -120,7 +126,17 @@ impl Pair {
             commands: Vec::new(),
             sent: Vec::new(),
             ended: Vec::new(),
+            desired: Vec::new(),
+            reports: Vec::new(),
         }
+    }
+
+    /// The gateway speaks at most protocol `version`.
+    fn gateway_version(mut self, version: u8) -> Self {
+        let mut rules = (*self.rules).clone();
+        rules.max_version = version;
+        self.rules = Arc::new(rules);
+        self
     }
 
     /// The gateway's clocks at the manual time.
@@ -160,8 +176,12 @@ impl Pair {
             let mut buf = [0u8; 512];
             while let Some(n) = self.dev.poll_transmit(self.t, &mut buf) {
                 moved = true;
-                if let Ok(Uplink::Telemetry(r)) = proto::decode_uplink(&buf[2..n]) {
-                    self.sent.last_mut().unwrap().push(r.seq);
+                match proto::decode_uplink(&buf[2..n]) {
+                    Ok(Uplink::Telemetry(r)) => self.sent.last_mut().unwrap().push(r.seq),
+                    Ok(Uplink::Reported(r)) => {
+                        self.reports.push((r.desired_version, r.values.len()));
+                    }
+                    _ => {}
                 }
                 let take = n.min(budget);
                 budget -= take;
@@ -209,6 +229,19 @@ impl Pair {
 
     /// What the driver does with what the machine found.
     fn fed(&mut self, fed: Fed) {
+        let key = self.link.as_ref().and_then(|l| l.gw.device_key());
+        if let (Some((version, values)), Some(key)) = (fed.reported, key)
+            && self
+                .store
+                .report_changes_state(key, version, !values.is_empty())
+        {
+            self.rt
+                .block_on(self.store.record_reported(key, version, values))
+                .unwrap();
+        }
+        if fed.wants_desired {
+            self.send_desired();
+        }
         for r in fed.results {
             let key = self.link.as_ref().unwrap().gw.device_key().unwrap();
             let rec = self
@@ -257,6 +290,50 @@ impl Pair {
             Err(end) => return self.gateway_ended(end),
         }
         self.send_commands(true);
+    }
+
+    /// Sends the device what it lacks of its desired state, as the driver does when
+    /// signalled (the fetch is skipped when memory says the device is up to date).
+    fn send_desired(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let (Some(key), Some(base)) = (link.gw.device_key(), link.gw.desired_base()) else {
+            return;
+        };
+        if self.store.desired_version(key) == base {
+            return;
+        }
+        if let Some(delta) = self
+            .rt
+            .block_on(self.store.desired_since(key, base))
+            .unwrap()
+        {
+            assert!(link.gw.send_desired(&delta).unwrap());
+        }
+    }
+
+    /// An operator changes the desired state; an open session sends it at once.
+    fn put_desired(&mut self, patch: serde_json::Value) -> u32 {
+        let out = self
+            .rt
+            .block_on(self.store.put_desired(DEVICE, patch, None))
+            .unwrap();
+        let crate::store::PutDesired::Done { doc, .. } = out else {
+            panic!("refused: {out:?}");
+        };
+        self.send_desired();
+        self.pump();
+        doc.version
+    }
+
+    /// The device's state as the API shows it.
+    fn state(&self) -> crate::store::StateView {
+        self.rt.block_on(self.store.flush()).unwrap();
+        self.rt
+            .block_on(self.store.device_state(DEVICE))
+            .unwrap()
+            .unwrap()
     }
 
     /// Takes the device's commands from the store, as many as the machine has room for.
@@ -343,6 +420,23 @@ impl Pair {
                     if let Some(c) = command {
                         self.commands.push(c.id);
                     }
+                    rest = &rest[len..];
+                }
+                Ok(Input::Desired { len, desired }) => {
+                    // The application applies the settings and reports them back.
+                    let mut set = Vec::new();
+                    let mut text = Vec::new();
+                    for c in &desired.changes {
+                        match c {
+                            Change::Set(r) => {
+                                set.push(*r);
+                                text.push(format!("set {}={:?}", r.name, r.value));
+                            }
+                            Change::Unset(n) => text.push(format!("unset {n}")),
+                        }
+                    }
+                    self.desired.push((desired.version, desired.base, text));
+                    self.dev.report_state(&set).unwrap();
                     rest = &rest[len..];
                 }
                 Err(_) => {
