@@ -11,13 +11,22 @@
 //! Every call is checked against a reference model written from PROTOCOL.md §8 and the
 //! client's documented behaviour: the model predicts each result, each transmitted frame
 //! byte for byte, each event, and the client's observable state (`unacked`, `acked`,
-//! `pending_results`, `poll_connect`, `poll_timeout`). Independently of the model:
+//! `pending_results`, `poll_connect`, `poll_timeout`, `session_version`,
+//! `desired_version`). The model speaks protocol version 2 (a compile-time assertion
+//! makes a new version revisit it). Independently of the model:
 //! - every transmitted frame is one valid uplink frame, within the buffer, and, once a
 //!   session is open, within the gateway's `Welcome.max_frame` (if that is at least
 //!   the protocol's minimum, 128);
-//! - `Hello` is the first frame of every connection and is sent once; nothing else
-//!   goes before `Welcome`, nothing at all while disconnected;
-//! - telemetry and results are never larger than `max_frame_out`;
+//! - `Hello` is the first frame of every connection, is sent once and offers
+//!   `PROTOCOL_VERSION`; nothing else goes before `Welcome`, nothing at all while
+//!   disconnected;
+//! - telemetry, results and reports with values are never larger than `max_frame_out`;
+//! - `Reported` goes only to a session of version 2; in such a session one is sent
+//!   after `Welcome` and after every `Desired` before any telemetry or `Ping` (until
+//!   the gateway has one it sends no `Desired`);
+//! - a `Desired` handed to the application applies to what it holds: the whole
+//!   document (`base` 0), or changes on top of the version it last got (or set) to a
+//!   later one;
 //! - within a connection, telemetry seqs strictly increase, and a record the gateway
 //!   acknowledged is never sent again (§8.2). (A record queued when the gateway's
 //!   `last_acked` was already at or above its seq, which happens only if a boot id is
@@ -28,6 +37,12 @@
 //!   of recent commands (§8.3);
 //! - a fatal disconnect (revoked, unsupported version) never schedules a reconnect, a
 //!   non-fatal one always does, no sooner than `Goodbye.retry_after_s`.
+//!
+//! Version rules the model holds the client to: a `Welcome` version outside
+//! `max(min_version, 1)..=2` is a fatal `UnsupportedVersion`; a message of a later
+//! version than the session's (`Desired` before `Welcome` or in a version-1 session)
+//! ends the connection as unexpected; a `Reported` queued for a version-1 session is
+//! dropped when its turn comes.
 
 #![no_main]
 
@@ -39,8 +54,8 @@ use device_client::machine::{
 };
 use device_client::proto::{
     self, CommandResult, CommandStatus, Downlink, GoodbyeReason, HEADER_LEN, Hello, MAX_READINGS,
-    MAX_UPLINK_FRAME, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Ping, Reading, Readings, Seq,
-    Telemetry, Text, Uplink, Value,
+    MAX_UPLINK_FRAME, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Ping, Reading, Readings, Reported,
+    Seq, Telemetry, Text, Uplink, Value,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -68,6 +83,8 @@ struct FuzzConfig {
     jitter_seed: u64,
     /// The transmit buffer; `None`: `max_frame_out` bytes (as the README sizes it).
     tx_len: Option<u16>,
+    /// `Config::min_version` 2 (a device that needs the desired state) instead of 1.
+    min_version_2: bool,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -99,6 +116,11 @@ enum Op {
     TransmitAll,
     /// `poll_event` until it has nothing.
     Events,
+    /// The application reports state values (`report_state`).
+    Report { values: u8, kind: u8, value: u64 },
+    /// The application sets the desired version it holds (`set_desired_version`), as
+    /// a device that keeps its settings across reboots does at boot.
+    SetDesiredVersion(u32),
 }
 
 /// Firmware text with multi-byte characters, longer than the 32 bytes `Hello` takes.
@@ -141,6 +163,7 @@ fn config(c: &Option<FuzzConfig>) -> (Config, usize) {
     cfg.backoff_max_ms = Millis::from(c.backoff_max_ms);
     cfg.welcome_timeout_ms = Millis::from(c.welcome_timeout_ms);
     cfg.jitter_seed = c.jitter_seed;
+    cfg.min_version = if c.min_version_2 { 2 } else { 1 };
     let tx_len = c.tx_len.map_or(usize::from(c.max_frame_out), usize::from);
     (cfg, tx_len)
 }
@@ -153,7 +176,8 @@ fn firmware(chars: u8) -> &'static str {
     &FIRMWARE[..end]
 }
 
-/// Readings for `Op::Send` / `Op::Complete`, from static storage (they borrow).
+/// Readings for `Op::Send` / `Op::Complete` / `Op::Report`, from static storage (they
+/// borrow).
 fn readings(count: u8, kind: u8, value: u64) -> Vec<Reading<'static>> {
     (0..usize::from(count) % (MAX_READINGS + 2))
         .map(|i| {
@@ -184,6 +208,19 @@ fn frame_of(msg: &Uplink<'_>) -> Vec<u8> {
 // ----------------------------------------------------------------------------------
 // The reference model.
 
+// The model below is of protocol version 2 (`Desired` the only later downlink message,
+// `Reported` the only later uplink one): a new version must revisit it.
+const _: () = assert!(PROTOCOL_VERSION == 2);
+
+/// The first version that has a downlink message, written out here rather than taken
+/// from `Downlink::since_version`, which is part of what is under test.
+fn since_version(msg: &Downlink<'_>) -> u8 {
+    match msg {
+        Downlink::Desired(_) => 2,
+        _ => 1,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum MLink {
     Down { at: Option<Millis> },
@@ -193,6 +230,8 @@ enum MLink {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct MSession {
+    /// The version `Welcome` chose.
+    version: u8,
     peer_max: usize,
     heartbeat_ms: Millis,
     last_tx: Millis,
@@ -224,12 +263,16 @@ struct Model<const RING: usize, const OUTBOX: usize> {
     cursor: Option<Seq>,
     next_seq: Seq,
     acked: Option<Seq>,
-    outbox: VecDeque<Vec<u8>>,
+    outbox: VecDeque<Queued>,
     recent: VecDeque<Recent>,
     events: VecDeque<Event>,
     nonce: u32,
     attempts: u32,
     retry_after_ms: Millis,
+    /// The desired document version the client holds (0: none).
+    desired_version: u32,
+    /// A `Reported` is due (set by a version-2 `Welcome` and by every `Desired`).
+    report_due: bool,
     // Protocol checks, independent of the model.
     /// Frames transmitted on this connection.
     sent_on_connection: usize,
@@ -241,6 +284,21 @@ struct Model<const RING: usize, const OUTBOX: usize> {
     /// ahead of this boot's numbering, e.g. a reused boot id, PROTOCOL.md §5.1): the
     /// client sends them, and the gateway takes them for duplicates.
     queued_below_acked: Vec<Seq>,
+    /// The gateway waits for a `Reported` (since a version-2 `Welcome` or a `Desired`):
+    /// it sends no `Desired` until it has one, so the client must not go on to
+    /// telemetry or heartbeats first.
+    report_owed: bool,
+    /// The desired version the application holds: the last `Desired` handed over, or
+    /// what it set.
+    app_desired: u32,
+}
+
+/// A frame in the outbox.
+#[derive(Debug, Clone)]
+struct Queued {
+    /// A `Reported` (version 2: dropped in a version-1 session), not a command result.
+    report: bool,
+    frame: Vec<u8>,
 }
 
 impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
@@ -259,10 +317,14 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
             nonce: 0,
             attempts: 0,
             retry_after_ms: 0,
+            desired_version: 0,
+            report_due: false,
             sent_on_connection: 0,
             last_sent_seq: None,
             last_acked_event: None,
             queued_below_acked: Vec::new(),
+            report_owed: false,
+            app_desired: 0,
         }
     }
 
@@ -271,7 +333,7 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
     }
 
     fn outbox_bytes(&self) -> usize {
-        self.outbox.iter().map(Vec::len).sum()
+        self.outbox.iter().map(|q| q.frame.len()).sum()
     }
 
     fn is_open(&self) -> bool {
@@ -324,13 +386,15 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
         Ok(seq)
     }
 
-    /// Appends a result frame to the outbox, as the client's `push_frame` does.
+    /// Appends a result (or report) frame to the outbox, as the client's `push_frame`
+    /// does.
     fn push_result(&mut self, msg: &Uplink<'_>) -> Result<(), CompleteError> {
         let frame = frame_of(msg);
         let max_frame = usize::from(self.cfg.max_frame_out);
         let room = (OUTBOX - self.outbox_bytes()).min(max_frame);
         if frame.len() <= room {
-            self.outbox.push_back(frame);
+            let report = matches!(msg, Uplink::Reported(_));
+            self.outbox.push_back(Queued { report, frame });
             Ok(())
         } else if room < max_frame.min(OUTBOX) {
             Err(CompleteError::OutboxFull)
@@ -353,6 +417,20 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
         };
         self.push_result(&Uplink::CommandResult(CommandResult { id, status, values }))?;
         self.recent[i] = Recent::Done(id, status);
+        Ok(())
+    }
+
+    /// `report_state`: queued like a result, with the desired version held now; it
+    /// stands for the report that is due.
+    fn report_state(&mut self, values: &[Reading<'_>]) -> Result<(), CompleteError> {
+        let Ok(values) = Readings::from_slice(values) else {
+            return Err(CompleteError::TooLarge);
+        };
+        self.push_result(&Uplink::Reported(Reported {
+            desired_version: self.desired_version,
+            values,
+        }))?;
+        self.report_due = false;
         Ok(())
     }
 
@@ -538,6 +616,21 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 }
                 assert!(self.m.events.is_empty(), "events lost: {:?}", self.m.events);
             }
+            Op::Report {
+                values,
+                kind,
+                value,
+            } => {
+                let list = readings(values, kind, value);
+                let expected = self.m.report_state(&list);
+                let got = self.client.report_state(&list);
+                assert_eq!(got, expected, "report_state");
+            }
+            Op::SetDesiredVersion(v) => {
+                self.client.set_desired_version(v);
+                self.m.desired_version = v;
+                self.m.app_desired = v;
+            }
         }
     }
 
@@ -550,6 +643,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
         self.m.cursor = None;
         self.m.sent_on_connection = 0;
         self.m.last_sent_seq = None;
+        self.m.report_owed = false;
         self.rx.clear();
     }
 
@@ -654,17 +748,29 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 return None;
             }
         };
-        if let MLink::Open(s) = &mut self.m.link {
-            s.last_rx = now;
+        // Before `Welcome` a connection counts as version 1.
+        let version = match &mut self.m.link {
+            MLink::Open(s) => {
+                s.last_rx = now;
+                s.version
+            }
+            _ => 1,
+        };
+        if since_version(&msg) > version {
+            self.expect_down(got, Disconnect::Unexpected);
+            return None;
         }
         let mut command = None;
+        let mut desired = None;
         match &msg {
             Downlink::Welcome(w) => {
                 if !matches!(self.m.link, MLink::Hello { sent: true, .. }) {
                     self.expect_down(got, Disconnect::Unexpected);
                     return None;
                 }
-                if w.version != PROTOCOL_VERSION {
+                // min_version 0 means 1: there is no version 0.
+                let lowest = self.m.cfg.min_version.max(1);
+                if w.version < lowest || w.version > PROTOCOL_VERSION {
                     self.expect_down(got, Disconnect::UnsupportedVersion(w.version));
                     return None;
                 }
@@ -673,6 +779,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                     return None;
                 }
                 self.m.link = MLink::Open(MSession {
+                    version: w.version,
                     peer_max: usize::from(w.max_frame),
                     heartbeat_ms: Millis::from(w.heartbeat_s.max(1)) * 1000,
                     last_tx: now,
@@ -685,10 +792,33 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                     self.m.acknowledge(last);
                 }
                 self.m.cursor = None;
+                // Version 2: the gateway learns the desired version held from a report.
+                self.m.report_due = w.version >= 2;
+                self.m.report_owed = w.version >= 2;
                 self.m.event(Event::Connected {
                     last_acked: w.last_acked,
                     server_time_ms: w.server_time_ms,
+                    version: w.version,
                 });
+            }
+            Downlink::Desired(d) => {
+                // Unreachable after the version check (a connection without a session
+                // counts as version 1), but the rule of its own.
+                if !self.m.is_open() {
+                    self.expect_down(got, Disconnect::Unexpected);
+                    return None;
+                }
+                // Applied or not, the gateway hears which version the device holds.
+                self.m.report_due = true;
+                self.m.report_owed = true;
+                if d.base == 0 || (d.base == self.m.desired_version && d.version > d.base) {
+                    self.m.desired_version = d.version;
+                    desired = Some(d.clone());
+                } else {
+                    // Changes to a version the device does not hold: reporting 0 asks
+                    // for the whole document.
+                    self.m.desired_version = 0;
+                }
             }
             Downlink::Ack(a) => {
                 if !self.m.is_open() {
@@ -757,8 +887,8 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 }
             }
         }
-        match got {
-            Ok(Input::Frame { len, command: got }) => {
+        match (got, desired) {
+            (Ok(Input::Frame { len, command: got }), None) => {
                 assert_eq!(len, frame.len);
                 assert_eq!(got, command, "command handed over");
                 if let Some(c) = got {
@@ -768,7 +898,24 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 }
                 Some(len)
             }
-            other => panic!("handle_input: {other:?}, expected a frame of {msg:?}"),
+            (Ok(Input::Desired { len, desired: got }), Some(expected)) => {
+                assert_eq!(len, frame.len);
+                assert_eq!(got, expected, "desired handed over");
+                // Changes are only useful on top of what the application holds.
+                assert!(
+                    got.base == 0 || (got.base == self.m.app_desired && got.version > got.base),
+                    "desired {} on base {} handed over, the application holds {}",
+                    got.version,
+                    got.base,
+                    self.m.app_desired
+                );
+                self.m.app_desired = got.version;
+                Some(len)
+            }
+            (other, desired) => panic!(
+                "handle_input: {other:?}, expected a frame of {msg:?} (desired handed over: {})",
+                desired.is_some()
+            ),
         }
     }
 
@@ -823,11 +970,35 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
             }
             MLink::Open(s) => {
                 let limit = s.peer_max.min(len);
-                while let Some(frame) = self.m.outbox.pop_front() {
-                    if frame.len() <= limit {
-                        s.last_tx = now;
-                        return Some(frame);
+                while let Some(q) = self.m.outbox.pop_front() {
+                    // A version-1 gateway has no `Reported`; a frame over its limit or
+                    // the buffer could never go: both are dropped.
+                    if q.report && s.version < 2 {
+                        continue;
                     }
+                    if q.frame.len() <= limit {
+                        s.last_tx = now;
+                        return Some(q.frame);
+                    }
+                    // A dropped report leaves the version it carried owed: the
+                    // plain report below goes instead.
+                    if q.report {
+                        self.m.report_due = true;
+                    }
+                }
+                if self.m.report_due && s.version >= 2 {
+                    let frame = frame_of(&Uplink::Reported(Reported {
+                        desired_version: self.m.desired_version,
+                        values: Readings::new(),
+                    }));
+                    // Too small a buffer: nothing this time, not even telemetry, so
+                    // the report still comes first.
+                    if frame.len() > limit {
+                        return None;
+                    }
+                    self.m.report_due = false;
+                    s.last_tx = now;
+                    return Some(frame);
                 }
                 let mut skipped = Vec::new();
                 let mut sent = None;
@@ -896,6 +1067,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
         match msg {
             Uplink::Hello(h) => {
                 assert!(first, "Hello is the first frame and is sent once");
+                // The highest version: the gateway picks one it speaks too.
                 assert_eq!(h.version, PROTOCOL_VERSION);
                 assert!(h.max_frame >= MIN_MAX_FRAME);
                 assert!(!self.m.is_open());
@@ -904,6 +1076,10 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 assert!(self.m.is_open() && !first, "telemetry before Welcome");
                 assert!(frame.len() <= max_out, "telemetry over max_frame_out");
                 assert!(t.seq > 0);
+                assert!(
+                    !self.m.report_owed,
+                    "telemetry before the Reported that is owed"
+                );
                 assert!(
                     self.m.last_sent_seq.is_none_or(|s| t.seq > s),
                     "seq {} after {:?} on one connection",
@@ -923,7 +1099,25 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 assert!(self.m.is_open() && !first, "result before Welcome");
                 assert!(frame.len() <= max_out, "result over max_frame_out");
             }
-            Uplink::Ping(_) => assert!(self.m.is_open() && !first, "ping before Welcome"),
+            Uplink::Ping(_) => {
+                assert!(self.m.is_open() && !first, "ping before Welcome");
+                assert!(!self.m.report_owed, "ping before the Reported that is owed");
+            }
+            Uplink::Reported(r) => {
+                assert!(self.m.is_open() && !first, "report before Welcome");
+                assert!(
+                    matches!(self.m.link, MLink::Open(s) if s.version >= 2),
+                    "Reported in a version-1 session"
+                );
+                // Values come only through `report_state`, which keeps to
+                // max_frame_out; the empty report the client sends on its own is, like
+                // `Ping`, a few bytes that only the buffer bounds.
+                assert!(
+                    r.values.is_empty() || frame.len() <= max_out,
+                    "report over max_frame_out"
+                );
+                self.m.report_owed = false;
+            }
         }
     }
 
@@ -934,12 +1128,19 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
         assert_eq!(c.is_connected(), !matches!(m.link, MLink::Down { .. }));
         assert_eq!(c.is_open(), m.is_open());
         let u = c.unacked();
-        assert_eq!((u.records, u.bytes), (m.ring.len(), m.ring_bytes()), "unacked");
-        assert!(
-            u.bytes <= RING,
-            "the ring holds more than {RING} bytes"
+        assert_eq!(
+            (u.records, u.bytes),
+            (m.ring.len(), m.ring_bytes()),
+            "unacked"
         );
+        assert!(u.bytes <= RING, "the ring holds more than {RING} bytes");
         assert_eq!(c.acked(), m.acked, "acked");
+        assert_eq!(c.desired_version(), m.desired_version, "desired_version");
+        let version = match m.link {
+            MLink::Open(s) => Some(s.version),
+            _ => None,
+        };
+        assert_eq!(c.session_version(), version, "session_version");
         assert_eq!(c.pending_results(), m.outbox.len(), "pending results");
         assert!(m.outbox_bytes() <= OUTBOX);
         let connect = match m.link {

@@ -22,7 +22,7 @@
 #![no_main]
 
 use device_client::proto::{
-    DecodeError, Downlink, FrameError, HEADER_LEN, MAX_BYTES_LEN, MAX_DOWNLINK_FRAME,
+    Change, DecodeError, Downlink, FrameError, HEADER_LEN, MAX_BYTES_LEN, MAX_DOWNLINK_FRAME,
     MAX_FIRMWARE_LEN, MAX_FRAME_ON_WIRE, MAX_NAME_LEN, MAX_READINGS, MAX_TEXT_LEN,
     MAX_UPLINK_FRAME, Message, Name, Reading, Uplink, Value, decode_downlink, decode_uplink,
     encode, frame_header, peek_version, split_frame,
@@ -219,10 +219,20 @@ fn check_uplink(msg: &Uplink<'_>) {
         Uplink::Telemetry(t) => check_readings(&t.readings),
         Uplink::CommandResult(r) => check_readings(&r.values),
         Uplink::Ping(_) => {}
+        Uplink::Reported(r) => check_readings(&r.values),
     }
 }
 
 fn check_downlink(msg: &Downlink<'_>) {
+    if let Downlink::Desired(d) = msg {
+        assert!(d.changes.len() <= MAX_READINGS);
+        for c in &d.changes {
+            assert!(Name::new(c.name().as_str()).is_ok(), "invalid name");
+            if let Change::Set(r) = c {
+                check_readings(core::slice::from_ref(r));
+            }
+        }
+    }
     if let Downlink::Command(c) = msg {
         assert!(
             Name::new(c.name.as_str()).is_ok(),

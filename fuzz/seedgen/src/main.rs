@@ -147,7 +147,7 @@ fn vector<'v>(vectors: &'v [(String, Vec<u8>)], name: &str) -> &'v [u8] {
 // `Op` types): integers little-endian, `bool` and `Option` tags one byte, a `Vec` one
 // `1` byte before each element and a `0` after the last, an enum variant a u32 `x`
 // with `(x * variants) >> 32` = its index.
-const OPS: u64 = 11;
+const OPS: u64 = 13;
 
 fn variant(index: u64) -> [u8; 4] {
     let x = ((index << 32) + OPS - 1) / OPS;
@@ -203,6 +203,7 @@ fn client_seeds(dir: &Path, vectors: &[(String, Vec<u8>)]) -> std::io::Result<()
     cfg.extend_from_slice(&10_000u32.to_le_bytes()); // welcome_timeout_ms
     cfg.extend_from_slice(&42u64.to_le_bytes()); // jitter_seed
     cfg.push(0); // tx_len: None
+    cfg.push(0); // min_version_2: false
     let mut ops = cfg.clone();
     let send = |ops: &mut Vec<u8>, n: u8| {
         let mut fields = vec![n, 2];

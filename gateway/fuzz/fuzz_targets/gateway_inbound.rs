@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  0..2   max_frame (big-endian; at least 128 is used)
-//!  2      bit 0: Welcome.last_acked is given
+//!  2      bit 0: Welcome.last_acked is given; bit 1: the gateway speaks version 2
+//!         (else 1; the session's version is the lower of it and Hello.version)
 //!  3..7   Welcome.last_acked (big-endian)
 //!  7..15  where to cut the stream: a cut after byte i when bit i % 64 is set
 //!  15..   the bytes
@@ -20,6 +21,7 @@
 //!   each body decodes as that `Telemetry`; every frame fits `max_frame`;
 //! - replays noted are at or below `last_acked`;
 //! - after each piece, at most one partial frame is held (memory is bounded);
+//! - a `Reported` comes out only in a session of version 2;
 //! - after a stop, nothing more is read.
 //!
 //! The module is compiled here from its source file in the gateway crate, so that
@@ -44,6 +46,7 @@ enum Out {
     Telemetry(Seq),
     Result(u32),
     Ping(u32),
+    Reported(u32),
 }
 
 #[derive(Debug, PartialEq)]
@@ -54,7 +57,7 @@ struct Outcome {
     replayed: Option<Seq>,
 }
 
-fn run(max_frame: u16, welcome_acked: Option<Seq>, pieces: &[&[u8]]) -> Outcome {
+fn run(max_frame: u16, welcome_acked: Option<Seq>, max_version: u8, pieces: &[&[u8]]) -> Outcome {
     let mut inb = Inbound::new(max_frame);
     let limit = usize::from(max_frame);
     let mut out = Outcome {
@@ -63,6 +66,7 @@ fn run(max_frame: u16, welcome_acked: Option<Seq>, pieces: &[&[u8]]) -> Outcome 
         replayed: None,
     };
     let mut last_seq: Option<Seq> = None;
+    let mut version = 0;
     for piece in pieces {
         let mut next = Some(*piece);
         while let Some(p) = next.take() {
@@ -88,6 +92,10 @@ fn run(max_frame: u16, welcome_acked: Option<Seq>, pieces: &[&[u8]]) -> Outcome 
                     }
                     Frame::CommandResult(r) => Out::Result(r.id),
                     Frame::Ping(nonce) => Out::Ping(nonce),
+                    Frame::Reported(r) => {
+                        assert!(version >= 2, "Reported in a version {version} session");
+                        Out::Reported(r.desired_version)
+                    }
                 });
                 Ok::<(), Stop>(())
             });
@@ -97,7 +105,8 @@ fn run(max_frame: u16, welcome_acked: Option<Seq>, pieces: &[&[u8]]) -> Outcome 
                     assert!(out.frames.is_empty(), "Hello after other frames");
                     assert!(hello.max_frame >= proto::MIN_MAX_FRAME);
                     out.frames.push(Out::Hello(hello.boot_id));
-                    inb.opened(welcome_acked);
+                    version = hello.version.min(max_version);
+                    inb.opened(version, welcome_acked);
                     assert!(inb.is_open());
                     // What came behind the Hello, now that the session is open.
                     next = Some(&[]);
@@ -142,8 +151,9 @@ fuzz_target!(|data: &[u8]| {
     let mut mask = [0u8; 8];
     mask.copy_from_slice(&header[7..15]);
     let mask = u64::from_be_bytes(mask);
+    let max_version = if header[2] & 2 == 2 { 2 } else { 1 };
 
-    let whole = run(max_frame, welcome_acked, &[bytes]);
+    let whole = run(max_frame, welcome_acked, max_version, &[bytes]);
     let mut pieces = Vec::new();
     let mut start = 0;
     for i in 0..bytes.len() {
@@ -153,7 +163,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     pieces.push(&bytes[start..]);
-    let split = run(max_frame, welcome_acked, &pieces);
+    let split = run(max_frame, welcome_acked, max_version, &pieces);
     assert_eq!(
         whole,
         split,
