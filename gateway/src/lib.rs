@@ -54,9 +54,10 @@ use tracing::{info, warn};
 pub use config::{Config, LogFormat};
 pub use events::{Event, Histogram, Metrics};
 use registry::Registry;
+pub use state::{Delta, DesiredDoc, StateError};
 pub use store::{
-    CommandRecord, CommandState, DeviceRecord, RefusalRecord, Store, StoreError, TelemetryQuery,
-    TelemetryRecord,
+    CommandRecord, CommandState, DeviceRecord, PutDesired, RefusalRecord, StateView, Store,
+    StoreError, TelemetryQuery, TelemetryRecord,
 };
 pub use tls::{Refusal, TlsLoadError};
 use tls::{TlsSettings, TlsState};

@@ -294,6 +294,36 @@ async fn firmware_speaks_mutual_tls_with_the_gateway_runs_commands_and_reconnect
         .unwrap();
     assert_eq!(bad.status.as_deref(), Some("invalid_arguments"), "{bad:?}");
 
+    // Protocol version 2: a desired setting reaches the firmware, which applies it and
+    // reports the value it uses.
+    let desired = |body: serde_json::Value| {
+        let gw = &gw;
+        async move {
+            match gw.gw.put_desired(id, body, None).await.unwrap() {
+                gateway::PutDesired::Done { doc, .. } => doc.version,
+                other => panic!("refused: {other:?}"),
+            }
+        }
+    };
+    let in_sync = |version: u32, interval: u64| {
+        let gw = &gw;
+        async move {
+            eventually(
+                &format!("the firmware in sync at version {version}"),
+                || async {
+                    let s = gw.gw.device_state(id).await.unwrap().unwrap();
+                    (s.in_sync
+                        && s.desired_version == version
+                        && s.reported["interval_ms"] == json!(interval))
+                    .then_some(())
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(desired(json!({"interval_ms": 400})).await, 1);
+    in_sync(1, 400).await;
+
     // The gateway drops the firmware: the same device connects again from elsewhere
     // and replaces its session. The firmware comes back (through QEMU's new TCP
     // connection) and replaces this one in turn.
@@ -313,6 +343,14 @@ async fn firmware_speaks_mutual_tls_with_the_gateway_runs_commands_and_reconnect
         (telemetry_count(&gw, id).await >= before + 3).then_some(())
     })
     .await;
+    // After the reconnection it holds version 1: an unset goes as a change from it.
+    assert_eq!(desired(json!({"interval_ms": null})).await, 2);
+    in_sync(2, 1_000).await;
+    assert!(
+        qemu.output().contains("desired version 2 applied (base 1)"),
+        "{}",
+        qemu.output()
+    );
 
     // Exactly once in the store: one boot, seqs 1..=n without a gap (the records taken
     // while the firmware was away were replayed, none twice).
@@ -333,6 +371,7 @@ async fn firmware_speaks_mutual_tls_with_the_gateway_runs_commands_and_reconnect
     let result = exit.result.clone().unwrap();
     assert_eq!(result["ok"], json!(true), "{exit:?}");
     assert!(result["connects"].as_u64().unwrap() >= 2, "{exit:?}");
+    assert_eq!(result["desired_version"], json!(2), "{exit:?}");
     assert_eq!(qemu.exit_code().await, 0, "{}", qemu.output());
 
     let device = gw.gw.device(id).await.unwrap().unwrap();

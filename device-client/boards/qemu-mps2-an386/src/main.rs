@@ -34,7 +34,7 @@ use device_client::driver::embedded_tls::{
 };
 use device_client::driver::{App, Clock};
 use device_client::machine::{Client, CompleteError, Config, Event, Millis, SendError};
-use device_client::proto::{Command, CommandStatus, Name, Reading, Value, find};
+use device_client::proto::{Change, Command, CommandStatus, Desired, Name, Reading, Value, find};
 
 use clock::SysTickClock;
 use log::say;
@@ -155,6 +155,8 @@ struct Firmware {
     welcomed: bool,
     echoed: bool,
     interval_set: bool,
+    /// The desired state's version last applied (protocol version 2; 0: none).
+    desired_applied: u32,
     stack_reported: bool,
     /// The `exit` command arrived: leave once its result is sent, with this outcome.
     exit: Option<bool>,
@@ -171,6 +173,7 @@ impl Firmware {
             welcomed: false,
             echoed: false,
             interval_set: false,
+            desired_applied: 0,
             stack_reported: false,
             exit: None,
         }
@@ -178,7 +181,11 @@ impl Firmware {
 
     /// Whether everything this firmware is meant to show has happened.
     fn all_done<const R: usize, const O: usize>(&self, client: &Client<R, O>) -> bool {
-        self.echoed && self.interval_set && self.connects >= 2 && client.acked().is_some()
+        self.echoed
+            && self.interval_set
+            && self.desired_applied > 0
+            && self.connects >= 2
+            && client.acked().is_some()
     }
 }
 
@@ -245,6 +252,10 @@ impl App for Firmware {
                         Value::U64(self.connects.into()),
                     ),
                     Reading::new(Name::from_static("acked"), Value::U64(acked)),
+                    Reading::new(
+                        Name::from_static("desired_version"),
+                        Value::U64(self.desired_applied.into()),
+                    ),
                 ];
                 say!(
                     "firmware: exit asked: connects ",
@@ -254,7 +265,9 @@ impl App for Firmware {
                     ", echo ",
                     self.echoed,
                     ", set_interval ",
-                    self.interval_set
+                    self.interval_set,
+                    ", desired version ",
+                    self.desired_applied
                 );
                 self.exit = Some(ok);
                 // Leave soon, once the result is on its way (`on_wake`).
@@ -265,6 +278,50 @@ impl App for Firmware {
         };
         if let Err(e) = answered {
             say!("firmware: result not queued: ", complete_error_str(e));
+        }
+    }
+
+    /// The one setting this firmware has: `interval_ms` (100 to 60,000), back to the
+    /// default when unset. It reports the interval it uses.
+    fn on_desired<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        desired: &Desired<'_>,
+    ) {
+        let mut interval = if desired.base == 0 {
+            DEFAULT_INTERVAL_MS
+        } else {
+            self.interval_ms
+        };
+        for change in &desired.changes {
+            match change {
+                Change::Set(r) if r.name.as_str() == "interval_ms" => {
+                    if let Some(ms @ 100..=60_000) = r.value.as_u64() {
+                        interval = ms;
+                    }
+                }
+                Change::Unset(n) if n.as_str() == "interval_ms" => interval = DEFAULT_INTERVAL_MS,
+                _ => {}
+            }
+        }
+        if interval != self.interval_ms {
+            self.interval_ms = interval;
+            self.next = now + interval;
+        }
+        self.desired_applied = desired.version;
+        say!(
+            "firmware: desired version ",
+            desired.version,
+            " applied (base ",
+            desired.base,
+            "): interval ",
+            interval,
+            " ms"
+        );
+        let value = Reading::new(Name::from_static("interval_ms"), Value::U64(interval));
+        if let Err(e) = client.report_state(&[value]) {
+            say!("firmware: report not queued: ", complete_error_str(e));
         }
     }
 
