@@ -354,6 +354,46 @@ impl PkiDir {
         self.root.join(CA_CERT_FILE)
     }
 
+    /// `DIR/release/release.key.pem`: the firmware release key (in a 0700 directory of
+    /// its own, to move offline as the CA's).
+    pub fn release_key_path(&self) -> PathBuf {
+        self.root.join("release").join("release.key.pem")
+    }
+
+    /// `DIR/release.pub.pem` and `DIR/release.pub.bin` (65 bytes, SEC1): the release
+    /// public key for the gateway and for firmware.
+    pub fn release_public_paths(&self) -> (PathBuf, PathBuf) {
+        (
+            self.root.join("release.pub.pem"),
+            self.root.join("release.pub.bin"),
+        )
+    }
+
+    /// Makes a new firmware release key (refuses to replace one).
+    pub fn create_release_key(&self) -> Result<crate::ReleaseKey, DirError> {
+        let key_path = self.release_key_path();
+        if key_path.exists() {
+            return Err(DirError::Exists(key_path));
+        }
+        fs::create_dir_all(&self.root).map_err(io_err("create directory", &self.root))?;
+        if let Some(dir) = key_path.parent() {
+            create_private_dir(dir)?;
+        }
+        let key = crate::ReleaseKey::generate()?;
+        let (pub_pem, pub_bin) = self.release_public_paths();
+        Staged::new(&pub_pem, key.public_pem()?.as_bytes(), PUBLIC_MODE)?.commit(true)?;
+        Staged::new(&pub_bin, &key.public_sec1(), PUBLIC_MODE)?.commit(true)?;
+        Staged::new(&key_path, key.to_pem()?.as_bytes(), KEY_MODE)?.commit(false)?;
+        Ok(key)
+    }
+
+    /// The firmware release key (`path`, or [`release_key_path`](Self::release_key_path)).
+    pub fn load_release_key(&self, path: Option<&Path>) -> Result<crate::ReleaseKey, DirError> {
+        let path = path.map_or_else(|| self.release_key_path(), Path::to_path_buf);
+        let pem = fs::read_to_string(&path).map_err(io_err("read", &path))?;
+        Ok(crate::ReleaseKey::from_pem(&pem)?)
+    }
+
     /// `DIR/ca/`, the CA's private directory.
     pub fn ca_private_dir(&self) -> PathBuf {
         self.root.join(CA_PRIVATE_DIR)

@@ -72,6 +72,7 @@ pub mod crl;
 pub mod dir;
 pub mod error;
 pub mod inspect;
+pub mod release;
 pub mod serial;
 pub mod validity;
 
@@ -79,5 +80,6 @@ pub use ca::{Ca, GATEWAY_DEFAULT_CN, GATEWAY_DEFAULT_NAMES, Issued};
 pub use crl::{Crl, RevokedEntry};
 pub use error::Error;
 pub use inspect::CertInfo;
+pub use release::{ReleaseKey, Signed};
 pub use serial::Serial;
 pub use validity::{CLOCK_SKEW, Validity};

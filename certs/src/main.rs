@@ -27,6 +27,8 @@ Layout of DIR:
   devices/ID/cert.pem, cert.der the device's client certificate (CN = ID)
   devices/ID/key.pem            its private key, PKCS#8 PEM (rustls, openssl)
   devices/ID/key.der            the same key, SEC1 DER (embedded-tls)
+  release/release.key.pem       the firmware release key (release-key; 0700/0600)
+  release.pub.pem, .pub.bin     its public key: PEM, and 65 bytes SEC1 for firmware
 The gateway reads ca.pem, crl.pem, gateway.pem and gateway.key.pem; a device needs
 ca.pem and its devices/ID/. (Directories made before DIR/ca/ existed keep the CA key
 at DIR/ca.key.pem; it is still read there.)
@@ -39,6 +41,8 @@ Examples:
   certs revoke --dir pki sensor-01
   certs crl --dir pki --refresh
   certs list --dir pki --json
+  certs release-key --dir pki                            # the firmware signing key
+  certs sign-firmware --dir pki --version 1.3.0 fw.bin   # writes fw.bin.sig.json
 
 --dir can also be set with the CERTS_DIR environment variable, --ca-key with
 CERTS_CA_KEY.";
@@ -310,6 +314,44 @@ Example:
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Make the firmware release key (ECDSA P-256) that signs firmware images.
+    #[command(after_help = "\
+Writes DIR/release/release.key.pem (0600, in a 0700 directory: keep it offline like the
+CA key), DIR/release.pub.pem (for the gateway) and DIR/release.pub.bin (65 bytes, SEC1
+uncompressed: what a firmware includes to check images, see device_client::firmware).
+Refuses to replace an existing key: devices in the field trust it.
+
+Example:
+  certs release-key --dir pki")]
+    ReleaseKey {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Sign a firmware image with the release key: writes IMAGE.sig.json.
+    #[command(after_help = "\
+The signature is ECDSA P-256 / SHA-256 over the image's manifest: a fixed prefix, the
+version, the size and the SHA-256 of the image (device_client::firmware). A device
+checks it before it marks the image for its bootloader, so an image changed in any
+byte, or offered under another version, is refused. IMAGE.sig.json holds
+{\"version\", \"size\", \"sha256\", \"signature\"} (hex).
+
+Example:
+  certs sign-firmware --dir pki --version 1.3.0 firmware.bin")]
+    SignFirmware {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The image's version (at most 32 bytes; what the device reports once it runs it).
+        #[arg(long)]
+        version: String,
+        /// The release key, if it is not DIR/release/release.key.pem.
+        #[arg(long, value_name = "PATH")]
+        release_key: Option<PathBuf>,
+        /// Where to write the signature (default: IMAGE.sig.json).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// The image file.
+        image: PathBuf,
     },
 }
 
@@ -682,6 +724,48 @@ fn run(command: Command, out: &mut impl Write) -> anyhow::Result<()> {
                 crl.next_update.map_or_else(|| "-".to_owned(), date)
             )?;
         }
+        Command::ReleaseKey { dir } => {
+            let pki = PkiDir::new(dir.dir);
+            pki.create_release_key()?;
+            let (pub_pem, pub_bin) = pki.release_public_paths();
+            writeln!(
+                out,
+                "Created the release key {} (keep it offline); public key {} and {}",
+                pki.release_key_path().display(),
+                pub_pem.display(),
+                pub_bin.display()
+            )?;
+        }
+        Command::SignFirmware {
+            dir,
+            version,
+            release_key,
+            out: sig_path,
+            image,
+        } => {
+            let pki = PkiDir::new(dir.dir);
+            let key = pki.load_release_key(release_key.as_deref())?;
+            let bytes = std::fs::read(&image)
+                .with_context(|| format!("cannot read the image {}", image.display()))?;
+            let signed = key.sign_image(&version, &bytes)?;
+            let sig_path = sig_path.unwrap_or_else(|| {
+                let mut name = image.clone().into_os_string();
+                name.push(".sig.json");
+                PathBuf::from(name)
+            });
+            let text = serde_json::to_string_pretty(&signed)? + "\n";
+            std::fs::write(&sig_path, text)
+                .with_context(|| format!("cannot write {}", sig_path.display()))?;
+            writeln!(
+                out,
+                "Signed {} ({} bytes, SHA-256 {}) as version {}: {}",
+                image.display(),
+                signed.size,
+                signed.sha256,
+                signed.version,
+                sig_path.display()
+            )?;
+        }
         Command::List { dir, json } => {
             let pki = PkiDir::new(dir.dir);
             let listing = pki.list()?;
@@ -920,6 +1004,8 @@ impl HintContext {
             Command::Crl { dir, .. } => ("crl", dir),
             Command::Renew { dir, .. } => ("renew", dir),
             Command::List { dir, .. } => ("list", dir),
+            Command::ReleaseKey { dir } => ("release-key", dir),
+            Command::SignFirmware { dir, .. } => ("sign-firmware", dir),
         };
         Self {
             command: name,
@@ -944,6 +1030,14 @@ fn hint(err: &DirError, ctx: &HintContext) -> Option<String> {
         DirError::CaExists { .. } => {
             "pass --force to replace the CA; every certificate the old CA issued will stop working"
                 .to_owned()
+        }
+        DirError::Exists(_) if ctx.command == "release-key" => {
+            "devices in the field trust this key: it is never replaced; sign with it (`certs sign-firmware`)".to_owned()
+        }
+        DirError::Io { path, .. }
+            if ctx.command == "sign-firmware" && path.ends_with("release.key.pem") =>
+        {
+            format!("make the release key first with `certs release-key --dir {dir}`, or name it with --release-key")
         }
         DirError::Exists(_) if ctx.command == "gateway" => {
             "pass --force to replace the gateway certificate and key".to_owned()

@@ -31,6 +31,8 @@ fn every_command_exits_quietly_when_stdout_is_closed() {
     let pki = Pki::new(&[]);
     let fresh = pki.dir.with_file_name("fresh");
     let d = pki.d();
+    let image = pki.dir.join("image.bin");
+    std::fs::write(&image, b"firmware").unwrap();
     let commands: Vec<Vec<&str>> = vec![
         vec!["init", "--dir", fresh.to_str().unwrap()],
         vec!["device", "--dir", d, "dev-a"],
@@ -43,6 +45,15 @@ fn every_command_exits_quietly_when_stdout_is_closed() {
         vec!["crl", "--dir", d],
         vec!["list", "--dir", d],
         vec!["list", "--dir", d, "--json"],
+        vec!["release-key", "--dir", d],
+        vec![
+            "sign-firmware",
+            "--dir",
+            d,
+            "--version",
+            "1.0",
+            image.to_str().unwrap(),
+        ],
         vec!["--help"],
     ];
     for args in &commands {
@@ -131,4 +142,68 @@ fn the_ca_key_directory_can_go_offline() {
     let list = ok(certs(["list", "--dir", d]));
     assert!(list.contains("2 device(s), 1 revoked"), "{list}");
     assert!(!dir.join("ca").exists(), "nothing wrote the key back");
+}
+
+/// `release-key` then `sign-firmware`: the signature file checks out with the public
+/// key a firmware would include, a changed image does not, and the key is never
+/// replaced.
+#[test]
+fn release_key_and_sign_firmware() {
+    use device_client::firmware::{FirmwareError, ImageHasher};
+
+    let pki = Pki::new(&[]);
+    let d = pki.d();
+    ok(certs(["release-key", "--dir", d]));
+    let again = certs(["release-key", "--dir", d]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("never replaced"), "{}", text(&again));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| std::fs::metadata(pki.p(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("release"), 0o700);
+        assert_eq!(mode("release/release.key.pem"), 0o600);
+    }
+    let public: [u8; 65] = std::fs::read(pki.p("release.pub.bin"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+
+    let image: Vec<u8> = (0..30_000u32).map(|i| (i % 253) as u8).collect();
+    let path = pki.dir.join("fw.bin");
+    std::fs::write(&path, &image).unwrap();
+    let out = ok(certs([
+        "sign-firmware",
+        "--dir",
+        d,
+        "--version",
+        "1.3.0",
+        path.to_str().unwrap(),
+    ]));
+    assert!(out.contains("as version 1.3.0"), "{out}");
+    let sig: certs::Signed =
+        serde_json::from_slice(&std::fs::read(pki.p("fw.bin.sig.json")).unwrap()).unwrap();
+    let (manifest, signature) = sig.parts().unwrap();
+    let check = |bytes: &[u8]| {
+        let mut h = ImageHasher::new();
+        h.update(bytes);
+        manifest.check(&public, &signature, &h.finish())
+    };
+    assert_eq!(check(&image), Ok(()));
+    let mut changed = image.clone();
+    changed[0] ^= 0x80;
+    assert_eq!(check(&changed), Err(FirmwareError::HashMismatch));
+
+    // Without a key: told how to make one.
+    let other = Pki::new(&[]);
+    let fail = certs([
+        "sign-firmware",
+        "--dir",
+        other.d(),
+        "--version",
+        "1",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!fail.status.success());
+    assert!(text(&fail).contains("certs release-key"), "{}", text(&fail));
 }

@@ -22,6 +22,8 @@ extern crate std;
 #[cfg(feature = "x509")]
 mod der;
 pub mod driver;
+#[cfg(feature = "firmware")]
+pub mod firmware;
 pub mod layout;
 pub mod machine;
 pub mod proto;
