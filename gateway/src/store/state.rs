@@ -110,11 +110,13 @@ impl Store {
         has_values: bool,
     ) -> bool {
         let mut map = self.state_versions.lock();
-        let entry = map.entry(device_key).or_default();
-        if !has_values && entry.1.unwrap_or(0) == desired_version {
+        let known = map.get(&device_key).and_then(|v| v.1).unwrap_or(0);
+        if !has_values && known == desired_version {
+            // Nothing to record, and no entry made: a fleet of devices that never had
+            // a desired state costs no memory here.
             return false;
         }
-        entry.1 = Some(desired_version);
+        map.entry(device_key).or_default().1 = Some(desired_version);
         true
     }
 
