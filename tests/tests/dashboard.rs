@@ -507,3 +507,72 @@ async fn the_dashboard_shows_the_fleet_and_where_each_device_is() {
     assert!(!header.contains_key("hidden"), "{header:?}");
     assert_eq!(header["data-gateways"], "east west");
 }
+
+/// The selected device's settings (protocol version 2): each desired setting beside the
+/// value the device reported, and whether the device holds the desired version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settings_panel_shows_desired_beside_reported() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let tg = TestGateway::start().await;
+    let api = e2e::ApiClient::new(&tg.gw);
+    let (status, body) = api
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/devices/set-dev/state",
+            json!({"desired": {"interval_s": 10, "mode": "eco"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // A version 2 device that reports one of the two settings and has applied nothing.
+    let (mut dev, welcome) = tg.device("set-dev", 1).await;
+    assert_eq!(welcome.version, 2);
+    let name = proto::Name::new("interval_s").unwrap();
+    dev.send(&Uplink::Reported(proto::Reported {
+        desired_version: 0,
+        values: Readings::from_slice(&[Reading::new(name, Value::U64(10))]).unwrap(),
+    }))
+    .await
+    .unwrap();
+    e2e::eventually("the report recorded", || async {
+        let s = tg.gw.device_state("set-dev").await.unwrap()?;
+        (s.reported_version == Some(0)).then_some(())
+    })
+    .await;
+
+    let url = page_url(&tg, "device=set-dev");
+    let dom = dump_dom_until(&bin, &url, |dom| elements(dom, "state-row").len() >= 2).await;
+    let panel = elements(&dom, "device-state");
+    assert_eq!(panel.len(), 1, "one settings panel:\n{dom}");
+    assert_eq!(panel[0]["data-device"], "set-dev");
+    assert_eq!(
+        panel[0]["data-in-sync"], "false",
+        "the device holds version 0"
+    );
+    let rows: Vec<(String, String, String, String)> = elements(&dom, "state-row")
+        .into_iter()
+        .map(|r| {
+            (
+                r["data-name"].clone(),
+                r["data-desired"].clone(),
+                r["data-reported"].clone(),
+                r["data-match"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("interval_s".into(), "10".into(), "10".into(), "true".into()),
+            (
+                "mode".into(),
+                "&quot;eco&quot;".into(),
+                String::new(),
+                "false".into()
+            ),
+        ],
+        "{dom}"
+    );
+    assert!(dom.contains("version 1; the device holds 0"), "{dom}");
+}
