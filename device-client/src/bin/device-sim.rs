@@ -102,6 +102,10 @@ struct Cli {
     /// First reconnect delay in seconds (doubles per failure, with jitter, up to 60 s).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     backoff_min: f64,
+    /// Lowest protocol version accepted from the gateway: 2 makes devices refuse a
+    /// version 1 gateway (as a device that needs the state document would).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    min_version: u8,
 }
 
 fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
@@ -156,6 +160,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     config.threads = cli.threads;
     config.max_handshakes = cli.max_handshakes;
     config.backoff_min = seconds("backoff-min", cli.backoff_min)?;
+    config.min_version = cli.min_version;
 
     say!(
         "device-sim: loading {count} device certificates from {}",

@@ -8,6 +8,7 @@
 //!  GET  /metrics               Prometheus text                         token
 //!  /api/v1/...                 JSON (see openapi.json)                 token
 //!  GET  /api/v1/events         WebSocket: telemetry, presence, commands token (or ?token=)
+//!  GET|PUT .../devices/{id}/state   desired and reported settings (protocol v2)  token
 //! ```
 //!
 //! Every request under `/api/v1` and `/metrics` needs `Authorization: Bearer TOKEN`;
