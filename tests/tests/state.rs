@@ -229,3 +229,49 @@ async fn a_gateway_pinned_to_version_1() {
         assert_eq!(d.connects, 0, "{}: never a session", d.id);
     }
 }
+
+/// A wake-up that finds both a desired-state change and a command handles both: a
+/// session once handled the desired state and left the command waiting for another
+/// signal, which an idle device never gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_signalled_with_a_desired_change_is_not_left_waiting() {
+    let tg = TestGateway::start().await;
+    let api = ApiClient::new(&tg.gw);
+    let (mut dev, welcome) = tg.device("both-1", 1).await;
+    assert_eq!(welcome.version, 2);
+    // Set while the device has not said what it holds: nothing can be sent yet, and
+    // the session keeps the signal.
+    let (status, _) = api
+        .send(
+            Method::PUT,
+            "/api/v1/devices/both-1/state",
+            json!({"desired": {"a": 1}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The device holds that version already (say, from flash): nothing to send.
+    dev.send(&Uplink::Reported(Reported {
+        desired_version: 1,
+        values: Readings::new(),
+    }))
+    .await
+    .unwrap();
+    e2e::eventually("the report recorded", || async {
+        let s = tg.gw.device_state("both-1").await.unwrap()?;
+        (s.reported_version == Some(1)).then_some(())
+    })
+    .await;
+    // One signal for the command; the desired flag is still set from before.
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/api/v1/devices/both-1/commands",
+            json!({"name": "ping_me"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    match dev.recv().await.unwrap() {
+        Some(Down::Command { name, .. }) => assert_eq!(name, "ping_me"),
+        other => panic!("expected the command, got {other:?}"),
+    }
+}

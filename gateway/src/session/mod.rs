@@ -233,8 +233,13 @@ impl Session {
                 if let Some(reason) = self.signals.close_reason() {
                     return Some(self.machine.close(reason));
                 }
-                if self.machine.desired_base().is_some() && self.signals.take_desired() {
-                    return Box::pin(self.send_desired()).await.err();
+                // Both may have been signalled for this one wake-up (signals coalesce
+                // into one permit): each is handled, neither waits for another signal.
+                if self.machine.desired_base().is_some()
+                    && self.signals.take_desired()
+                    && let Err(end) = Box::pin(self.send_desired()).await
+                {
+                    return Some(end);
                 }
                 // Commands before `Hello` wait: the session's start sends them all.
                 if self.machine.is_open()
