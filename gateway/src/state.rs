@@ -187,9 +187,11 @@ impl DesiredDoc {
         Ok(true)
     }
 
-    /// What a device holding version `base` needs; `None` if it is up to date.
+    /// What a device holding version `base` needs; `None` if it is up to date, or if
+    /// nothing was ever set here (a device's own settings are then left alone, and the
+    /// API shows it out of sync).
     pub fn changes_since(&self, base: u32) -> Option<Delta> {
-        if base == self.version {
+        if base == self.version || self.version == 0 {
             return None;
         }
         let known = base != 0 && base < self.version && base >= self.history_from;
@@ -304,6 +306,9 @@ mod tests {
     fn changes_since_a_version_are_a_delta_or_the_whole_document() {
         let mut d = DesiredDoc::default();
         assert_eq!(d.changes_since(0), None);
+        // A device that says it holds a version this gateway never made (its store was
+        // replaced, say) is not told to drop everything: version 0 is no document.
+        assert_eq!(d.changes_since(5), None);
         d.apply(&json!({"a": 1, "b": 2})).unwrap(); // v1
         d.apply(&json!({"b": 3, "c": "x"})).unwrap(); // v2
         d.apply(&json!({"a": null})).unwrap(); // v3
