@@ -109,6 +109,7 @@ async fn desired_state_reaches_simulated_devices_and_comes_back_reported() {
     let receipts = body["receipts"].as_array().unwrap();
     assert_eq!(receipts.len(), 3);
     assert!(receipts.iter().all(|r| r["status"] == json!(200)), "{body}");
+
     let s = in_sync(&api, "sim-0000", 2).await;
     assert_eq!(s["desired"], json!({"interval_ms": 50, "led": true}));
     // Reported values merge: the device reports what it holds after the change.
@@ -117,6 +118,54 @@ async fn desired_state_reaches_simulated_devices_and_comes_back_reported() {
         let s = in_sync(&api, d, 1).await;
         assert_eq!(s["reported"], json!({"led": true}));
     }
+    // A change wrong for any member is refused for the request, changing nothing.
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/api/v1/groups/all/state",
+            json!({"desired": {"ok": 1, "bad name": 2}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (400, json!("invalid_state"))
+    );
+    // One wrong for one member only (sim-0000 holds 2 settings, the others 1): 15
+    // more fit the others, not it.
+    let fifteen: serde_json::Map<String, Value> =
+        (0..15).map(|i| (format!("k{i}"), json!(i))).collect();
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/api/v1/groups/all/state",
+            json!({"desired": fifteen}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let by_device: Vec<(String, Value)> = body["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().unwrap().to_owned(),
+                r["status"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_device,
+        vec![
+            ("sim-0000".into(), json!(400)),
+            ("sim-0001".into(), json!(200)),
+            ("sim-0002".into(), json!(200)),
+        ],
+        "{body}"
+    );
+    // The others took all 16 settings; the refused one is unchanged.
+    let s = in_sync(&api, "sim-0001", 2).await;
+    assert_eq!(s["reported"]["k14"], json!(14));
+    in_sync(&api, "sim-0000", 2).await;
     // An unknown device has no state.
     let (status, _) = api.get("/api/v1/devices/nobody/state").await;
     assert_eq!(status, 404);

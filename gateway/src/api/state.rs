@@ -53,6 +53,16 @@ pub(super) async fn put_group_state(
             "\"version\" applies to one device; a group's members have versions of their own",
         ));
     }
+    // A change that is wrong for any document is the request's fault: said once, and
+    // nothing is changed. (One that is wrong only for some members, too many settings
+    // for what they hold, is in those members' receipts.)
+    if let Err(e) = crate::state::DesiredDoc::default().apply(&body.desired) {
+        return Err(api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_state",
+            e.to_string(),
+        ));
+    }
     let members = api
         .gw
         .store()
@@ -79,8 +89,6 @@ pub(super) async fn put_group_state(
     for (device, r) in members.iter().zip(results) {
         receipts.push(match r {
             Ok(version) => json!({"device": device, "status": 200, "desired_version": version}),
-            // A bad change is bad for every member: say so once, for the request.
-            Err(e) if e.code == "invalid_state" => return Err(e),
             Err(e) => json!({
                 "device": device, "status": e.status.as_u16(), "code": e.code, "error": e.message
             }),
