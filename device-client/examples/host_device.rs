@@ -1,4 +1,5 @@
-//! A minimal device on a laptop: sends a temperature every 2 s, answers `echo`.
+//! A minimal device on a laptop: sends a temperature every 2 s (or every desired
+//! `interval_s`, protocol version 2), answers `echo`.
 //!
 //! ```sh
 //! certs init --dir certs && certs device --dir certs demo-1
@@ -7,10 +8,12 @@
 //! ```
 use device_client::driver::{App, run, tokio::*};
 use device_client::machine::{Client, Config, Millis};
-use device_client::proto::{Command, CommandStatus, Name, Reading, Value};
+use device_client::proto::{Change, Command, CommandStatus, Desired, Name, Reading, Value};
 
 struct Thermometer {
     next: Millis,
+    /// Its one setting: seconds between readings.
+    interval_s: u64,
 }
 
 impl App for Thermometer {
@@ -23,7 +26,32 @@ impl App for Thermometer {
         if let Err(e) = c.send_telemetry(None, &[temp]) {
             eprintln!("not sent: {e}"); // the ring is full while the gateway is away
         }
-        self.next = now + 2_000;
+        self.next = now + self.interval_s * 1_000;
+    }
+
+    /// `PUT /api/v1/devices/demo-1/state {"desired": {"interval_s": 10}}` lands here.
+    fn on_desired<const R: usize, const O: usize>(
+        &mut self,
+        _now: Millis,
+        c: &mut Client<R, O>,
+        desired: &Desired<'_>,
+    ) {
+        if desired.base == 0 {
+            self.interval_s = 2; // the whole document: start from the defaults
+        }
+        for change in &desired.changes {
+            match change {
+                Change::Set(r) if r.name.as_str() == "interval_s" => {
+                    if let Some(s @ 1..=3600) = r.value.as_u64() {
+                        self.interval_s = s;
+                    }
+                }
+                Change::Unset(n) if n.as_str() == "interval_s" => self.interval_s = 2,
+                _ => {} // settings this device does not have
+            }
+        }
+        let applied = Reading::new(Name::from_static("interval_s"), Value::U64(self.interval_s));
+        let _ = c.report_state(&[applied]);
     }
 
     fn on_command<const R: usize, const O: usize>(
@@ -50,7 +78,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut connector = TlsConnector::new(addr.as_str(), "localhost", tls)?;
     let mut client: Client<4096> = Client::new(Config::new(rand_boot_id(), "host-demo-1.0"));
     let (mut rx, mut tx) = ([0u8; 512], [0u8; 512]);
-    let mut app = Thermometer { next: 0 };
+    let mut app = Thermometer {
+        next: 0,
+        interval_s: 2,
+    };
     let clock = TokioClock::new();
     let reason = run(
         &mut client,
