@@ -80,6 +80,9 @@ pub async fn events(
         }
         Err(e) => return Err(broken(e)),
     };
+    // On stderr, so that stdout stays JSON lines: a script can start this, wait for
+    // the line, and then cause the events it wants to see.
+    eprintln!("gateway events: subscribed to {api}");
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
         let msg = tokio::select! {
