@@ -200,7 +200,7 @@ impl Store {
                 };
                 let directory = w.directory.clone();
                 let outcome = OpOutcome::of(&r);
-                let value = r.map(|key| key.is_some());
+                let value = r;
                 let pending = Pending::Reply(Box::new(move |committed| {
                     let out = match committed {
                         Ok(()) => value,
@@ -217,7 +217,12 @@ impl Store {
             }),
         })
         .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let key = rx.await.map_err(|_| StoreError::Closed)??;
+        if let Some(key) = key {
+            // Its state document's versions go with its rows.
+            self.forget_state_versions(key);
+        }
+        Ok(key.is_some())
     }
 
     /// The members of a group, sorted; `None` if there is no such group.

@@ -92,6 +92,11 @@ impl Versions {
 }
 
 impl Store {
+    /// Forgets what memory holds of a deleted device's state document.
+    pub(super) fn forget_state_versions(&self, device_key: i64) {
+        self.state_versions.lock().remove(&device_key);
+    }
+
     /// The desired version of a device, from memory (0: none).
     pub fn desired_version(&self, device_key: i64) -> u32 {
         self.state_versions

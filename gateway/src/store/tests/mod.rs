@@ -779,3 +779,44 @@ async fn a_deep_page_of_telemetry_costs_what_the_first_one_does() {
     }
     writer.stop(&store).await;
 }
+
+/// The state document's versions in memory: loaded at start, kept with each change and
+/// report, and forgotten with a deleted device.
+#[tokio::test]
+async fn state_versions_in_memory_follow_the_store() {
+    use crate::store::PutDesired;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let PutDesired::Done { device_key, .. } = store
+        .put_desired("s1", serde_json::json!({"a": 1}), None)
+        .await
+        .unwrap()
+    else {
+        panic!("refused");
+    };
+    assert_eq!(store.desired_version(device_key), 1);
+    // A report with nothing new is not worth a write; one with values is.
+    assert!(!store.report_changes_state(device_key, 0, false));
+    assert!(store.report_changes_state(device_key, 1, false));
+    assert!(!store.report_changes_state(device_key, 1, false));
+    store
+        .record_reported(device_key, 1, serde_json::Map::new())
+        .await
+        .unwrap();
+    writer.stop(&store).await;
+
+    let (store, writer) = open(dir.path());
+    assert_eq!(store.desired_version(device_key), 1, "loaded from the file");
+    assert!(
+        !store.report_changes_state(device_key, 1, false),
+        "its report too"
+    );
+    assert!(store.delete_device("s1").await.unwrap());
+    assert_eq!(
+        store.desired_version(device_key),
+        0,
+        "forgotten with the device"
+    );
+    assert!(store.device_state("s1").await.unwrap().is_none());
+    writer.stop(&store).await;
+}
