@@ -2,7 +2,8 @@
 //! the same code runs on a microcontroller and in simulated devices on a laptop.
 //!
 //! ```text
-//!  application ──send_telemetry / complete_command──► machine::Client ◄── events, commands
+//!  application ──send_telemetry / complete_command / report_state──► machine::Client
+//!              ◄── events, commands, desired settings (App::on_desired, protocol v2)
 //!  driver::run(client, connector, clock, app, rx, tx)      the only code that awaits
 //!    ├─ driver::tokio         tokio-rustls connector, clock          (feature tokio)
 //!    └─ driver::embedded_tls  embedded-tls provider + connector      (feature embedded-tls)
@@ -10,6 +11,8 @@
 //!  machine  sans-IO state machine: ring of unacked telemetry, outbox of results
 //!  proto    messages, framing, limits: the one codec (the gateway uses it too)
 //!  sim      simulated devices on tokio                               (feature sim)
+//!  firmware signed images: SHA-256 as it arrives, the release key's
+//!           signature over the manifest                              (feature firmware)
 //! ```
 //!
 //! The crate's README has the details, the buffer sizes and the footprint.
