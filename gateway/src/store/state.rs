@@ -13,6 +13,10 @@ use super::commands::device_key;
 use super::{Store, StoreError, now_ms};
 use crate::state::{Delta, DesiredDoc, StateError};
 
+/// Most reported values kept per device: a device that reports ever new names keeps
+/// the first ones (their values still change); the rest are dropped.
+pub const MAX_REPORTED: usize = 64;
+
 /// The outcome of a change of the desired state.
 #[derive(Debug)]
 pub enum PutDesired {
@@ -219,7 +223,22 @@ impl Store {
             let mut reported: Map<String, Json> = stored
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or_default();
-            reported.extend(values);
+            let mut dropped = 0usize;
+            for (name, value) in values {
+                if reported.len() < MAX_REPORTED || reported.contains_key(&name) {
+                    reported.insert(name, value);
+                } else {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                // Debug, not warn: a device could cause one at every report.
+                tracing::debug!(
+                    device_key,
+                    dropped,
+                    "reported values over {MAX_REPORTED} names: the new names are not kept"
+                );
+            }
             w.conn
                 .prepare_cached(
                     "INSERT INTO device_state(device, reported, reported_version, reported_ms)

@@ -820,3 +820,37 @@ async fn state_versions_in_memory_follow_the_store() {
     assert!(store.device_state("s1").await.unwrap().is_none());
     writer.stop(&store).await;
 }
+
+/// What a device reports is bounded: it merges into at most `MAX_REPORTED` values, so
+/// a device reporting ever new names cannot grow its row (read and rewritten at every
+/// report) without end. Values already there still change.
+#[tokio::test]
+async fn reported_values_are_bounded() {
+    use crate::store::PutDesired;
+    use crate::store::state::MAX_REPORTED;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let PutDesired::Done { device_key, .. } = store
+        .put_desired("r1", serde_json::json!({"a": 1}), None)
+        .await
+        .unwrap()
+    else {
+        panic!("refused");
+    };
+    for round in 0..10 {
+        let values: serde_json::Map<String, serde_json::Value> = (0..16)
+            .map(|i| (format!("n{round}_{i}"), serde_json::json!(i)))
+            .collect();
+        store.record_reported(device_key, 1, values).await.unwrap();
+    }
+    let first = serde_json::Map::from_iter([("n0_0".to_owned(), serde_json::json!("changed"))]);
+    store.record_reported(device_key, 1, first).await.unwrap();
+    let s = store.device_state("r1").await.unwrap().unwrap();
+    assert_eq!(s.reported.len(), MAX_REPORTED);
+    assert_eq!(s.reported["n0_0"], serde_json::json!("changed"));
+    assert!(
+        !s.reported.contains_key("n9_0"),
+        "new names past the bound are not kept"
+    );
+    writer.stop(&store).await;
+}
