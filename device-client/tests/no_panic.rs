@@ -221,9 +221,9 @@ fn decoding_is_strict() {
         Err(DecodeError::Malformed(_))
     ));
     // A downlink message is not an uplink one: Pong is variant 3 downlink, which as an
-    // uplink is Ping; but Desired (5) is not an uplink variant at all.
-    assert!(decode_uplink(&[5, 1, 0, 0]).is_err());
-    assert!(decode_downlink(&[5, 1, 0, 0]).is_ok(), "control");
+    // uplink is Ping; but FirmwareCancel (8) is not an uplink variant at all.
+    assert!(decode_uplink(&[8, 1]).is_err());
+    assert!(decode_downlink(&[8, 1]).is_ok(), "control");
     // A name with a space inside a Command.
     let bad = [2, 1, 3, b'a', b' ', b'b', 0, 0];
     assert!(matches!(

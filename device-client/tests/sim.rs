@@ -1,6 +1,7 @@
 //! The simulator (`device_client::sim`) against small TLS servers on 127.0.0.1: how it
-//! ends its connections, and how its summary counts refusals. (Against the real
-//! gateway: `tests/tests/simulator.rs`.)
+//! ends its connections, how its summary counts refusals, and how a device installs an
+//! offered firmware image and restarts into it. (Against the real gateway:
+//! `tests/tests/simulator.rs`.)
 #![cfg(feature = "sim")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -9,8 +10,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use device_client::proto::{self, Ack, Downlink, PROTOCOL_VERSION, Uplink, Welcome};
-use device_client::sim::{DeviceIdentity, Devices, SimConfig, Simulator, Summary, client_config};
+use device_client::firmware::{MAX_MANIFEST_LEN, Manifest, RELEASE_KEY_LEN};
+use device_client::proto::{
+    self, Ack, Blob, Downlink, FirmwareChunk, FirmwareOffer, FirmwareOutcome, Fixed,
+    PROTOCOL_VERSION, Text, Uplink, Welcome,
+};
+use device_client::sim::{
+    DeviceIdentity, Devices, FIRMWARE, SimConfig, SimError, Simulator, Summary, client_config,
+    load_release_key,
+};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -19,6 +29,7 @@ use rcgen::{
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -151,9 +162,48 @@ enum End {
     Unclean(String),
 }
 
-/// Accepts mutual TLS connections and plays a minimal gateway (Welcome, Ack) with the
-/// real codec; records how each connection ended.
-async fn serve(listener: TcpListener, config: Arc<ServerConfig>, ends: Arc<Mutex<Vec<End>>>) {
+/// A firmware image the minimal gateway offers after `Welcome` to a device that runs
+/// another version, and what it saw of the transfer.
+struct Rollout {
+    image: Vec<u8>,
+    version: &'static str,
+    sha256: [u8; 32],
+    signature: [u8; 64],
+    /// (boot id, firmware) of every `Hello`.
+    hellos: Mutex<Vec<(u64, String)>>,
+    statuses: Mutex<Vec<FirmwareOutcome>>,
+}
+
+impl Rollout {
+    fn new(image: Vec<u8>, version: &'static str, key: &SigningKey) -> Self {
+        let sha256: [u8; 32] = Sha256::digest(&image).into();
+        let manifest = Manifest {
+            version,
+            size: image.len() as u32,
+            sha256,
+        };
+        let mut buf = [0u8; MAX_MANIFEST_LEN];
+        let signature: Signature = key.sign(manifest.signed_bytes(&mut buf).unwrap());
+        Self {
+            image,
+            version,
+            sha256,
+            signature: signature.to_bytes().into(),
+            hellos: Mutex::default(),
+            statuses: Mutex::default(),
+        }
+    }
+}
+
+/// Accepts mutual TLS connections and plays a minimal gateway (Welcome, Ack, and a
+/// firmware offer with `rollout`) with the real codec; records how each connection
+/// ended.
+async fn serve(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    ends: Arc<Mutex<Vec<End>>>,
+    rollout: Option<Arc<Rollout>>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -161,10 +211,11 @@ async fn serve(listener: TcpListener, config: Arc<ServerConfig>, ends: Arc<Mutex
         };
         let acceptor = acceptor.clone();
         let ends = ends.clone();
+        let rollout = rollout.clone();
         tokio::spawn(async move {
             let end = match acceptor.accept(tcp).await {
                 Err(_) => End::Refused,
-                Ok(mut tls) => match session(&mut tls).await {
+                Ok(mut tls) => match session(&mut tls, rollout.as_deref()).await {
                     Ok(()) => End::CloseNotify,
                     Err(e) => End::Unclean(format!("{:?}: {e}", e.kind())),
                 },
@@ -178,6 +229,7 @@ async fn serve(listener: TcpListener, config: Arc<ServerConfig>, ends: Arc<Mutex
 /// EOF is an `UnexpectedEof` error).
 async fn session(
     io: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    rollout: Option<&Rollout>,
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -188,20 +240,63 @@ async fn session(
         }
         buf.extend_from_slice(&chunk[..n]);
         while let Ok(Some(f)) = proto::split_frame(&buf, 4096) {
-            let reply = match proto::decode_uplink(f.body).unwrap() {
-                Uplink::Hello(_) => Downlink::Welcome(Welcome {
-                    version: PROTOCOL_VERSION,
-                    heartbeat_s: 30,
-                    last_acked: None,
-                    server_time_ms: 0,
-                    max_frame: 4096,
-                }),
-                Uplink::Telemetry(t) => Downlink::Ack(Ack { seq: t.seq }),
-                _ => Downlink::Ack(Ack { seq: 0 }),
-            };
-            let mut out = [0u8; 64];
-            let len = proto::encode(&reply, &mut out).unwrap();
-            io.write_all(&out[..len]).await?;
+            let mut replies = Vec::new();
+            match proto::decode_uplink(f.body).unwrap() {
+                Uplink::Hello(h) => {
+                    replies.push(Downlink::Welcome(Welcome {
+                        version: PROTOCOL_VERSION,
+                        heartbeat_s: 30,
+                        last_acked: None,
+                        server_time_ms: 0,
+                        max_frame: 4096,
+                    }));
+                    if let Some(r) = rollout {
+                        r.hellos
+                            .lock()
+                            .unwrap()
+                            .push((h.boot_id, h.firmware.as_str().into()));
+                        // Offered at every session start until the device runs it.
+                        if h.firmware.as_str() != r.version
+                            && !r
+                                .statuses
+                                .lock()
+                                .unwrap()
+                                .contains(&FirmwareOutcome::StorageError)
+                        {
+                            replies.push(Downlink::FirmwareOffer(FirmwareOffer {
+                                id: 1,
+                                version: Text::new(r.version).unwrap(),
+                                size: r.image.len() as u32,
+                                sha256: Fixed(r.sha256),
+                                signature: Fixed(r.signature),
+                            }));
+                        }
+                    }
+                }
+                Uplink::Telemetry(t) => replies.push(Downlink::Ack(Ack { seq: t.seq })),
+                Uplink::FirmwareRequest(q) => {
+                    let image = rollout.map(|r| r.image.as_slice()).unwrap_or_default();
+                    let from = (q.offset as usize).min(image.len());
+                    let to = (from + usize::from(q.len)).min(image.len());
+                    replies.push(Downlink::FirmwareChunk(FirmwareChunk {
+                        id: q.id,
+                        offset: q.offset,
+                        data: Blob::new(&image[from..to]).unwrap(),
+                    }));
+                }
+                Uplink::FirmwareStatus(s) => {
+                    if let Some(r) = rollout {
+                        r.statuses.lock().unwrap().push(s.outcome);
+                    }
+                }
+                Uplink::Reported(_) => {}
+                _ => replies.push(Downlink::Ack(Ack { seq: 0 })),
+            }
+            for reply in replies {
+                let mut out = [0u8; 4200];
+                let len = proto::encode(&reply, &mut out).unwrap();
+                io.write_all(&out[..len]).await?;
+            }
             let used = f.len;
             buf.drain(..used);
         }
@@ -212,8 +307,26 @@ async fn server(pki: &Pki, revoked: bool) -> (SocketAddr, Arc<Mutex<Vec<End>>>) 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ends = Arc::new(Mutex::new(Vec::new()));
-    tokio::spawn(serve(listener, pki.server_config(revoked), ends.clone()));
+    tokio::spawn(serve(
+        listener,
+        pki.server_config(revoked),
+        ends.clone(),
+        None,
+    ));
     (addr, ends)
+}
+
+async fn rollout_server(pki: &Pki, rollout: Arc<Rollout>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(serve(
+        listener,
+        pki.server_config(false),
+        ends,
+        Some(rollout),
+    ));
+    addr
 }
 
 /// Waits (a little) for the server to have seen `n` connections end.
@@ -358,4 +471,126 @@ fn a_closed_stderr_is_not_a_panic() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(1), "an error exit, not a panic (101)");
+}
+
+fn release_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x6b; 32].into()).unwrap()
+}
+
+fn release_public(key: &SigningKey) -> [u8; RELEASE_KEY_LEN] {
+    key.verifying_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap()
+}
+
+fn firmware_image() -> Vec<u8> {
+    (0..30_000u32).map(|i| (i * 7 % 253) as u8).collect()
+}
+
+/// A device takes the offered image (checked with the release key), says `Verified`,
+/// restarts with a new boot id and says the new version in its next `Hello`; the
+/// gateway then offers nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_installs_an_offered_image_and_restarts_into_it() {
+    let pki = Pki::new();
+    let key = release_key();
+    let rollout = Arc::new(Rollout::new(firmware_image(), "sim-fw-2.0", &key));
+    let addr = rollout_server(&pki, rollout.clone()).await;
+    let mut c = config(addr, pki.devices(), 5.0, Duration::from_millis(2500));
+    c.release_key = Some(release_public(&key));
+    let s = Simulator::start(c).unwrap().wait().await.unwrap();
+    assert_eq!(
+        *rollout.statuses.lock().unwrap(),
+        [FirmwareOutcome::Verified]
+    );
+    let hellos = rollout.hellos.lock().unwrap().clone();
+    assert_eq!(hellos.len(), 2, "{hellos:?}");
+    assert_eq!(hellos[0].1, FIRMWARE);
+    assert_eq!(hellos[1].1, "sim-fw-2.0");
+    assert_ne!(hellos[0].0, hellos[1].0, "a new boot id");
+    assert_eq!(
+        (s.counts.firmware_installed, s.counts.firmware_failed),
+        (1, 0),
+        "{}",
+        show(&s)
+    );
+    let d = &s.per_device[0];
+    assert_eq!(
+        (d.firmware.as_str(), d.firmware_installs),
+        ("sim-fw-2.0", 1)
+    );
+    assert_eq!(
+        d.boots.iter().map(|b| b.boot_id).collect::<Vec<_>>(),
+        hellos.iter().map(|h| h.0).collect::<Vec<_>>()
+    );
+    assert!(s.drained, "{}", show(&s));
+}
+
+/// With `firmware_failure_rate` 1 every device downloads the image and reports a
+/// storage error; it keeps running its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_device_reports_a_storage_error_and_keeps_its_version() {
+    let pki = Pki::new();
+    let key = release_key();
+    let rollout = Arc::new(Rollout::new(firmware_image(), "sim-fw-2.0", &key));
+    let addr = rollout_server(&pki, rollout.clone()).await;
+    let mut c = config(addr, pki.devices(), 5.0, Duration::from_millis(1500));
+    c.release_key = Some(release_public(&key));
+    c.firmware_failure_rate = 1.0;
+    let s = Simulator::start(c).unwrap().wait().await.unwrap();
+    assert_eq!(
+        *rollout.statuses.lock().unwrap(),
+        [FirmwareOutcome::StorageError]
+    );
+    assert_eq!(
+        (s.counts.firmware_installed, s.counts.firmware_failed),
+        (0, 1),
+        "{}",
+        show(&s)
+    );
+    let d = &s.per_device[0];
+    assert_eq!((d.firmware.as_str(), d.boots.len()), (FIRMWARE, 1));
+}
+
+/// `--release-key` takes `certs release-key`'s `release.pub.bin` or `release.pub.pem`.
+#[test]
+fn a_release_key_loads_from_its_bin_or_pem_file() {
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    let key = release_key();
+    let public = release_public(&key);
+    let dir = std::env::temp_dir().join(format!("device-sim-release-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("release.pub.bin");
+    let pem = dir.join("release.pub.pem");
+    std::fs::write(&bin, public).unwrap();
+    let pem_text = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    std::fs::write(&pem, pem_text).unwrap();
+    assert_eq!(load_release_key(&bin).unwrap(), public);
+    assert_eq!(load_release_key(&pem).unwrap(), public);
+    let short = dir.join("short.bin");
+    std::fs::write(&short, &public[..64]).unwrap();
+    let err = load_release_key(&short).unwrap_err();
+    assert!(matches!(err, SimError::Pem { .. }), "{err}");
+    assert!(err.to_string().contains("64 bytes"), "{err}");
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    assert!(load_release_key(&garbage).is_err());
+    assert!(load_release_key(&dir.join("missing")).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A key that is no P-256 point is refused before anything starts.
+    let mut c = SimConfig::new("127.0.0.1:9", Devices::Loaded(Vec::new()));
+    c.release_key = Some([4; RELEASE_KEY_LEN]);
+    assert!(matches!(Simulator::start(c), Err(SimError::Config(_))));
+    let mut c = SimConfig::new("127.0.0.1:9", Devices::Loaded(Vec::new()));
+    c.firmware_failure_rate = 1.5;
+    assert!(matches!(Simulator::start(c), Err(SimError::Config(_))));
 }

@@ -209,6 +209,78 @@ fn vectors() -> Vec<(&'static str, Msg)> {
                 .unwrap(),
             })),
         ),
+        // Version 3.
+        (
+            "up-hello-v3",
+            Up(Uplink::Hello(Hello {
+                version: 3,
+                boot_id: 0x0123_4567_89ab_cdef,
+                firmware: Text::new("3.0.0").unwrap(),
+                max_frame: 1024,
+            })),
+        ),
+        (
+            "down-welcome-v3",
+            Down(Downlink::Welcome(Welcome {
+                version: 3,
+                heartbeat_s: 30,
+                last_acked: None,
+                server_time_ms: 1_764_100_000_000,
+                max_frame: 4096,
+            })),
+        ),
+        (
+            "down-firmware-offer",
+            Down(Downlink::FirmwareOffer(FirmwareOffer {
+                id: 7,
+                version: Text::new("3.1.0").unwrap(),
+                size: 40_000,
+                sha256: Fixed(core::array::from_fn(|i| i as u8)),
+                signature: Fixed(core::array::from_fn(|i| 0xc0 | (i as u8 & 0x3f))),
+            })),
+        ),
+        (
+            "up-firmware-request",
+            Up(Uplink::FirmwareRequest(FirmwareRequest {
+                id: 7,
+                offset: 1_009,
+                len: 1_009,
+            })),
+        ),
+        (
+            "down-firmware-chunk",
+            Down(Downlink::FirmwareChunk(FirmwareChunk {
+                id: 7,
+                offset: 1_009,
+                data: Blob::new(&BYTES).unwrap(),
+            })),
+        ),
+        (
+            "down-firmware-chunk-end",
+            Down(Downlink::FirmwareChunk(FirmwareChunk {
+                id: 7,
+                offset: 40_000,
+                data: Blob::new(&[]).unwrap(),
+            })),
+        ),
+        (
+            "down-firmware-cancel",
+            Down(Downlink::FirmwareCancel(FirmwareCancel { id: 7 })),
+        ),
+        (
+            "up-firmware-status",
+            Up(Uplink::FirmwareStatus(FirmwareStatus {
+                id: 7,
+                outcome: FirmwareOutcome::Verified,
+            })),
+        ),
+        (
+            "up-firmware-status-tampered",
+            Up(Uplink::FirmwareStatus(FirmwareStatus {
+                id: 7,
+                outcome: FirmwareOutcome::BadSignature,
+            })),
+        ),
         (
             "down-welcome",
             Down(Downlink::Welcome(Welcome {
@@ -350,6 +422,10 @@ fn hello_and_welcome_carry_the_version_in_byte_two() {
     assert_eq!(peek_version(&welcome[HEADER_LEN..]), Some(1));
     let hello = parse_hex(&std::fs::read_to_string(dir().join("up-hello-v2.hex")).unwrap());
     let welcome = parse_hex(&std::fs::read_to_string(dir().join("down-welcome-v2.hex")).unwrap());
+    assert_eq!(peek_version(&hello[HEADER_LEN..]), Some(2));
+    assert_eq!(peek_version(&welcome[HEADER_LEN..]), Some(2));
+    let hello = parse_hex(&std::fs::read_to_string(dir().join("up-hello-v3.hex")).unwrap());
+    let welcome = parse_hex(&std::fs::read_to_string(dir().join("down-welcome-v3.hex")).unwrap());
     assert_eq!(peek_version(&hello[HEADER_LEN..]), Some(PROTOCOL_VERSION));
     assert_eq!(peek_version(&welcome[HEADER_LEN..]), Some(PROTOCOL_VERSION));
     // Not a Hello: no version to peek.
@@ -384,8 +460,27 @@ fn peek_version_reads_a_long_variant_index_as_the_decoder_does() {
 
 #[test]
 fn largest_messages_fit_the_type_derived_buffers() {
+    // A firmware chunk of the most data at the largest id and offset is the largest
+    // downlink message (version 3); it must fit MAX_DOWNLINK_FRAME exactly, and take
+    // exactly FIRMWARE_CHUNK_OVERHEAD bytes besides its data.
+    let data = [0xa5u8; MAX_CHUNK_LEN];
+    let chunk = Downlink::FirmwareChunk(FirmwareChunk {
+        id: u32::MAX,
+        offset: u32::MAX,
+        data: Blob::new(&data).unwrap(),
+    });
+    let mut buf = [0u8; MAX_DOWNLINK_FRAME];
+    assert_eq!(encode(&chunk, &mut buf), Ok(MAX_DOWNLINK_FRAME));
+    assert_eq!(MAX_DOWNLINK_FRAME, MAX_CHUNK_LEN + FIRMWARE_CHUNK_OVERHEAD);
+    // One byte less does not fit, and says so instead of panicking.
+    assert_eq!(
+        encode(&chunk, &mut buf[..MAX_DOWNLINK_FRAME - 1]),
+        Err(EncodeError::TooLarge {
+            available: MAX_DOWNLINK_FRAME - 1
+        })
+    );
     // A command with the most arguments, each with the longest name and string, is the
-    // largest downlink message; it must fit MAX_DOWNLINK_FRAME exactly.
+    // largest of versions 1 and 2.
     let long = Value::str(LONG_TEXT).unwrap();
     let args: Readings = (0..MAX_READINGS).map(|_| r(LONG_NAME, long)).collect();
     let cmd = Downlink::Command(Command {
@@ -394,15 +489,7 @@ fn largest_messages_fit_the_type_derived_buffers() {
         args,
         ttl_ms: u32::MAX,
     });
-    let mut buf = [0u8; MAX_DOWNLINK_FRAME];
-    assert_eq!(encode(&cmd, &mut buf), Ok(MAX_DOWNLINK_FRAME));
-    // One byte less does not fit, and says so instead of panicking.
-    assert_eq!(
-        encode(&cmd, &mut buf[..MAX_DOWNLINK_FRAME - 1]),
-        Err(EncodeError::TooLarge {
-            available: MAX_DOWNLINK_FRAME - 1
-        })
-    );
+    assert_eq!(encode(&cmd, &mut buf), Ok(2671));
 
     let readings: Readings = (0..MAX_READINGS).map(|_| r(LONG_NAME, long)).collect();
     let tel = Uplink::Telemetry(Telemetry {

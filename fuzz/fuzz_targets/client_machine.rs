@@ -12,8 +12,8 @@
 //! client's documented behaviour: the model predicts each result, each transmitted frame
 //! byte for byte, each event, and the client's observable state (`unacked`, `acked`,
 //! `pending_results`, `poll_connect`, `poll_timeout`, `session_version`,
-//! `desired_version`). The model speaks protocol version 2 (a compile-time assertion
-//! makes a new version revisit it). Independently of the model:
+//! `desired_version`, `firmware_chunk_len`). The model speaks protocol version 3 (a
+//! compile-time assertion makes a new version revisit it). Independently of the model:
 //! - every transmitted frame is one valid uplink frame, within the buffer, and, once a
 //!   session is open, within the gateway's `Welcome.max_frame` (if that is at least
 //!   the protocol's minimum, 128);
@@ -36,13 +36,24 @@
 //! - a command id is handed to the application again only after it left the window
 //!   of recent commands (§8.3);
 //! - a fatal disconnect (revoked, unsupported version) never schedules a reconnect, a
-//!   non-fatal one always does, no sooner than `Goodbye.retry_after_s`.
+//!   non-fatal one always does, no sooner than `Goodbye.retry_after_s`;
+//! - firmware transfer (version 3): a `FirmwareRequest` or `FirmwareStatus` goes only to
+//!   a session of version 3; every `FirmwareRequest` sent stands for its own call of
+//!   `request_firmware` (at most one outstanding: a second call before the first is
+//!   sent replaces it, and none is sent twice), asks for 1 to `firmware_chunk_len()`
+//!   bytes (at most `MAX_CHUNK_LEN`), and waits behind an owed `Reported`;
+//!   `firmware_chunk_len()` is what fits `max_frame_in` after the chunk's overhead.
 //!
 //! Version rules the model holds the client to: a `Welcome` version outside
-//! `max(min_version, 1)..=2` is a fatal `UnsupportedVersion`; a message of a later
-//! version than the session's (`Desired` before `Welcome` or in a version-1 session)
-//! ends the connection as unexpected; a `Reported` queued for a version-1 session is
-//! dropped when its turn comes.
+//! `max(min_version, 1)..=3` is a fatal `UnsupportedVersion`; a message of a later
+//! version than the session's (`Desired` before `Welcome` or in a version-1 session;
+//! `FirmwareOffer`, `FirmwareChunk`, `FirmwareCancel` below version 3) ends the
+//! connection as unexpected; a `Reported` queued for a version-1 session, or a
+//! `FirmwareStatus` for a session below version 3, is dropped when its turn comes; a
+//! `FirmwareRequest` waits for a version-3 session (and a `FirmwareCancel` of its id, or
+//! a status for its id, withdraws it). In the epilogue the application answers an offer
+//! by asking from 0, a chunk by asking for what follows, and an empty chunk with
+//! `Verified`, as an updater does.
 
 #![no_main]
 
@@ -50,12 +61,13 @@ use std::collections::VecDeque;
 
 use arbitrary::Arbitrary;
 use device_client::machine::{
-    Client, CompleteError, Config, Disconnect, Event, Input, Millis, RECENT_COMMANDS, SendError,
+    Client, CompleteError, Config, Disconnect, Event, FirmwareMsg, Input, Millis, RECENT_COMMANDS,
+    SendError,
 };
 use device_client::proto::{
-    self, CommandResult, CommandStatus, Downlink, GoodbyeReason, HEADER_LEN, Hello, MAX_READINGS,
-    MAX_UPLINK_FRAME, MIN_MAX_FRAME, Name, PROTOCOL_VERSION, Ping, Reading, Readings, Reported,
-    Seq, Telemetry, Text, Uplink, Value,
+    self, CommandResult, CommandStatus, Downlink, FirmwareOutcome, FirmwareRequest, FirmwareStatus,
+    GoodbyeReason, HEADER_LEN, Hello, MAX_CHUNK_LEN, MAX_READINGS, MAX_UPLINK_FRAME, MIN_MAX_FRAME,
+    Name, PROTOCOL_VERSION, Ping, Reading, Readings, Reported, Seq, Telemetry, Text, Uplink, Value,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -121,6 +133,12 @@ enum Op {
     /// The application sets the desired version it holds (`set_desired_version`), as
     /// a device that keeps its settings across reboots does at boot.
     SetDesiredVersion(u32),
+    /// The application asks for a piece of an image (`request_firmware`): of an offer
+    /// it was handed (`which` < 200, if there was one) or of id `which`.
+    RequestFirmware { which: u8, offset: u32, len: u16 },
+    /// The application reports how a transfer ended (`firmware_status`), for an offer
+    /// as above.
+    FirmwareStatus { which: u8, outcome: u8 },
 }
 
 /// Firmware text with multi-byte characters, longer than the 32 bytes `Hello` takes.
@@ -208,18 +226,40 @@ fn frame_of(msg: &Uplink<'_>) -> Vec<u8> {
 // ----------------------------------------------------------------------------------
 // The reference model.
 
-// The model below is of protocol version 2 (`Desired` the only later downlink message,
-// `Reported` the only later uplink one): a new version must revisit it.
-const _: () = assert!(PROTOCOL_VERSION == 2);
+// The model below is of protocol version 3 (version 2: `Desired` down, `Reported` up;
+// version 3: `FirmwareOffer`, `FirmwareChunk`, `FirmwareCancel` down, `FirmwareRequest`,
+// `FirmwareStatus` up): a new version must revisit it.
+const _: () = assert!(PROTOCOL_VERSION == 3);
 
 /// The first version that has a downlink message, written out here rather than taken
 /// from `Downlink::since_version`, which is part of what is under test.
 fn since_version(msg: &Downlink<'_>) -> u8 {
     match msg {
         Downlink::Desired(_) => 2,
+        Downlink::FirmwareOffer(_) | Downlink::FirmwareChunk(_) | Downlink::FirmwareCancel(_) => 3,
         _ => 1,
     }
 }
+
+/// Bytes of a `FirmwareChunk` frame besides its data, at most (PROTOCOL.md §5.4):
+/// header 2, variant 1, id and offset up to 5 each, data length up to 2.
+const CHUNK_OVERHEAD: usize = 15;
+
+/// The most image bytes one chunk can bring to a device that receives `max_frame_in`.
+fn chunk_len(max_frame_in: u16) -> usize {
+    usize::from(max_frame_in.max(MIN_MAX_FRAME))
+        .saturating_sub(CHUNK_OVERHEAD)
+        .min(MAX_CHUNK_LEN)
+}
+
+const OUTCOMES: [FirmwareOutcome; 6] = [
+    FirmwareOutcome::Verified,
+    FirmwareOutcome::Declined,
+    FirmwareOutcome::SizeMismatch,
+    FirmwareOutcome::HashMismatch,
+    FirmwareOutcome::BadSignature,
+    FirmwareOutcome::StorageError,
+];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum MLink {
@@ -291,13 +331,20 @@ struct Model<const RING: usize, const OUTBOX: usize> {
     /// The desired version the application holds: the last `Desired` handed over, or
     /// what it set.
     app_desired: u32,
+    /// The firmware request waiting to be sent (version 3), as the client keeps it.
+    fw_request: Option<FirmwareRequest>,
+    /// `request_firmware` was called since the last `FirmwareRequest` went out (a
+    /// request is never sent twice).
+    fw_called: bool,
 }
 
 /// A frame in the outbox.
 #[derive(Debug, Clone)]
 struct Queued {
-    /// A `Reported` (version 2: dropped in a version-1 session), not a command result.
+    /// A `Reported`, not a command result or firmware status.
     report: bool,
+    /// The first version that has it: a session below it drops it.
+    since: u8,
     frame: Vec<u8>,
 }
 
@@ -325,6 +372,8 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
             queued_below_acked: Vec::new(),
             report_owed: false,
             app_desired: 0,
+            fw_request: None,
+            fw_called: false,
         }
     }
 
@@ -393,8 +442,16 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
         let max_frame = usize::from(self.cfg.max_frame_out);
         let room = (OUTBOX - self.outbox_bytes()).min(max_frame);
         if frame.len() <= room {
-            let report = matches!(msg, Uplink::Reported(_));
-            self.outbox.push_back(Queued { report, frame });
+            let (report, since) = match msg {
+                Uplink::Reported(_) => (true, 2),
+                Uplink::FirmwareStatus(_) => (false, 3),
+                _ => (false, 1),
+            };
+            self.outbox.push_back(Queued {
+                report,
+                since,
+                frame,
+            });
             Ok(())
         } else if room < max_frame.min(OUTBOX) {
             Err(CompleteError::OutboxFull)
@@ -432,6 +489,27 @@ impl<const RING: usize, const OUTBOX: usize> Model<RING, OUTBOX> {
         }))?;
         self.report_due = false;
         Ok(())
+    }
+
+    /// `request_firmware`: replaces the request waiting, its length cut to what one
+    /// chunk can bring (at least 1).
+    fn request_firmware(&mut self, id: u32, offset: u32, len: u16) {
+        let most = u16::try_from(chunk_len(self.cfg.max_frame_in)).unwrap_or(u16::MAX);
+        self.fw_request = Some(FirmwareRequest {
+            id,
+            offset,
+            len: len.clamp(1, most.max(1)),
+        });
+        self.fw_called = true;
+    }
+
+    /// `firmware_status`: withdraws a request for the same id, queues the status like
+    /// a result.
+    fn firmware_status(&mut self, id: u32, outcome: FirmwareOutcome) -> Result<(), CompleteError> {
+        if self.fw_request.is_some_and(|r| r.id == id) {
+            self.fw_request = None;
+        }
+        self.push_result(&Uplink::FirmwareStatus(FirmwareStatus { id, outcome }))
     }
 
     fn acknowledge(&mut self, seq: Seq) {
@@ -482,6 +560,10 @@ struct Harness<'w, const RING: usize, const OUTBOX: usize> {
     tx: Vec<u8>,
     /// Commands handed to the application and not answered yet.
     commands: Vec<u32>,
+    /// Firmware offers handed to the application (their ids, newest last).
+    offers: Vec<u32>,
+    /// The epilogue's application answers firmware messages as an updater does.
+    auto_firmware: bool,
 }
 
 fn run<const RING: usize, const OUTBOX: usize>(script: &Script<'_>) {
@@ -494,13 +576,17 @@ fn run<const RING: usize, const OUTBOX: usize>(script: &Script<'_>) {
         rx: Vec::new(),
         tx: Vec::new(),
         commands: Vec::new(),
+        offers: Vec::new(),
+        auto_firmware: false,
     };
     h.check_state();
     for op in &script.ops {
         h.op(*op);
         h.check_state();
     }
-    // The epilogue: a driver with an application that queues a record per round.
+    // The epilogue: a driver with an application that queues a record per round and
+    // fetches offered firmware.
+    h.auto_firmware = true;
     for round in 0..32u64 {
         if !h.client.is_connected() {
             if h.client.poll_connect().is_none() {
@@ -631,7 +717,35 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 self.m.desired_version = v;
                 self.m.app_desired = v;
             }
+            Op::RequestFirmware { which, offset, len } => {
+                let id = self.offer_id(which);
+                self.request_firmware(id, offset, len);
+            }
+            Op::FirmwareStatus { which, outcome } => {
+                let id = self.offer_id(which);
+                self.firmware_status(id, OUTCOMES[usize::from(outcome) % OUTCOMES.len()]);
+            }
         }
+    }
+
+    /// An offer the application was handed, or `which` itself.
+    fn offer_id(&self, which: u8) -> u32 {
+        if self.offers.is_empty() || which >= 200 {
+            u32::from(which)
+        } else {
+            self.offers[usize::from(which) % self.offers.len()]
+        }
+    }
+
+    fn request_firmware(&mut self, id: u32, offset: u32, len: u16) {
+        self.m.request_firmware(id, offset, len);
+        self.client.request_firmware(id, offset, len);
+    }
+
+    fn firmware_status(&mut self, id: u32, outcome: FirmwareOutcome) {
+        let expected = self.m.firmware_status(id, outcome);
+        let got = self.client.firmware_status(id, outcome);
+        assert_eq!(got, expected, "firmware_status({id}, {outcome:?})");
     }
 
     fn connected(&mut self) {
@@ -640,6 +754,8 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
             sent: false,
             deadline: self.m.now.saturating_add(self.m.cfg.welcome_timeout_ms),
         };
+        // A request of the last connection is not carried over (the offer comes again).
+        self.m.fw_request = None;
         self.m.cursor = None;
         self.m.sent_on_connection = 0;
         self.m.last_sent_seq = None;
@@ -762,6 +878,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
         }
         let mut command = None;
         let mut desired = None;
+        let mut firmware = None;
         match &msg {
             Downlink::Welcome(w) => {
                 if !matches!(self.m.link, MLink::Hello { sent: true, .. }) {
@@ -846,6 +963,24 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 self.expect_down(got, reason);
                 return None;
             }
+            Downlink::FirmwareOffer(_)
+            | Downlink::FirmwareChunk(_)
+            | Downlink::FirmwareCancel(_)
+                if !self.m.is_open() =>
+            {
+                // Unreachable after the version check, as for `Desired`.
+                self.expect_down(got, Disconnect::Unexpected);
+                return None;
+            }
+            Downlink::FirmwareOffer(o) => firmware = Some(FirmwareMsg::Offer(o.clone())),
+            Downlink::FirmwareChunk(c) => firmware = Some(FirmwareMsg::Chunk(c.clone())),
+            Downlink::FirmwareCancel(c) => {
+                // The request for a withdrawn offer is withdrawn too.
+                if self.m.fw_request.is_some_and(|r| r.id == c.id) {
+                    self.m.fw_request = None;
+                }
+                firmware = Some(FirmwareMsg::Cancel(c.id));
+            }
             Downlink::Command(c) => {
                 if !self.m.is_open() {
                     self.expect_down(got, Disconnect::Unexpected);
@@ -887,8 +1022,8 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 }
             }
         }
-        match (got, desired) {
-            (Ok(Input::Frame { len, command: got }), None) => {
+        match (got, desired, firmware) {
+            (Ok(Input::Frame { len, command: got }), None, None) => {
                 assert_eq!(len, frame.len);
                 assert_eq!(got, command, "command handed over");
                 if let Some(c) = got {
@@ -898,7 +1033,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 }
                 Some(len)
             }
-            (Ok(Input::Desired { len, desired: got }), Some(expected)) => {
+            (Ok(Input::Desired { len, desired: got }), Some(expected), None) => {
                 assert_eq!(len, frame.len);
                 assert_eq!(got, expected, "desired handed over");
                 // Changes are only useful on top of what the application holds.
@@ -912,10 +1047,44 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 self.m.app_desired = got.version;
                 Some(len)
             }
-            (other, desired) => panic!(
-                "handle_input: {other:?}, expected a frame of {msg:?} (desired handed over: {})",
-                desired.is_some()
+            (Ok(Input::Firmware { len, firmware: got }), None, Some(expected)) => {
+                assert_eq!(len, frame.len);
+                assert_eq!(got, expected, "firmware message handed over");
+                self.firmware(&got);
+                Some(len)
+            }
+            (other, desired, firmware) => panic!(
+                "handle_input: {other:?}, expected a frame of {msg:?} (desired handed over: {}, \
+                 firmware handed over: {})",
+                desired.is_some(),
+                firmware.is_some()
             ),
+        }
+    }
+
+    /// The application gets a firmware message; in the epilogue it answers as an
+    /// updater does: from 0 after an offer, the next piece after a chunk, `Verified`
+    /// after an empty one.
+    fn firmware(&mut self, msg: &FirmwareMsg<'_>) {
+        if let FirmwareMsg::Offer(o) = msg {
+            if self.offers.len() == 8 {
+                self.offers.remove(0);
+            }
+            self.offers.push(o.id);
+        }
+        if !self.auto_firmware {
+            return;
+        }
+        match msg {
+            FirmwareMsg::Offer(o) => self.request_firmware(o.id, 0, u16::MAX),
+            FirmwareMsg::Chunk(c) if c.data.is_empty() => {
+                self.firmware_status(c.id, FirmwareOutcome::Verified);
+            }
+            FirmwareMsg::Chunk(c) => {
+                let next = c.offset.saturating_add(c.data.len() as u32);
+                self.request_firmware(c.id, next, u16::MAX);
+            }
+            FirmwareMsg::Cancel(_) => {}
         }
     }
 
@@ -971,9 +1140,10 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
             MLink::Open(s) => {
                 let limit = s.peer_max.min(len);
                 while let Some(q) = self.m.outbox.pop_front() {
-                    // A version-1 gateway has no `Reported`; a frame over its limit or
-                    // the buffer could never go: both are dropped.
-                    if q.report && s.version < 2 {
+                    // A version-1 gateway has no `Reported`, one below version 3 no
+                    // `FirmwareStatus`; a frame over its limit or the buffer could
+                    // never go: all are dropped.
+                    if s.version < q.since {
                         continue;
                     }
                     if q.frame.len() <= limit {
@@ -997,6 +1167,20 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                         return None;
                     }
                     self.m.report_due = false;
+                    s.last_tx = now;
+                    return Some(frame);
+                }
+                // Then the firmware request, in a version-3 session only (it waits for
+                // one), before telemetry; a buffer too small for it stalls, as for the
+                // report.
+                if let Some(req) = self.m.fw_request
+                    && s.version >= 3
+                {
+                    let frame = frame_of(&Uplink::FirmwareRequest(req));
+                    if frame.len() > limit {
+                        return None;
+                    }
+                    self.m.fw_request = None;
                     s.last_tx = now;
                     return Some(frame);
                 }
@@ -1118,6 +1302,39 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 );
                 self.m.report_owed = false;
             }
+            Uplink::FirmwareRequest(r) => {
+                assert!(
+                    self.m.is_open() && !first,
+                    "firmware request before Welcome"
+                );
+                assert!(
+                    matches!(self.m.link, MLink::Open(s) if s.version >= 3),
+                    "FirmwareRequest in a session below version 3"
+                );
+                assert!(
+                    !self.m.report_owed,
+                    "firmware request before the Reported that is owed"
+                );
+                assert!(
+                    self.m.fw_called,
+                    "a FirmwareRequest sent twice (one call, one request)"
+                );
+                self.m.fw_called = false;
+                let most = chunk_len(self.m.cfg.max_frame_in);
+                assert!(
+                    r.len >= 1 && usize::from(r.len) <= most && usize::from(r.len) <= MAX_CHUNK_LEN,
+                    "request of {} bytes, a chunk holds at most {most}",
+                    r.len
+                );
+            }
+            Uplink::FirmwareStatus(_) => {
+                assert!(self.m.is_open() && !first, "firmware status before Welcome");
+                assert!(
+                    matches!(self.m.link, MLink::Open(s) if s.version >= 3),
+                    "FirmwareStatus in a session below version 3"
+                );
+                assert!(frame.len() <= max_out, "status over max_frame_out");
+            }
         }
     }
 
@@ -1141,6 +1358,11 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
             _ => None,
         };
         assert_eq!(c.session_version(), version, "session_version");
+        assert_eq!(
+            c.firmware_chunk_len(),
+            chunk_len(m.cfg.max_frame_in),
+            "firmware_chunk_len"
+        );
         assert_eq!(c.pending_results(), m.outbox.len(), "pending results");
         assert!(m.outbox_bytes() <= OUTBOX);
         let connect = match m.link {

@@ -7,8 +7,10 @@
 //! - `split_frame` answers exactly what §3 says for every limit: more bytes needed,
 //!   an empty body, a frame over the limit (from the header alone), or the frame;
 //!   and a frame found under one limit is found, the same, under every larger one.
-//! - Whatever decodes is a valid message (names, bounds) and encodes again within the
-//!   protocol's largest frame (`MAX_UPLINK_FRAME`, `MAX_DOWNLINK_FRAME`).
+//! - Whatever decodes is a valid message (names, bounds: a firmware offer's version
+//!   within `MAX_FIRMWARE_LEN`, a chunk's data within `MAX_CHUNK_LEN`, a hash and a
+//!   signature of exactly 32 and 64 bytes) and encodes again within the protocol's
+//!   largest frame (`MAX_UPLINK_FRAME`, `MAX_DOWNLINK_FRAME`).
 //! - Re-encoding gives back exactly the body, except where the body spelled a varint
 //!   longer than needed: §4 lets decoders accept that (and encoders must not write
 //!   it), so there the canonical encoding is shorter, and it is a fixed point:
@@ -22,10 +24,10 @@
 #![no_main]
 
 use device_client::proto::{
-    Change, DecodeError, Downlink, FrameError, HEADER_LEN, MAX_BYTES_LEN, MAX_DOWNLINK_FRAME,
-    MAX_FIRMWARE_LEN, MAX_FRAME_ON_WIRE, MAX_NAME_LEN, MAX_READINGS, MAX_TEXT_LEN,
-    MAX_UPLINK_FRAME, Message, Name, Reading, Uplink, Value, decode_downlink, decode_uplink,
-    encode, frame_header, peek_version, split_frame,
+    Change, DecodeError, Downlink, FrameError, HEADER_LEN, MAX_BYTES_LEN, MAX_CHUNK_LEN,
+    MAX_DOWNLINK_FRAME, MAX_FIRMWARE_LEN, MAX_FRAME_ON_WIRE, MAX_NAME_LEN, MAX_READINGS,
+    MAX_TEXT_LEN, MAX_UPLINK_FRAME, Message, Name, Reading, Uplink, Value, decode_downlink,
+    decode_uplink, encode, frame_header, peek_version, split_frame,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -220,10 +222,20 @@ fn check_uplink(msg: &Uplink<'_>) {
         Uplink::CommandResult(r) => check_readings(&r.values),
         Uplink::Ping(_) => {}
         Uplink::Reported(r) => check_readings(&r.values),
+        // Any offset and length decode: what a gateway serves is its business.
+        Uplink::FirmwareRequest(_) | Uplink::FirmwareStatus(_) => {}
     }
 }
 
 fn check_downlink(msg: &Downlink<'_>) {
+    match msg {
+        Downlink::FirmwareOffer(o) => {
+            assert!(o.version.len() <= MAX_FIRMWARE_LEN);
+            assert_eq!((o.sha256.0.len(), o.signature.0.len()), (32, 64));
+        }
+        Downlink::FirmwareChunk(c) => assert!(c.data.len() <= MAX_CHUNK_LEN),
+        _ => {}
+    }
     if let Downlink::Desired(d) = msg {
         assert!(d.changes.len() <= MAX_READINGS);
         for c in &d.changes {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use device_client::sim::{Devices, Histogram, SimConfig, Simulator, Stats, Summary};
+use device_client::sim::{
+    Devices, Histogram, SimConfig, Simulator, Stats, Summary, load_release_key,
+};
 
 /// `eprintln!` that never panics: progress and errors are for a person, and a stderr
 /// that is gone (a pipe whose reader quit) must not turn the run or its exit status
@@ -36,6 +38,9 @@ macro_rules! say_inline {
 /// telemetry (temperature, humidity, battery, uptime, signal) at --rate records per
 /// second, keeps unacked records in a ring and replays them after a reconnect, and
 /// answers the commands echo, set_interval (interval_ms or interval_s) and reboot.
+/// Devices install the firmware a gateway's rollout offers (protocol version 3) and
+/// restart into it; with --release-key they check the release signature, without it
+/// only size and SHA-256 (a simulator convenience).
 ///
 /// A progress line goes to stderr once a second. At the end (after --duration, or on
 /// Ctrl-C) the devices stop producing and wait up to --drain-timeout for their last
@@ -103,9 +108,20 @@ struct Cli {
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     backoff_min: f64,
     /// Lowest protocol version accepted from the gateway: 2 makes devices refuse a
-    /// version 1 gateway (as a device that needs the state document would).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    /// version 1 gateway (as a device that needs the state document would), 3 one
+    /// without firmware updates.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
     min_version: u8,
+    /// The firmware release public key (`certs release-key` writes release.pub.bin, 65
+    /// bytes SEC1, and release.pub.pem; either will do): offered images must carry its
+    /// signature. Without it devices check size and SHA-256 only.
+    #[arg(long, value_name = "FILE")]
+    release_key: Option<PathBuf>,
+    /// The share of devices (0 to 1) whose flash fails: they download an offered image
+    /// and report storage_error instead of installing it (the same devices for the same
+    /// offer in every run).
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    firmware_failure_rate: f64,
 }
 
 fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
@@ -161,6 +177,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
     config.max_handshakes = cli.max_handshakes;
     config.backoff_min = seconds("backoff-min", cli.backoff_min)?;
     config.min_version = cli.min_version;
+    config.release_key = cli
+        .release_key
+        .as_deref()
+        .map(load_release_key)
+        .transpose()?;
+    config.firmware_failure_rate = cli.firmware_failure_rate;
 
     say!(
         "device-sim: loading {count} device certificates from {}",
@@ -314,6 +336,13 @@ fn progress(s: &Stats, last: &Histogram) -> String {
     if s.counts.commands > 0 {
         line.push_str(&format!("  commands {}", s.counts.commands));
     }
+    let c = &s.counts;
+    if c.firmware_installed + c.firmware_failed + c.firmware_declined > 0 {
+        line.push_str(&format!(
+            "  firmware installed {} failed {} declined {}",
+            c.firmware_installed, c.firmware_failed, c.firmware_declined
+        ));
+    }
     if s.phase != device_client::sim::Phase::Running {
         line.push_str(&format!("  ({:?})", s.phase).to_lowercase());
     }
@@ -371,6 +400,17 @@ fn human_summary(s: &Summary) -> String {
         "  commands             {} run, {} reboots, {} records lost to reboots\n",
         s.counts.commands, s.counts.reboots, s.counts.lost_on_reboot
     ));
+    let c = &s.counts;
+    if c.firmware_installed + c.firmware_failed + c.firmware_declined > 0 {
+        let mut versions = std::collections::BTreeMap::<&str, usize>::new();
+        for d in &s.per_device {
+            *versions.entry(d.firmware.as_str()).or_default() += 1;
+        }
+        out.push_str(&format!(
+            "  firmware             {} installed, {} failed, {} declined; devices by version {versions:?}\n",
+            c.firmware_installed, c.firmware_failed, c.firmware_declined
+        ));
+    }
     if s.counts.fatal > 0 {
         let first = s
             .per_device

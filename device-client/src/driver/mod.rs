@@ -26,7 +26,7 @@ use core::task::{Poll, Waker};
 use embassy_futures::select::{Either, select};
 use embedded_io_async::{Error as _, ErrorKind, Read, Write};
 
-use crate::machine::{Client, Disconnect, Event, Input, Millis};
+use crate::machine::{Client, Disconnect, Event, FirmwareMsg, Input, Millis};
 use crate::proto::{Command, Desired};
 
 #[cfg(feature = "embedded-tls")]
@@ -104,6 +104,20 @@ pub trait App {
         desired: &Desired<'_>,
     ) {
         let _ = (now, client, desired);
+    }
+
+    /// A firmware transfer message arrived (protocol version 3): an offer, a chunk or
+    /// a withdrawn offer. Answer with [`Client::request_firmware`] and
+    /// [`Client::firmware_status`]; the [`firmware`](crate::firmware) module's
+    /// `Updater` does the bookkeeping. Optional: a device that never updates ignores
+    /// them, and the gateway's rollout sees no progress from it.
+    fn on_firmware<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        firmware: &FirmwareMsg<'_>,
+    ) {
+        let _ = (now, client, firmware);
     }
 
     /// Something happened (connected, acked, disconnected ...). Optional.
@@ -327,6 +341,13 @@ async fn read_loop<Rd: Read, K: Clock, A: App, const R: usize, const O: usize>(
                         .app
                         .borrow_mut()
                         .on_desired(now, &mut **client, &desired);
+                }
+                Ok(Input::Firmware { len, firmware }) => {
+                    start += len;
+                    shared
+                        .app
+                        .borrow_mut()
+                        .on_firmware(now, &mut **client, &firmware);
                 }
                 Err(_) => {
                     ended = true;

@@ -24,9 +24,11 @@ mod ring;
 use heapless::{Deque, Vec};
 
 use crate::proto::{
-    self, CommandId, CommandResult, CommandStatus, DecodeError, Desired, Downlink, FrameError,
-    GoodbyeReason, HEADER_LEN, Hello, MIN_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Ping,
-    Reading, Readings, Reported, Seq, Telemetry, Text, Uplink,
+    self, CommandId, CommandResult, CommandStatus, DecodeError, Desired, Downlink,
+    FIRMWARE_CHUNK_OVERHEAD, FirmwareChunk, FirmwareId, FirmwareOffer, FirmwareOutcome,
+    FirmwareRequest, FirmwareStatus, FrameError, GoodbyeReason, HEADER_LEN, Hello, MAX_CHUNK_LEN,
+    MIN_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Ping, Reading, Readings, Reported, Seq,
+    Telemetry, Text, Uplink,
 };
 use ring::{PushError, Ring};
 
@@ -78,7 +80,7 @@ pub struct Config {
     /// Seeds the reconnect jitter; use a different value per device (e.g. from the
     /// hardware RNG) so that a fleet does not reconnect in lockstep.
     pub jitter_seed: u64,
-    /// The lowest protocol version the device accepts in `Welcome` (1 or 2). A device
+    /// The lowest protocol version the device accepts in `Welcome` (1 to 3). A device
     /// that cannot work without version 2's messages (its settings come only as a
     /// desired state, say) sets 2: a gateway that answers with version 1 is then
     /// refused with [`Disconnect::UnsupportedVersion`], which is fatal.
@@ -253,7 +255,8 @@ pub enum Event {
         last_acked: Option<Seq>,
         /// Its clock, ms since the Unix epoch: set the device clock from it if needed.
         server_time_ms: u64,
-        /// The session's protocol version: 1 means no state document.
+        /// The session's protocol version: 1 means no state document, below 3 no
+        /// firmware transfer.
         version: u8,
     },
     /// Records up to `seq` are durable; their ring space is free.
@@ -308,6 +311,29 @@ pub enum Input<'b> {
         /// The changes.
         desired: Desired<'b>,
     },
+    /// One frame of `len` bytes was about a firmware transfer (version 3): an offer, a
+    /// chunk answering [`Client::request_firmware`], or a withdrawn offer. The
+    /// [`firmware`](crate::firmware) module's `Updater` handles all three.
+    Firmware {
+        /// Bytes consumed.
+        len: usize,
+        /// The message.
+        firmware: FirmwareMsg<'b>,
+    },
+}
+
+/// A firmware transfer message from the gateway (version 3, PROTOCOL.md §5.4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FirmwareMsg<'b> {
+    /// An image to fetch: answer with [`Client::request_firmware`] (from 0, or from
+    /// what is held of the same id) or decline with [`Client::firmware_status`]. The
+    /// gateway offers again at every session until the transfer ends, so a transfer cut
+    /// by a reconnect resumes from here.
+    Offer(FirmwareOffer<'b>),
+    /// The bytes asked for (fewer at the end of the image; none past it).
+    Chunk(FirmwareChunk<'b>),
+    /// The offer with this id is withdrawn: drop what was received of it.
+    Cancel(FirmwareId),
 }
 
 /// Telemetry could not be queued.
@@ -399,6 +425,8 @@ pub struct Client<const RING: usize, const OUTBOX: usize = 256> {
     desired_version: u32,
     /// A `Reported` with `desired_version` is owed to the gateway (version 2).
     report_due: bool,
+    /// The firmware chunk to ask for next (version 3); one at a time.
+    fw_request: Option<FirmwareRequest>,
 }
 
 impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
@@ -420,6 +448,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             acked: None,
             desired_version: 0,
             report_due: false,
+            fw_request: None,
         }
     }
 
@@ -565,6 +594,46 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
         Ok(())
     }
 
+    /// Asks for the next piece of firmware image `id` (version 3): up to `len` bytes
+    /// from `offset`, cut to [`firmware_chunk_len`](Self::firmware_chunk_len). The
+    /// answer arrives as [`FirmwareMsg::Chunk`]. One request is outstanding at a time
+    /// (that is the transfer's flow control): a second call before the first is sent
+    /// replaces it. A request cut off by a reconnect, sent or not, is not repeated: the
+    /// gateway offers the image again and the application asks from what it holds.
+    pub fn request_firmware(&mut self, id: FirmwareId, offset: u32, len: u16) {
+        let max = u16::try_from(self.firmware_chunk_len()).unwrap_or(u16::MAX);
+        self.fw_request = Some(FirmwareRequest {
+            id,
+            offset,
+            len: len.clamp(1, max.max(1)),
+        });
+    }
+
+    /// The most image bytes one chunk can bring: [`MAX_CHUNK_LEN`], or less if the
+    /// receive buffer (`max_frame_in`) is smaller.
+    #[must_use]
+    pub fn firmware_chunk_len(&self) -> usize {
+        usize::from(self.cfg.max_frame_in.max(MIN_MAX_FRAME))
+            .saturating_sub(FIRMWARE_CHUNK_OVERHEAD)
+            .min(MAX_CHUNK_LEN)
+    }
+
+    /// Tells the gateway how firmware transfer `id` ended (version 3): `Verified` once
+    /// the image is written, checked and marked for the bootloader (then restart into
+    /// it), or why it failed or was declined. Queued like a command result; a session
+    /// below version 3 never gets it.
+    pub fn firmware_status(
+        &mut self,
+        id: FirmwareId,
+        outcome: FirmwareOutcome,
+    ) -> Result<(), CompleteError> {
+        if self.fw_request.is_some_and(|r| r.id == id) {
+            self.fw_request = None;
+        }
+        let msg = Uplink::FirmwareStatus(FirmwareStatus { id, outcome });
+        push_frame(&mut self.outbox, &msg, usize::from(self.cfg.max_frame_out))
+    }
+
     // ------------------------------------------------------------------------------
     // The driver's side.
 
@@ -585,6 +654,9 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             deadline: now.saturating_add(self.cfg.welcome_timeout_ms),
         };
         self.ring.rewind();
+        // A firmware request of the last connection is not carried over: the gateway
+        // offers the image again, and the application asks from what it holds then.
+        self.fw_request = None;
     }
 
     /// A connection attempt failed: the next one waits longer.
@@ -718,6 +790,34 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
                 }
                 self.new_command(c)
             }
+            Downlink::FirmwareOffer(_)
+            | Downlink::FirmwareChunk(_)
+            | Downlink::FirmwareCancel(_)
+                if !self.is_open() =>
+            {
+                return Err(self.down(now, Disconnect::Unexpected));
+            }
+            Downlink::FirmwareOffer(o) => {
+                return Ok(Input::Firmware {
+                    len: frame.len,
+                    firmware: FirmwareMsg::Offer(o),
+                });
+            }
+            Downlink::FirmwareChunk(c) => {
+                return Ok(Input::Firmware {
+                    len: frame.len,
+                    firmware: FirmwareMsg::Chunk(c),
+                });
+            }
+            Downlink::FirmwareCancel(c) => {
+                if self.fw_request.is_some_and(|r| r.id == c.id) {
+                    self.fw_request = None;
+                }
+                return Ok(Input::Firmware {
+                    len: frame.len,
+                    firmware: FirmwareMsg::Cancel(c.id),
+                });
+            }
         };
         Ok(Input::Frame {
             len: frame.len,
@@ -825,6 +925,18 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
                     s.last_tx = now;
                     return Some(n);
                 }
+                // Then the next firmware chunk asked for (version 3): one at a time, after
+                // results and reports, before telemetry so that a transfer keeps moving
+                // while a backlog drains.
+                if let Some(req) = self.fw_request
+                    && s.version >= 3
+                {
+                    let n =
+                        proto::encode(&Uplink::FirmwareRequest(req), buf.get_mut(..limit)?).ok()?;
+                    self.fw_request = None;
+                    s.last_tx = now;
+                    return Some(n);
+                }
                 // Then the ring: replay and new records, in seq order.
                 loop {
                     match self.ring.next_unsent(buf, s.peer_max_frame) {
@@ -929,6 +1041,15 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
 /// The variant index of `Uplink::Reported`, the first byte of its body.
 const REPORTED_VARIANT: u8 = 4;
 
+/// The protocol version that brought the `Uplink` variant whose index is `variant`.
+const fn uplink_since(variant: u8) -> u8 {
+    match variant {
+        0..=3 => 1,
+        REPORTED_VARIANT => 2,
+        _ => 3,
+    }
+}
+
 /// Appends an encoded frame to the outbox.
 fn push_frame<const N: usize>(
     outbox: &mut Vec<u8, N>,
@@ -963,8 +1084,8 @@ fn push_frame<const N: usize>(
 
 /// Moves the first frame of the outbox into `out`. A frame larger than `out` (the
 /// gateway's limit) is discarded: the gateway sends the command again next session and
-/// gets the status alone. So is a `Reported` in a session of version 1, which has no
-/// such message. A `Reported` dropped in a version 2 session sets `report_due`: the
+/// gets the status alone. So is a message the session's version does not have (a
+/// `Reported` in version 1, a `FirmwareStatus` below version 3). A `Reported` dropped in a version 2 session sets `report_due`: the
 /// version it carried is still owed to the gateway (in a plain report, which fits).
 fn pop_frame<const N: usize>(
     outbox: &mut Vec<u8, N>,
@@ -977,9 +1098,10 @@ fn pop_frame<const N: usize>(
             return None;
         };
         let len = HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
-        // The body's first byte is the variant: `Reported` is `Uplink` variant 4.
-        let is_report = outbox.get(HEADER_LEN) == Some(&REPORTED_VARIANT);
-        let too_new = version < 2 && is_report;
+        // The body's first byte is the variant.
+        let variant = outbox.get(HEADER_LEN).copied().unwrap_or(0);
+        let is_report = variant == REPORTED_VARIANT;
+        let too_new = version < uplink_since(variant);
         let copied = match (out.get_mut(..len), outbox.get(..len)) {
             (Some(dst), Some(src)) if !too_new => {
                 dst.copy_from_slice(src);

@@ -1,10 +1,10 @@
 //! Protocol limits (PROTOCOL.md §6). Changing any of them is a new version.
 
 /// The highest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The lowest protocol version this crate speaks: version 1 peers still work, without
-/// the messages version 2 added.
+/// the messages versions 2 and 3 added.
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 
 /// Frame header length: the body length as a big-endian `u16`.
@@ -33,3 +33,12 @@ pub const MIN_MAX_FRAME: u16 = 128;
 
 /// The largest frame the header can describe: a 2-byte header plus a 65,535-byte body.
 pub const MAX_FRAME_ON_WIRE: usize = HEADER_LEN + u16::MAX as usize;
+
+/// Most image bytes in one `FirmwareChunk` (version 3). A device asks for less when its
+/// receive buffer is smaller: see [`FIRMWARE_CHUNK_OVERHEAD`].
+pub const MAX_CHUNK_LEN: usize = 4096;
+
+/// Bytes a `FirmwareChunk` frame takes besides its data, at most: header 2, variant 1,
+/// id and offset up to 5 each, data length up to 2. A device with a receive buffer of
+/// `b` bytes asks for at most `b - FIRMWARE_CHUNK_OVERHEAD`.
+pub const FIRMWARE_CHUNK_OVERHEAD: usize = 15;

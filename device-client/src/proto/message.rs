@@ -7,8 +7,8 @@
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
-use super::limits::{MAX_FIRMWARE_LEN, MAX_READINGS};
-use super::text::{Name, Text};
+use super::limits::{MAX_CHUNK_LEN, MAX_FIRMWARE_LEN, MAX_READINGS};
+use super::text::{Blob, Fixed, Name, Text};
 use super::value::{Reading, Readings};
 
 /// A device's telemetry sequence number. Numbers start at 1 for each boot id and grow by
@@ -17,6 +17,10 @@ pub type Seq = u32;
 
 /// A command id, chosen by the gateway and unique per device.
 pub type CommandId = u32;
+
+/// A firmware transfer's id (version 3), chosen by the gateway: one per image offered
+/// to a device, the same across its sessions, so a transfer resumes under its id.
+pub type FirmwareId = u32;
 
 // ----------------------------------------------------------------------------------------
 // Device → gateway
@@ -41,6 +45,10 @@ pub enum Uplink<'a> {
     /// `4`, version 2: the device's state, and the desired version it has applied.
     #[serde(borrow)]
     Reported(Reported<'a>),
+    /// `5`, version 3: asks for the next piece of an offered firmware image.
+    FirmwareRequest(FirmwareRequest),
+    /// `6`, version 3: how an offered firmware transfer ended on the device.
+    FirmwareStatus(FirmwareStatus),
 }
 
 /// The first message of a session.
@@ -112,6 +120,65 @@ pub struct Reported<'a> {
     pub values: Readings<'a>,
 }
 
+/// Asks for `len` bytes of image `id` from `offset` (version 3, PROTOCOL.md §5.4). A
+/// device keeps one request outstanding: the next goes out once the chunk is written.
+/// That is the transfer's flow control: at most one chunk is ever queued ahead of an
+/// ack or a command. Resuming after a reconnect is asking from the offset it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct FirmwareRequest {
+    /// The offer's id.
+    pub id: FirmwareId,
+    /// The first byte wanted.
+    pub offset: u32,
+    /// How many bytes, 1 to [`MAX_CHUNK_LEN`]; the gateway sends fewer only at the end
+    /// of the image.
+    pub len: u16,
+}
+
+/// The end of a firmware transfer on the device (version 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct FirmwareStatus {
+    /// The offer's id.
+    pub id: FirmwareId,
+    /// How it ended.
+    pub outcome: FirmwareOutcome,
+}
+
+/// How a firmware transfer ended on the device. Only `Verified` is a success: the
+/// gateway counts the update installed when the device next says `Hello` with the
+/// offered version (a bootloader that rolled back brings the old one).
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
+pub enum FirmwareOutcome {
+    /// `0`: the whole image is written, its SHA-256 and signature check out, and it is
+    /// marked for the bootloader; the device restarts into it.
+    Verified,
+    /// `1`: the device does not take this offer (no room, a version it will not run).
+    Declined,
+    /// `2`: the image received is not `size` bytes long.
+    SizeMismatch,
+    /// `3`: the image's SHA-256 is not the offered one.
+    HashMismatch,
+    /// `4`: the release signature does not verify.
+    BadSignature,
+    /// `5`: writing or erasing the update partition failed.
+    StorageError,
+}
+
+impl FirmwareOutcome {
+    /// A short lowercase name for logs, the API and the store.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            FirmwareOutcome::Verified => "verified",
+            FirmwareOutcome::Declined => "declined",
+            FirmwareOutcome::SizeMismatch => "size_mismatch",
+            FirmwareOutcome::HashMismatch => "hash_mismatch",
+            FirmwareOutcome::BadSignature => "bad_signature",
+            FirmwareOutcome::StorageError => "storage_error",
+        }
+    }
+}
+
 /// A heartbeat from the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 pub struct Ping {
@@ -141,6 +208,14 @@ pub enum Downlink<'a> {
     /// `5`, version 2: changes to the device's desired settings.
     #[serde(borrow)]
     Desired(Desired<'a>),
+    /// `6`, version 3: a firmware image for the device to fetch.
+    #[serde(borrow)]
+    FirmwareOffer(FirmwareOffer<'a>),
+    /// `7`, version 3: a piece of an image, answering a [`FirmwareRequest`].
+    #[serde(borrow)]
+    FirmwareChunk(FirmwareChunk<'a>),
+    /// `8`, version 3: an offered image is withdrawn; drop what was received of it.
+    FirmwareCancel(FirmwareCancel),
 }
 
 /// The gateway's answer to `Hello`.
@@ -226,6 +301,47 @@ impl<'a> Change<'a> {
 /// settings, so the whole document always fits one message.
 pub type Changes<'a> = heapless::Vec<Change<'a>, MAX_READINGS>;
 
+/// A firmware image for the device (version 3, PROTOCOL.md §5.4), sent after `Welcome`
+/// while the device is part of a rollout. The device answers with a
+/// [`FirmwareRequest`] (from 0, or from what it holds of the same `id`) or a
+/// [`FirmwareStatus`] that declines it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct FirmwareOffer<'a> {
+    /// The transfer's id.
+    pub id: FirmwareId,
+    /// The image's firmware version, as the device will say it in `Hello`.
+    #[serde(borrow)]
+    pub version: Text<'a, MAX_FIRMWARE_LEN>,
+    /// The image's length in bytes.
+    pub size: u32,
+    /// The image's SHA-256.
+    pub sha256: Fixed<32>,
+    /// The release key's ECDSA P-256 signature (`r‖s`) of the manifest: the magic
+    /// `"iot-gateway firmware\0"`, the version's length and bytes, the size (big-endian
+    /// `u32`) and the SHA-256.
+    pub signature: Fixed<64>,
+}
+
+/// A piece of an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, MaxSize)]
+pub struct FirmwareChunk<'a> {
+    /// The offer's id.
+    pub id: FirmwareId,
+    /// Where `data` starts in the image.
+    pub offset: u32,
+    /// The bytes; empty if `offset` is at or past the end.
+    #[serde(borrow)]
+    pub data: Blob<'a, MAX_CHUNK_LEN>,
+}
+
+/// An offer withdrawn (its rollout was cancelled or stopped, or the device asked for an
+/// id the gateway does not offer it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct FirmwareCancel {
+    /// The offer's id.
+    pub id: FirmwareId,
+}
+
 /// Answers a [`Ping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 pub struct Pong {
@@ -287,6 +403,7 @@ impl Uplink<'_> {
     pub const fn since_version(&self) -> u8 {
         match self {
             Uplink::Reported(_) => 2,
+            Uplink::FirmwareRequest(_) | Uplink::FirmwareStatus(_) => 3,
             _ => 1,
         }
     }
@@ -297,6 +414,9 @@ impl Downlink<'_> {
     pub const fn since_version(&self) -> u8 {
         match self {
             Downlink::Desired(_) => 2,
+            Downlink::FirmwareOffer(_)
+            | Downlink::FirmwareChunk(_)
+            | Downlink::FirmwareCancel(_) => 3,
             _ => 1,
         }
     }

@@ -1,4 +1,4 @@
-//! The device protocol, versions 1 and 2: messages, framing, limits (docs/PROTOCOL.md).
+//! The device protocol, versions 1 to 3: messages, framing, limits (docs/PROTOCOL.md).
 //!
 //! This is the only codec for these messages; the gateway uses it too. Everything here
 //! is `no_std`, allocation-free and panic-free on any input: encoding writes into a
@@ -26,6 +26,14 @@
 //!    |--------------------------------------->|
 //!    |          Desired{version, base, changes}
 //!    |<---------------------------------------|
+//!    |  version 3: FirmwareOffer{id, version, size, sha256, signature}
+//!    |<---------------------------------------|
+//!    | FirmwareRequest{id, offset, len}       |
+//!    |--------------------------------------->|  one outstanding
+//!    |           FirmwareChunk{id, offset, data}
+//!    |<---------------------------------------|
+//!    | FirmwareStatus{id, outcome}            |
+//!    |--------------------------------------->|
 //! ```
 
 pub mod frame;
@@ -45,7 +53,9 @@ pub use identity::{DeviceId, InvalidDeviceId, MAX_DEVICE_ID_LEN};
 pub use limits::*;
 pub use message::{
     Ack, Change, Changes, Command, CommandId, CommandResult, CommandStatus, Desired, Downlink,
-    Goodbye, GoodbyeReason, Hello, Message, Ping, Pong, Reported, Seq, Telemetry, Uplink, Welcome,
+    FirmwareCancel, FirmwareChunk, FirmwareId, FirmwareOffer, FirmwareOutcome, FirmwareRequest,
+    FirmwareStatus, Goodbye, GoodbyeReason, Hello, Message, Ping, Pong, Reported, Seq, Telemetry,
+    Uplink, Welcome,
 };
-pub use text::{Blob, Name, Text, TextError};
+pub use text::{Blob, Fixed, Name, Text, TextError};
 pub use value::{Reading, Readings, Value, find};

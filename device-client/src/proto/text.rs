@@ -257,6 +257,63 @@ impl<const N: usize> MaxSize for Blob<'_, N> {
 }
 
 // ---------------------------------------------------------------------------------------
+
+/// Exactly `N` bytes (a SHA-256 digest, a signature): on the wire the bytes themselves,
+/// with no length prefix, since the length is part of the message's definition.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fixed<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> fmt::Debug for Fixed<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<const N: usize> Serialize for Fixed<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // A tuple, not bytes: postcard writes a tuple's elements back to back, and a
+        // `u8` as itself.
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(N)?;
+        for b in &self.0 {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Fixed<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_tuple(N, FixedVisitor::<N>)
+    }
+}
+
+impl<const N: usize> MaxSize for Fixed<N> {
+    const POSTCARD_MAX_SIZE: usize = N;
+}
+
+struct FixedVisitor<const N: usize>;
+
+impl<'de, const N: usize> Visitor<'de> for FixedVisitor<N> {
+    type Value = Fixed<N>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{N} bytes")
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = [0u8; N];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = seq
+                .next_element()?
+                .ok_or_else(|| de::Error::invalid_length(i, &self))?;
+        }
+        Ok(Fixed(out))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Visitors that accept only borrowed data: an owned string would need an allocator, and
 // postcard always hands out borrowed slices of its input.
 
@@ -312,6 +369,17 @@ mod tests {
             Name::new(&"n".repeat(33)),
             Err(TextError::TooLong { len: 33, max: 32 })
         );
+    }
+
+    #[test]
+    fn fixed_bytes_are_written_as_themselves() {
+        let f = Fixed([1u8, 2, 0xff]);
+        let mut buf = [0u8; 8];
+        let n = postcard::to_slice(&f, &mut buf).unwrap().len();
+        assert_eq!(&buf[..n], &[1, 2, 0xff]);
+        assert_eq!(postcard::from_bytes::<Fixed<3>>(&buf[..3]).unwrap(), f);
+        assert!(postcard::from_bytes::<Fixed<3>>(&buf[..2]).is_err());
+        assert_eq!(Fixed::<3>::POSTCARD_MAX_SIZE, 3);
     }
 
     #[test]

@@ -14,12 +14,13 @@ use std::vec::Vec;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use super::conn::{Closer, Link, SimConnector};
+use super::firmware::{Done, FirmwareState, SimFirmware};
 use super::identity::DeviceIdentity;
 use super::stats::{Global, Phase, Shard};
 use super::{BootSummary, DeviceSummary, Settings};
 use crate::driver::tokio::TokioClock;
 use crate::driver::{App, Clock, run};
-use crate::machine::{Client, CompleteError, Config, Event, Millis, SendError};
+use crate::machine::{Client, CompleteError, Config, Event, FirmwareMsg, Millis, SendError};
 use crate::proto::owned::{OwnedReadings, OwnedValue, borrow_readings, to_owned_readings};
 use crate::proto::{
     Change, Command, CommandId, CommandStatus, Desired, Name, Reading, Seq, Value, find,
@@ -208,6 +209,9 @@ struct Device {
     /// across reboots as a real device keeps them in flash.
     settings: BTreeMap<String, OwnedValue>,
     desired_version: u32,
+    /// The firmware it runs, and a transfer in progress (protocol version 3).
+    firmware: FirmwareState,
+    firmware_installs: u64,
     connected_once: bool,
     connects: u64,
     commands: u64,
@@ -231,6 +235,8 @@ struct Rebooting {
 struct SimApp<'a> {
     ctx: &'a ThreadCtx,
     dev: &'a mut Device,
+    /// This boot's firmware updater.
+    fw: SimFirmware<'a>,
     reboot_now: &'a Notify,
     boot_id: u64,
     booted_at: Millis,
@@ -372,17 +378,25 @@ impl SimApp<'_> {
         self.dev.executed.push_back((id, status));
     }
 
-    /// Starts a reboot: one last record, then wait for the ring to drain.
+    /// The boot is over: what outlives it goes back to the device.
+    fn end(self) {
+        self.fw.shut_down(&mut self.dev.firmware);
+    }
+
+    /// Starts a reboot: one last record (`event` says why), then wait for the ring to
+    /// drain.
     fn start_reboot<const R: usize, const O: usize>(
         &mut self,
         now: Millis,
         client: &mut Client<R, O>,
+        event: &'static str,
     ) {
-        // Its ack also proves the gateway read the result queued before it (a session
-        // handles frames in order), so the new boot is not asked to reboot again.
+        // Its ack also proves the gateway read the result (or firmware status) queued
+        // before it (a session handles frames in order), so the new boot is not asked
+        // to reboot again.
         let uptime_s = now.saturating_sub(self.booted_at) / 1000;
         let readings = [
-            Reading::new(EVENT, Value::Str(crate::proto::Text::truncating("reboot"))),
+            Reading::new(EVENT, Value::Str(crate::proto::Text::truncating(event))),
             Reading::new(UPTIME, Value::U64(uptime_s)),
         ];
         let _ = self.send(client, wall_ms(), &readings, Instant::now());
@@ -481,7 +495,7 @@ impl App for SimApp<'_> {
         self.answer(now, client, PendingResult::new(cmd.id, status, &values));
         if cmd.name.as_str() == "reboot" && self.rebooting.is_none() {
             Shard::add(&self.ctx.shard().reboots, 1);
-            self.start_reboot(now, client);
+            self.start_reboot(now, client, "reboot");
         }
     }
 
@@ -522,6 +536,35 @@ impl App for SimApp<'_> {
         // A full outbox leaves the version report to the client (it is still due).
         if let Ok(readings) = borrow_readings(&applied) {
             let _ = client.report_state(&readings);
+        }
+    }
+
+    /// Firmware transfers (protocol version 3) through the updater; an installed image
+    /// restarts the device into its version.
+    fn on_firmware<const R: usize, const O: usize>(
+        &mut self,
+        now: Millis,
+        client: &mut Client<R, O>,
+        firmware: &FirmwareMsg<'_>,
+    ) {
+        self.sync(client);
+        // Restarting already: the gateway offers again to the next boot.
+        if self.rebooting.is_some() {
+            return;
+        }
+        let shard = self.ctx.shard();
+        match self
+            .fw
+            .handle(&mut self.dev.firmware, &self.dev.id, client, firmware)
+        {
+            Done::Installed(_) => {
+                Shard::add(&shard.firmware_installed, 1);
+                self.dev.firmware_installs += 1;
+                self.start_reboot(now, client, "firmware_update");
+            }
+            Done::Failed(_) => Shard::add(&shard.firmware_failed, 1),
+            Done::Declined => Shard::add(&shard.firmware_declined, 1),
+            Done::Nothing => {}
         }
     }
 
@@ -594,6 +637,8 @@ pub(crate) async fn device<const RING: usize>(
         executed: VecDeque::new(),
         settings: BTreeMap::new(),
         desired_version: 0,
+        firmware: FirmwareState::new(settings.firmware),
+        firmware_installs: 0,
         connected_once: false,
         connects: 0,
         commands: 0,
@@ -613,7 +658,8 @@ pub(crate) async fn device<const RING: usize>(
     let reboot_now = Notify::new();
     loop {
         let boot_id = dev.rng.next_u64();
-        let mut config = Config::new(boot_id, settings.firmware);
+        // The version it runs: the configured one, or the last it installed.
+        let mut config = Config::new(boot_id, dev.firmware.running);
         config.max_frame_in = FRAME as u16;
         config.max_frame_out = FRAME as u16;
         config.backoff_min_ms = settings.backoff_min_ms;
@@ -630,9 +676,15 @@ pub(crate) async fn device<const RING: usize>(
             Some(ms) => now as f64 + dev.rng.unit() * ms,
             None => f64::INFINITY,
         };
+        let fw = SimFirmware::boot(
+            settings.release_key.as_ref(),
+            settings.firmware_failure_rate,
+            &mut dev.firmware,
+        );
         let mut app = SimApp {
             ctx: &ctx,
             dev: &mut dev,
+            fw,
             reboot_now: &reboot_now,
             boot_id,
             booted_at: now,
@@ -682,7 +734,7 @@ pub(crate) async fn device<const RING: usize>(
             acked: app.acked,
             lost,
         };
-        drop(app);
+        app.end();
         dev.boots.push(boot);
         match end {
             BootEnd::Reboot => continue,
@@ -707,6 +759,8 @@ impl Device {
             commands: self.commands,
             ring_full: self.ring_full,
             fatal: self.fatal,
+            firmware: self.firmware.running.into(),
+            firmware_installs: self.firmware_installs,
         }
     }
 }

@@ -21,6 +21,19 @@
 //! with a new random boot id) and `UnknownCommand` for anything else. Reconnects are the
 //! client's own (backoff with jitter).
 //!
+//! Devices speak protocol version 3 and install the firmware a gateway's rollout offers
+//! through the real [`Updater`](crate::firmware::Updater), into an in-memory update
+//! partition of [`PARTITION_BYTES`] (held only while a transfer runs): after `Verified`
+//! a device restarts (a new boot id, after a last record `event: "firmware_update"`)
+//! and says the offered version in its next `Hello`; its desired settings are kept, as
+//! across a `reboot`. With [`SimConfig::release_key`] the updater checks the release
+//! signature as a firmware does; without, size and SHA-256 only (a simulator
+//! convenience, never a firmware's behaviour). [`SimConfig::firmware_failure_rate`]
+//! makes that share of devices (chosen by a hash of the device id and the offer id, the
+//! same in every run) fail the last write of an image and report `StorageError` after
+//! downloading it. A `reboot` in the middle of a transfer resumes it from the partition
+//! in the next boot.
+//!
 //! The [`Summary`] holds, per device and boot id, how many records were queued (their
 //! seqs are exactly `1..=sent`) and the highest seq acked: after a drained run, the
 //! store must hold exactly `1..=sent` for every (device, boot id), each once.
@@ -42,11 +55,12 @@ extern crate std;
 
 mod conn;
 mod device;
+mod firmware;
 mod identity;
 mod stats;
 
-use std::path::PathBuf;
-use std::string::String;
+use std::path::{Path, PathBuf};
+use std::string::{String, ToString};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -56,9 +70,11 @@ use std::vec::Vec;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, oneshot, watch};
 
+pub use firmware::PARTITION_BYTES;
 pub use identity::{DeviceIdentity, client_config, load_dir, sequential_ids};
 pub use stats::{Counts, Histogram, LatencySummary, Phase, Stats};
 
+use crate::firmware::RELEASE_KEY_LEN;
 use crate::machine::Millis;
 use stats::Global;
 
@@ -120,11 +136,22 @@ pub struct SimConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// Firmware version in `Hello`.
+    /// Firmware version in `Hello`, until a device installs another.
     pub firmware: &'static str,
     /// The lowest protocol version devices accept in `Welcome` (1: any gateway; 2:
     /// refuse a version 1 gateway, as a device that needs the state document would).
     pub min_version: u8,
+    /// The firmware release key (65 bytes SEC1, `certs release-key`'s
+    /// `release.pub.bin`; [`load_release_key`] reads it or the PEM): offered images
+    /// must carry its signature, as on a real device. `None`: devices check an image's
+    /// size and SHA-256 only, a simulator convenience for trying rollouts without a
+    /// key, never what a firmware does.
+    pub release_key: Option<[u8; RELEASE_KEY_LEN]>,
+    /// The share of devices (0 to 1) whose flash fails the last write of an offered
+    /// image: they download it and report `StorageError` instead of installing it.
+    /// Chosen by a hash of the device id and the offer id, so the same devices fail the
+    /// same offer in every run.
+    pub firmware_failure_rate: f64,
 }
 
 impl SimConfig {
@@ -146,6 +173,8 @@ impl SimConfig {
             backoff_max: Duration::from_secs(60),
             firmware: FIRMWARE,
             min_version: crate::proto::MIN_PROTOCOL_VERSION,
+            release_key: None,
+            firmware_failure_rate: 0.0,
         }
     }
 }
@@ -240,6 +269,10 @@ pub struct DeviceSummary {
     pub ring_full: u64,
     /// Why the gateway refused this device for good, if it did.
     pub fatal: Option<String>,
+    /// The firmware version it ran at the end.
+    pub firmware: String,
+    /// Firmware images it installed (each followed by a restart).
+    pub firmware_installs: u64,
 }
 
 impl DeviceSummary {
@@ -285,6 +318,8 @@ pub(crate) struct Settings {
     pub(crate) connect_timeout: Duration,
     pub(crate) firmware: &'static str,
     pub(crate) min_version: u8,
+    pub(crate) release_key: Option<[u8; RELEASE_KEY_LEN]>,
+    pub(crate) firmware_failure_rate: f64,
 }
 
 /// 0: run, 1: stop (then drain), 2: abort (no drain).
@@ -526,6 +561,14 @@ fn check(c: &SimConfig) -> Result<Settings, SimError> {
     if c.gateway.is_empty() {
         return bad("gateway must be host:port");
     }
+    if !(c.firmware_failure_rate.is_finite() && (0.0..=1.0).contains(&c.firmware_failure_rate)) {
+        return bad("firmware_failure_rate must be a share from 0 to 1");
+    }
+    if let Some(key) = &c.release_key
+        && p256::ecdsa::VerifyingKey::from_sec1_bytes(key).is_err()
+    {
+        return bad("release_key is not a P-256 public key (65 bytes SEC1, 04 || x || y)");
+    }
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok(Settings {
         gateway: c.gateway.clone(),
@@ -536,6 +579,8 @@ fn check(c: &SimConfig) -> Result<Settings, SimError> {
         connect_timeout: c.connect_timeout,
         firmware: c.firmware,
         min_version: c.min_version,
+        release_key: c.release_key,
+        firmware_failure_rate: c.firmware_failure_rate,
     })
 }
 
@@ -597,6 +642,8 @@ impl Worker {
                     commands: 0,
                     ring_full: 0,
                     fatal: Some(std::format!("device task failed: {e}")),
+                    firmware: String::new(),
+                    firmware_installs: 0,
                 });
                 out.push((i, summary));
             }
@@ -699,6 +746,36 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Reads a firmware release public key for [`SimConfig::release_key`]: the 65 bytes of
+/// `release.pub.bin` or the PEM of `release.pub.pem`, as `certs release-key` writes
+/// them.
+pub fn load_release_key(path: &Path) -> Result<[u8; RELEASE_KEY_LEN], SimError> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::pkcs8::DecodePublicKey;
+    let fail = |reason: String| SimError::Pem {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let key = if bytes.starts_with(b"-----BEGIN") {
+        let pem = core::str::from_utf8(&bytes).map_err(|e| fail(e.to_string()))?;
+        p256::PublicKey::from_public_key_pem(pem)
+            .map_err(|e| fail(std::format!("not a P-256 public key in PEM: {e}")))?
+    } else {
+        p256::PublicKey::from_sec1_bytes(&bytes).map_err(|_| {
+            fail(std::format!(
+                "not a P-256 public key: expected 65 bytes SEC1 (release.pub.bin) or PEM (release.pub.pem), got {} bytes",
+                bytes.len()
+            ))
+        })?
+    };
+    let point = key.to_encoded_point(false);
+    point
+        .as_bytes()
+        .try_into()
+        .map_err(|_| fail("not an uncompressed point".into()))
+}
+
 impl core::fmt::Debug for Simulator {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Simulator").finish_non_exhaustive()
@@ -744,6 +821,9 @@ mod tests {
                 reboots: 15,
                 lost_on_reboot: 16,
                 fatal: 17,
+                firmware_installed: 18,
+                firmware_failed: 19,
+                firmware_declined: 20,
             },
             ack_latency: LatencySummary::default(),
             per_device: Vec::new(),
@@ -757,7 +837,8 @@ mod tests {
                 r#""connects":10,"reconnects":11,"disconnects":12,"#,
                 r#""disconnects_by_reason":{"closed":12},"connect_failures":13,"#,
                 r#""connect_failures_by_reason":{"tls":13},"commands":14,"reboots":15,"#,
-                r#""lost_on_reboot":16,"fatal":17,"#,
+                r#""lost_on_reboot":16,"fatal":17,"firmware_installed":18,"firmware_failed":19,"#,
+                r#""firmware_declined":20,"#,
                 r#""ack_latency":{"count":0,"p50_ms":null,"p90_ms":null,"p99_ms":null,"max_ms":null},"#,
                 r#""per_device":[]}"#
             )

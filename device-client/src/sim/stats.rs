@@ -244,6 +244,9 @@ pub(crate) struct Shard {
     pub(crate) commands: AtomicU64,
     pub(crate) reboots: AtomicU64,
     pub(crate) fatal: AtomicU64,
+    pub(crate) firmware_installed: AtomicU64,
+    pub(crate) firmware_failed: AtomicU64,
+    pub(crate) firmware_declined: AtomicU64,
     pub(crate) latency: AtomicHistogram,
     /// This thread saw the drain start (see `device::watch_drain`).
     pub(crate) drain_seen: AtomicBool,
@@ -264,6 +267,9 @@ impl Shard {
             commands: AtomicU64::new(0),
             reboots: AtomicU64::new(0),
             fatal: AtomicU64::new(0),
+            firmware_installed: AtomicU64::new(0),
+            firmware_failed: AtomicU64::new(0),
+            firmware_declined: AtomicU64::new(0),
             latency: AtomicHistogram::new(),
             drain_seen: AtomicBool::new(false),
         }
@@ -374,6 +380,9 @@ impl Global {
             counts.commands += load(&sh.commands);
             counts.reboots += load(&sh.reboots);
             counts.fatal += load(&sh.fatal);
+            counts.firmware_installed += load(&sh.firmware_installed);
+            counts.firmware_failed += load(&sh.firmware_failed);
+            counts.firmware_declined += load(&sh.firmware_declined);
             for (r, c) in reasons.iter_mut().zip(&sh.reasons) {
                 *r += load(c);
             }
@@ -447,6 +456,13 @@ pub struct Counts {
     pub lost_on_reboot: u64,
     /// Devices the gateway refused for good (revoked, unsupported version).
     pub fatal: u64,
+    /// Firmware images installed (`Verified`, then a restart into the new version).
+    pub firmware_installed: u64,
+    /// Firmware transfers that failed on the device (size or hash mismatch, bad
+    /// signature, storage error), each counted once.
+    pub firmware_failed: u64,
+    /// Firmware offers declined (the running version, or too large).
+    pub firmware_declined: u64,
 }
 
 /// A snapshot of a running simulation's counters (all since the start).

@@ -3,8 +3,10 @@
 //! - `frame`: every golden vector (`device-client/tests/vectors/*.hex`) as a whole frame
 //!   and as a bare body, and all uplink / all downlink frames back to back;
 //! - `client_machine`: downlink vectors back to back behind the script prefix of that
-//!   target (default configuration, no operations; see its module doc), and two
-//!   scripts with a configuration and operations spelled in `arbitrary`'s format;
+//!   target (default configuration, no operations; see its module doc), a version-3
+//!   session with a firmware offer, chunks and a cancel, and scripts with a
+//!   configuration and operations spelled in `arbitrary`'s format (a version-2 session
+//!   with desired state; a firmware transfer across sessions of versions 3, 2 and 3);
 //! - `x509`: certificates minted by the `certs` library (CA, gateway, device, expired,
 //!   another CA and its gateway) and the handshake signature the target checks;
 //! - `gateway_inbound` (in `gateway/fuzz/seeds/`): uplink vectors back to back, `Hello`
@@ -77,6 +79,18 @@ fn inbound_seeds(dir: &Path, vectors: &[(String, Vec<u8>)]) -> std::io::Result<(
         seed.extend_from_slice(&session);
         write(dir, name, &seed)?;
     }
+    // A version 3 session (header bits 1-2: the gateway's highest version, 2 = v3):
+    // every uplink vector behind a version 3 Hello.
+    let mut v3 = v("up-hello-v3").to_vec();
+    for (name, frame) in vectors {
+        if name.starts_with("up-") && !name.starts_with("up-hello") {
+            v3.extend_from_slice(frame);
+        }
+    }
+    let mut seed = inbound_header(4096, None, 0x0404_0404_0404_0404);
+    seed[2] |= 2 << 1;
+    seed.extend_from_slice(&v3);
+    write(dir, "session-v3", &seed)?;
     let mut hello_only = inbound_header(4096, None, 1);
     hello_only.extend_from_slice(v("up-hello-minimal"));
     write(dir, "hello-minimal", &hello_only)
@@ -146,8 +160,20 @@ fn vector<'v>(vectors: &'v [(String, Vec<u8>)], name: &str) -> &'v [u8] {
 // `arbitrary`'s format, for the client_machine script (its `Script`, `FuzzConfig` and
 // `Op` types): integers little-endian, `bool` and `Option` tags one byte, a `Vec` one
 // `1` byte before each element and a `0` after the last, an enum variant a u32 `x`
-// with `(x * variants) >> 32` = its index.
-const OPS: u64 = 13;
+// with `(x * variants) >> 32` = its index. OPS is the number of `Op` variants: every
+// script seed changes meaning when it does, so regenerate them all then.
+const OPS: u64 = 15;
+
+// `Op` variant indexes.
+const CONNECT: u64 = 0;
+const READ: u64 = 2;
+const CLOSED: u64 = 3;
+const TRANSMIT_ALL: u64 = 9;
+const EVENTS: u64 = 10;
+const REPORT: u64 = 11;
+const SET_DESIRED_VERSION: u64 = 12;
+const REQUEST_FIRMWARE: u64 = 13;
+const FIRMWARE_STATUS: u64 = 14;
 
 fn variant(index: u64) -> [u8; 4] {
     let x = ((index << 32) + OPS - 1) / OPS;
@@ -236,7 +262,128 @@ fn client_seeds(dir: &Path, vectors: &[(String, Vec<u8>)]) -> std::io::Result<()
     let mut seed = cfg;
     seed.push(0);
     seed.extend_from_slice(&session[2..]);
-    write(dir, "small-client-session", &seed)
+    write(dir, "small-client-session", &seed)?;
+
+    // A version-3 session with a firmware transfer: the epilogue's application asks
+    // after the offer and after each chunk.
+    let mut seed = prefix.to_vec();
+    for name in [
+        "down-welcome-v3",
+        "down-firmware-offer",
+        "down-firmware-chunk",
+        "down-firmware-chunk-end",
+        "down-firmware-cancel",
+    ] {
+        seed.extend_from_slice(v(name));
+    }
+    write(dir, "welcome-v3-then-firmware", &seed)?;
+
+    // Default-sized client, 512-byte frames.
+    let mut cfg = vec![1u8, 0u8]; // Some(FuzzConfig { small: false, ..
+    cfg.extend_from_slice(&0xb007u64.to_le_bytes()); // boot_id
+    cfg.push(5); // firmware_chars
+    cfg.extend_from_slice(&512u16.to_le_bytes()); // max_frame_in
+    cfg.extend_from_slice(&512u16.to_le_bytes()); // max_frame_out
+    cfg.extend_from_slice(&1_000u32.to_le_bytes()); // backoff_min_ms
+    cfg.extend_from_slice(&60_000u32.to_le_bytes()); // backoff_max_ms
+    cfg.extend_from_slice(&10_000u32.to_le_bytes()); // welcome_timeout_ms
+    cfg.extend_from_slice(&42u64.to_le_bytes()); // jitter_seed
+    cfg.push(0); // tx_len: None
+    cfg.push(0); // min_version_2: false
+    let read = |ops: &mut Vec<u8>, names: &[&str]| {
+        let n: usize = names.iter().map(|n| vector(vectors, n).len()).sum();
+        op(
+            ops,
+            READ,
+            &u16::try_from(n).expect("a short read").to_le_bytes(),
+        );
+    };
+    let report = |ops: &mut Vec<u8>, values: u8, kind: u8, value: u64| {
+        let mut fields = vec![values, kind];
+        fields.extend_from_slice(&value.to_le_bytes());
+        op(ops, REPORT, &fields);
+    };
+
+    // Version 2: desired state applied and reported, across a version-1 session.
+    let mut ops = cfg.clone();
+    op(&mut ops, SET_DESIRED_VERSION, &1u32.to_le_bytes());
+    op(&mut ops, CONNECT, &[]);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, READ, &40u16.to_le_bytes());
+    op(&mut ops, EVENTS, &[]);
+    report(&mut ops, 2, 1, 7);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, CLOSED, &[]);
+    report(&mut ops, 1, 3, 9);
+    op(&mut ops, CONNECT, &[]);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, READ, &15u16.to_le_bytes());
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, EVENTS, &[]);
+    ops.push(0);
+    for name in [
+        "down-welcome-v2",
+        "down-desired",
+        "down-welcome",
+        "down-desired-whole",
+    ] {
+        ops.extend_from_slice(v(name));
+    }
+    write(dir, "v2-script", &ops)?;
+
+    // Version 3: an offer, requests (one replacing another), a chunk, a status; then a
+    // version-2 session (the status is dropped, the request waits), then version 3
+    // again (the request goes), and a cancel.
+    let request = |ops: &mut Vec<u8>, which: u8, offset: u32, len: u16| {
+        let mut fields = vec![which];
+        fields.extend_from_slice(&offset.to_le_bytes());
+        fields.extend_from_slice(&len.to_le_bytes());
+        op(ops, REQUEST_FIRMWARE, &fields);
+    };
+    let mut ops = cfg;
+    op(&mut ops, CONNECT, &[]);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    read(&mut ops, &["down-welcome-v3"]);
+    op(&mut ops, EVENTS, &[]);
+    read(&mut ops, &["down-firmware-offer"]);
+    request(&mut ops, 0, 0, 4096);
+    request(&mut ops, 0, 0, 497);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    read(&mut ops, &["down-firmware-chunk"]);
+    request(&mut ops, 0, 1013, 1009);
+    op(&mut ops, FIRMWARE_STATUS, &[0, 3]); // HashMismatch
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, CLOSED, &[]);
+    op(&mut ops, CONNECT, &[]);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    read(&mut ops, &["down-welcome-v2"]);
+    op(&mut ops, FIRMWARE_STATUS, &[0, 5]); // StorageError: dropped in version 2
+    op(&mut ops, FIRMWARE_STATUS, &[210, 0]); // Verified, of id 210: dropped too
+    request(&mut ops, 0, 5, 100); // waits for a version-3 session
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, EVENTS, &[]);
+    op(&mut ops, CLOSED, &[]);
+    op(&mut ops, CONNECT, &[]);
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    read(&mut ops, &["down-welcome-v3"]);
+    op(&mut ops, TRANSMIT_ALL, &[]); // the request waiting goes
+    request(&mut ops, 0, 9, 9);
+    read(&mut ops, &["down-firmware-cancel"]); // withdraws it
+    op(&mut ops, TRANSMIT_ALL, &[]);
+    op(&mut ops, EVENTS, &[]);
+    ops.push(0);
+    for name in [
+        "down-welcome-v3",
+        "down-firmware-offer",
+        "down-firmware-chunk",
+        "down-welcome-v2",
+        "down-welcome-v3",
+        "down-firmware-cancel",
+        "down-firmware-chunk-end",
+    ] {
+        ops.extend_from_slice(v(name));
+    }
+    write(dir, "v3-firmware-script", &ops)
 }
 
 fn x509_seeds(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {

@@ -5,8 +5,9 @@
 //!
 //! ```text
 //!  0..2   max_frame (big-endian; at least 128 is used)
-//!  2      bit 0: Welcome.last_acked is given; bit 1: the gateway speaks version 2
-//!         (else 1; the session's version is the lower of it and Hello.version)
+//!  2      bit 0: Welcome.last_acked is given; bits 1-2: the gateway speaks up to version
+//!         1 (0), 2 (1) or 3 (2, 3); the session's version is the lower of it and
+//!         Hello.version
 //!  3..7   Welcome.last_acked (big-endian)
 //!  7..15  where to cut the stream: a cut after byte i when bit i % 64 is set
 //!  15..   the bytes
@@ -47,6 +48,8 @@ enum Out {
     Result(u32),
     Ping(u32),
     Reported(u32),
+    FirmwareRequest(u32, u32),
+    FirmwareStatus(u32),
 }
 
 #[derive(Debug, PartialEq)]
@@ -95,6 +98,14 @@ fn run(max_frame: u16, welcome_acked: Option<Seq>, max_version: u8, pieces: &[&[
                     Frame::Reported(r) => {
                         assert!(version >= 2, "Reported in a version {version} session");
                         Out::Reported(r.desired_version)
+                    }
+                    Frame::FirmwareRequest(r) => {
+                        assert!(version >= 3, "FirmwareRequest in a version {version} session");
+                        Out::FirmwareRequest(r.id, r.offset)
+                    }
+                    Frame::FirmwareStatus(st) => {
+                        assert!(version >= 3, "FirmwareStatus in a version {version} session");
+                        Out::FirmwareStatus(st.id)
                     }
                 });
                 Ok::<(), Stop>(())
@@ -151,7 +162,12 @@ fuzz_target!(|data: &[u8]| {
     let mut mask = [0u8; 8];
     mask.copy_from_slice(&header[7..15]);
     let mask = u64::from_be_bytes(mask);
-    let max_version = if header[2] & 2 == 2 { 2 } else { 1 };
+    // Bits 1-2: the gateway's highest version (0: 1, 1: 2, else 3).
+    let max_version = match (header[2] >> 1) & 3 {
+        0 => 1,
+        1 => 2,
+        _ => 3,
+    };
 
     let whole = run(max_frame, welcome_acked, max_version, &[bytes]);
     let mut pieces = Vec::new();

@@ -17,12 +17,22 @@
 //! the image lets the device verify once, at the end, with a hash it computed on the
 //! way; the version is inside what is signed, so an old image cannot be offered under a
 //! new version's name. The `certs` tool makes the key and signs (`certs sign-firmware`).
+//!
+//! [`Updater`] does a whole transfer of protocol version 3 with these: it answers the
+//! gateway's offers and chunks through the [`Client`](crate::machine::Client), writes
+//! the image into an `embedded-storage` [`NorFlash`](embedded_storage::nor_flash::NorFlash)
+//! update partition (embassy-boot's DFU partition, say) and checks it at the end; its
+//! module doc shows how it plugs into embassy-boot.
 
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use crate::proto::MAX_FIRMWARE_LEN;
+
+pub mod updater;
+
+pub use updater::{Checkpoint, Decline, ReadError, Update, Updater, Version, hash_flash};
 
 /// Domain separation: these bytes start every signed manifest, so a release key's
 /// signature over a manifest can never be taken for one over anything else.
@@ -140,6 +150,13 @@ impl Manifest<'_> {
         signature: &[u8; SIGNATURE_LEN],
         hashed: &Hashed,
     ) -> Result<(), FirmwareError> {
+        self.check_image(hashed)?;
+        self.verify(release_key, signature)
+    }
+
+    /// The first half of [`check`](Self::check): the image's length and hash are the
+    /// manifest's. Says nothing about who made the manifest.
+    pub(crate) fn check_image(&self, hashed: &Hashed) -> Result<(), FirmwareError> {
         if hashed.len != u64::from(self.size) {
             return Err(FirmwareError::SizeMismatch {
                 expected: self.size,
@@ -150,7 +167,7 @@ impl Manifest<'_> {
         if hashed.sha256 != self.sha256 {
             return Err(FirmwareError::HashMismatch);
         }
-        self.verify(release_key, signature)
+        Ok(())
     }
 }
 
