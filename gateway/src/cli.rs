@@ -182,9 +182,17 @@ pub(crate) struct Overrides {
     /// Seconds devices are asked to wait after Goodbye{Overload|Shutdown}.
     #[arg(long)]
     pub(crate) retry_after_s: Option<u16>,
-    /// Highest device protocol version spoken (1: behave as a version 1 gateway).
+    /// Highest device protocol version spoken (1: behave as a version 1 gateway; 2: no
+    /// firmware transfer).
     #[arg(long)]
     pub(crate) max_protocol_version: Option<u8>,
+    /// Release public key (release.pub.pem or .bin from `certs release-key`): firmware
+    /// uploads must be signed by it [default: none, uploads refused].
+    #[arg(long)]
+    pub(crate) release_key: Option<PathBuf>,
+    /// Largest firmware image taken by the API, in bytes.
+    #[arg(long)]
+    pub(crate) max_firmware_size: Option<u64>,
     /// Ack before fsync: a power loss may lose telemetry devices saw acked.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub(crate) danger_ack_before_fsync: Option<bool>,
@@ -265,6 +273,7 @@ impl Overrides {
             max_pending_records,
             retry_after_s,
             max_protocol_version,
+            max_firmware_size,
             danger_ack_before_fsync,
             max_commit_records,
             command_ttl,
@@ -279,6 +288,9 @@ impl Overrides {
         }
         if self.crl.is_some() {
             c.crl = self.crl;
+        }
+        if self.release_key.is_some() {
+            c.release_key = self.release_key;
         }
         if self.max_fragment_size.is_some() {
             c.max_fragment_size = self.max_fragment_size;

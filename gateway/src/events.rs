@@ -60,6 +60,30 @@ pub enum Event {
         /// The values it reported (merged into what it reported before).
         values: Map<String, Json>,
     },
+    /// A device's progress in a firmware rollout changed (protocol version 3).
+    Firmware {
+        /// Device id.
+        device: Arc<str>,
+        /// The rollout.
+        rollout: i64,
+        /// The device's state in it: `offered`, `downloading`, `verified`,
+        /// `installed`, `failed`, `cancelled`.
+        state: &'static str,
+        /// Why it failed, if it did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A firmware rollout changed state: `running`, `paused`, `cancelled`, `stopped`
+    /// (its failure threshold was reached), `completed`.
+    Rollout {
+        /// The rollout.
+        rollout: i64,
+        /// Its state.
+        state: &'static str,
+        /// Why, if it stopped.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// A TLS connection was refused.
     HandshakeRefused {
         /// Peer address.
@@ -82,9 +106,10 @@ impl Event {
             Event::Telemetry { device, .. }
             | Event::Presence { device, .. }
             | Event::Desired { device, .. }
-            | Event::Reported { device, .. } => Some(device),
+            | Event::Reported { device, .. }
+            | Event::Firmware { device, .. } => Some(device),
             Event::Command(c) => Some(&c.device),
-            Event::HandshakeRefused { .. } => None,
+            Event::HandshakeRefused { .. } | Event::Rollout { .. } => None,
         }
     }
 }

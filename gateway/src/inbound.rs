@@ -15,8 +15,8 @@
 //! already stored and only noted (the session acknowledges them).
 
 use device_client::proto::{
-    self, CommandResult, DecodeError, FrameError, Hello, MIN_MAX_FRAME, MIN_PROTOCOL_VERSION,
-    Reported, Seq, Uplink,
+    self, CommandResult, DecodeError, FirmwareRequest, FirmwareStatus, FrameError, Hello,
+    MIN_MAX_FRAME, MIN_PROTOCOL_VERSION, Reported, Seq, Uplink,
 };
 
 /// A device broke the protocol (PROTOCOL.md §9).
@@ -122,6 +122,10 @@ pub enum Frame<'a> {
     Ping(u32),
     /// The device's reported state (version 2).
     Reported(Reported<'a>),
+    /// A firmware chunk asked for (version 3).
+    FirmwareRequest(FirmwareRequest),
+    /// How a firmware transfer ended on the device (version 3).
+    FirmwareStatus(FirmwareStatus),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,6 +287,8 @@ impl Inbound {
                 if msg.since_version() > *version {
                     let message = match msg {
                         Uplink::Reported(_) => "Reported",
+                        Uplink::FirmwareRequest(_) => "FirmwareRequest",
+                        Uplink::FirmwareStatus(_) => "FirmwareStatus",
                         _ => "a message",
                     };
                     return Err(Violation::NotInVersion {
@@ -304,6 +310,12 @@ impl Inbound {
                     Uplink::CommandResult(_) => Err(Violation::BeforeHello("CommandResult").into()),
                     Uplink::Ping(_) => Err(Violation::BeforeHello("Ping").into()),
                     Uplink::Reported(_) => Err(Violation::BeforeHello("Reported").into()),
+                    Uplink::FirmwareRequest(_) => {
+                        Err(Violation::BeforeHello("FirmwareRequest").into())
+                    }
+                    Uplink::FirmwareStatus(_) => {
+                        Err(Violation::BeforeHello("FirmwareStatus").into())
+                    }
                 };
             }
         };
@@ -334,6 +346,8 @@ impl Inbound {
             Uplink::CommandResult(r) => Ok(Step::Frame(Frame::CommandResult(r))),
             Uplink::Ping(p) => Ok(Step::Frame(Frame::Ping(p.nonce))),
             Uplink::Reported(r) => Ok(Step::Frame(Frame::Reported(r))),
+            Uplink::FirmwareRequest(r) => Ok(Step::Frame(Frame::FirmwareRequest(r))),
+            Uplink::FirmwareStatus(s) => Ok(Step::Frame(Frame::FirmwareStatus(s))),
         }
     }
 }
@@ -405,6 +419,8 @@ mod tests {
                         Frame::CommandResult(r) => format!("r{}", r.id),
                         Frame::Ping(n) => format!("p{n}"),
                         Frame::Reported(r) => format!("s{}", r.desired_version),
+                        Frame::FirmwareRequest(r) => format!("fr{}@{}", r.id, r.offset),
+                        Frame::FirmwareStatus(s) => format!("fs{}:{}", s.id, s.outcome.as_str()),
                     });
                     Ok::<_, Stop>(())
                 });

@@ -27,6 +27,7 @@ pub(crate) mod bridge;
 pub(crate) mod budget;
 pub mod config;
 pub(crate) mod events;
+pub(crate) mod firmware;
 pub(crate) mod fleet;
 mod handle;
 pub(crate) mod inbound;
@@ -119,6 +120,9 @@ pub enum StartError {
     /// The MQTT bridge's settings or TLS files are wrong.
     #[error(transparent)]
     Bridge(#[from] bridge::BridgeError),
+    /// The release key (`release_key`) could not be read.
+    #[error("release_key: {0} (give the release.pub.pem that `certs release-key` wrote)")]
+    ReleaseKey(String),
     /// The listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -172,6 +176,12 @@ impl Gateway {
         // Before anything touches the store: two gateways on one store would each mark
         // the other's devices offline and answer for sessions they do not hold.
         let lock = lock_data_dir(&config.data_dir)?;
+        let release_key = config
+            .release_key
+            .as_deref()
+            .map(firmware::upload::read_release_key)
+            .transpose()
+            .map_err(StartError::ReleaseKey)?;
         let tls = TlsState::new(TlsSettings {
             ca: config.ca.clone(),
             cert: config.cert.clone(),
@@ -199,6 +209,7 @@ impl Gateway {
                 }))
                 .collect(),
         })?;
+        let firmware = firmware::Service::load(&store, release_key).await?;
         let saved_refusals = store.refusals().await.unwrap_or_else(|e| {
             warn!(error = %e, "could not read the saved refused handshakes");
             Vec::new()
@@ -261,6 +272,7 @@ impl Gateway {
             fleet: fleet_status,
             fleet_registry,
             fleet_commands,
+            firmware,
         });
         info!(
             max_connections = budgets.max_connections,

@@ -24,6 +24,8 @@ pub struct Signals {
     resend: AtomicBool,
     /// The desired state changed (or the device asked for it).
     desired: AtomicBool,
+    /// The device's firmware rollout changed (offer, withdraw).
+    firmware: AtomicBool,
     /// State reports waiting to be recorded, merged; `Some` while a task records them
     /// (one at a time per session, however fast the device reports).
     reports: Mutex<Option<Box<PendingReports>>>,
@@ -103,6 +105,17 @@ impl Signals {
     /// Whether the desired state changed since the last call.
     pub fn take_desired(&self) -> bool {
         self.desired.swap(false, Ordering::AcqRel)
+    }
+
+    /// Tells the session that its device's firmware rollout changed.
+    pub fn firmware_changed(&self) {
+        self.firmware.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether the firmware rollout changed since the last call.
+    pub fn take_firmware(&self) -> bool {
+        self.firmware.swap(false, Ordering::AcqRel)
     }
 
     /// Notes that the device sent something at `now_ms`.
@@ -214,6 +227,11 @@ impl Registry {
     /// Tells a device's session that its desired state changed; false if it is offline.
     pub fn notify_desired(&self, device: &str) -> bool {
         self.signal(device, Signals::desired_changed)
+    }
+
+    /// Tells a device's session that its firmware rollout changed; false if offline.
+    pub fn notify_firmware(&self, device: &str) -> bool {
+        self.signal(device, Signals::firmware_changed)
     }
 
     /// Asks a device's session to close; false if it is offline.

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub fleet_registry: Option<Arc<fleet::registry::FleetRegistry>>,
     /// Commands across the fleet, if this gateway is in one.
     pub fleet_commands: Option<Arc<fleet::commands::FleetCommands>>,
+    /// Firmware rollouts.
+    pub firmware: firmware::Service,
 }
 
 /// Refused handshakes kept for `recent_refusals` (and saved in the store).

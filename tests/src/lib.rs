@@ -303,6 +303,30 @@ pub enum Down {
         /// Settings unset.
         unset: Vec<String>,
     },
+    /// `FirmwareOffer` (version 3).
+    FirmwareOffer {
+        /// Transfer id.
+        id: u32,
+        /// Image version.
+        version: String,
+        /// Image length.
+        size: u32,
+        /// Image SHA-256.
+        sha256: [u8; 32],
+        /// Release signature.
+        signature: [u8; 64],
+    },
+    /// `FirmwareChunk` (version 3).
+    FirmwareChunk {
+        /// Transfer id.
+        id: u32,
+        /// Where the data starts.
+        offset: u32,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// `FirmwareCancel` (version 3).
+    FirmwareCancel(u32),
 }
 
 impl Down {
@@ -334,6 +358,19 @@ impl Down {
                     unset,
                 }
             }
+            Downlink::FirmwareOffer(o) => Down::FirmwareOffer {
+                id: o.id,
+                version: o.version.as_str().to_owned(),
+                size: o.size,
+                sha256: o.sha256.0,
+                signature: o.signature.0,
+            },
+            Downlink::FirmwareChunk(c) => Down::FirmwareChunk {
+                id: c.id,
+                offset: c.offset,
+                data: c.data.to_vec(),
+            },
+            Downlink::FirmwareCancel(c) => Down::FirmwareCancel(c.id),
         }
     }
 }
@@ -409,11 +446,23 @@ impl RawDevice {
 
     /// [`hello`](Self::hello) offering protocol `version`.
     pub async fn hello_version(&mut self, boot_id: u64, version: u8) -> Welcome {
+        self.hello_as(boot_id, version, "test-1.0", MAX_DOWNLINK_FRAME as u16)
+            .await
+    }
+
+    /// [`hello`](Self::hello) with every field chosen.
+    pub async fn hello_as(
+        &mut self,
+        boot_id: u64,
+        version: u8,
+        firmware: &str,
+        max_frame: u16,
+    ) -> Welcome {
         self.send(&Uplink::Hello(Hello {
             version,
             boot_id,
-            firmware: Text::new("test-1.0").unwrap(),
-            max_frame: MAX_DOWNLINK_FRAME as u16,
+            firmware: Text::new(firmware).unwrap(),
+            max_frame,
         }))
         .await
         .unwrap();
@@ -589,6 +638,34 @@ impl ApiClient {
         let body = Some(("application/json", body.to_string()));
         let (s, _, j) = self.call(method, path, body).await;
         (s, j)
+    }
+
+    /// `POST /api/v1/firmware`: the image and its signature file as a multipart form;
+    /// status and JSON body.
+    pub async fn upload_firmware(&self, image: &[u8], sig_json: &str) -> (u16, serde_json::Value) {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "image",
+                reqwest::multipart::Part::bytes(image.to_vec()).file_name("fw.bin"),
+            )
+            .part(
+                "signature",
+                reqwest::multipart::Part::text(sig_json.to_owned()).file_name("fw.bin.sig.json"),
+            );
+        let r = self
+            .http
+            .post(format!("{}/api/v1/firmware", self.base))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// `GET path`: status and body text.

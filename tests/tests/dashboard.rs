@@ -527,7 +527,7 @@ async fn the_settings_panel_shows_desired_beside_reported() {
     assert_eq!(status, 200, "{body}");
     // A version 2 device that reports one of the two settings and has applied nothing.
     let (mut dev, welcome) = tg.device("set-dev", 1).await;
-    assert_eq!(welcome.version, 2);
+    assert_eq!(welcome.version, proto::PROTOCOL_VERSION);
     let name = proto::Name::new("interval_s").unwrap();
     dev.send(&Uplink::Reported(proto::Reported {
         desired_version: 0,
@@ -575,4 +575,57 @@ async fn the_settings_panel_shows_desired_beside_reported() {
         "{dom}"
     );
     assert!(dom.contains("version 1; the device holds 0"), "{dom}");
+}
+
+/// Firmware rollouts (protocol version 3): each with its state and how many of its
+/// devices installed the image, and buttons to pause or cancel it while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollouts_panel_shows_each_rollout_and_its_progress() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let key = certs::release::ReleaseKey::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pub_pem = dir.path().join("release.pub.pem");
+    std::fs::write(&pub_pem, key.public_pem().unwrap()).unwrap();
+    let tg = TestGateway::start_with(|c| c.release_key = Some(pub_pem)).await;
+    let api = e2e::ApiClient::new(&tg.gw);
+    let image = vec![7u8; 1000];
+    let sig = serde_json::to_string(&key.sign_image("fw-9", &image).unwrap()).unwrap();
+    assert_eq!(api.upload_firmware(&image, &sig).await.0, 201);
+    let (status, body) = api
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            json!({"firmware": "fw-9", "devices": ["a-1", "a-2"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // One device already runs the image: installed at its Hello.
+    let cert = tg.pki.device("a-1");
+    let mut dev = RawDevice::connect(tg.addr(), &tg.pki.ca, Some(&cert))
+        .await
+        .unwrap();
+    dev.hello_as(1, 3, "fw-9", 1024).await;
+    e2e::eventually("a-1 installed", || async {
+        let (_, r) = api.get("/api/v1/rollouts/1").await;
+        (r["counts"]["installed"] == json!(1)).then_some(())
+    })
+    .await;
+
+    let url = page_url(&tg, "");
+    let dom = dump_dom_until(&bin, &url, |dom| !elements(dom, "rollout-row").is_empty()).await;
+    let rows = elements(&dom, "rollout-row");
+    assert_eq!(rows.len(), 1, "{dom}");
+    assert_eq!(rows[0]["data-rollout"], "1");
+    assert_eq!(rows[0]["data-state"], "running");
+    assert_eq!(
+        (
+            rows[0]["data-installed"].as_str(),
+            rows[0]["data-total"].as_str()
+        ),
+        ("1", "2")
+    );
+    assert!(dom.contains(r#"data-action="cancel""#), "{dom}");
+    assert!(dom.contains(">fw-9<"), "{dom}");
 }

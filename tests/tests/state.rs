@@ -219,7 +219,7 @@ async fn version_1_devices_work_unchanged() {
     let mut dev = e2e::RawDevice::connect(tg.addr(), &tg.pki.ca, Some(&cert))
         .await
         .unwrap();
-    let welcome = dev.hello_version(7, proto::PROTOCOL_VERSION).await;
+    let welcome = dev.hello_version(7, 2).await;
     assert_eq!(welcome.version, 2);
     dev.send(&Uplink::Reported(Reported {
         desired_version: 0,
@@ -287,7 +287,7 @@ async fn a_command_signalled_with_a_desired_change_is_not_left_waiting() {
     let tg = TestGateway::start().await;
     let api = ApiClient::new(&tg.gw);
     let (mut dev, welcome) = tg.device("both-1", 1).await;
-    assert_eq!(welcome.version, 2);
+    assert_eq!(welcome.version, proto::PROTOCOL_VERSION);
     // Set while the device has not said what it holds: nothing can be sent yet, and
     // the session keeps the signal.
     let (status, _) = api

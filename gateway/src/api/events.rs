@@ -91,13 +91,15 @@ pub(super) async fn events(
 }
 
 /// The `type` of each event, as the stream's filter names it.
-pub(super) const EVENT_TYPES: [&str; 6] = [
+pub(super) const EVENT_TYPES: [&str; 8] = [
     "telemetry",
     "presence",
     "command",
     "handshake_refused",
     "desired",
     "reported",
+    "firmware",
+    "rollout",
 ];
 
 pub(super) struct Filter {
@@ -114,6 +116,8 @@ impl Filter {
             Event::HandshakeRefused { .. } => "handshake_refused",
             Event::Desired { .. } => "desired",
             Event::Reported { .. } => "reported",
+            Event::Firmware { .. } => "firmware",
+            Event::Rollout { .. } => "rollout",
         };
         if !self.types.is_empty() && !self.types.contains(ty) {
             return false;

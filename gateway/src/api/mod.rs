@@ -24,6 +24,7 @@ mod commands;
 mod devices;
 mod events;
 mod extract;
+mod firmware;
 mod metrics;
 mod server;
 mod state;
@@ -33,6 +34,7 @@ use commands::*;
 use devices::*;
 use events::*;
 use extract::*;
+use firmware::*;
 pub(crate) use server::serve;
 use state::*;
 
@@ -140,6 +142,35 @@ pub fn routes() -> Vec<(
             "/api/v1/groups/{name}/state",
             &["put"],
             axum::routing::put(put_group_state),
+        ),
+        (
+            "/api/v1/firmware",
+            &["get", "post"],
+            // An image is bounded by `max_firmware_size`, checked as it arrives.
+            get(list_firmware)
+                .post(post_firmware)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        ),
+        (
+            "/api/v1/rollouts",
+            &["get", "post"],
+            get(list_rollouts).post(post_rollout),
+        ),
+        ("/api/v1/rollouts/{id}", &["get"], get(get_rollout)),
+        (
+            "/api/v1/rollouts/{id}/pause",
+            &["post"],
+            post(|s, p| rollout_action(s, p, Action::Pause)),
+        ),
+        (
+            "/api/v1/rollouts/{id}/resume",
+            &["post"],
+            post(|s, p| rollout_action(s, p, Action::Resume)),
+        ),
+        (
+            "/api/v1/rollouts/{id}/cancel",
+            &["post"],
+            post(|s, p| rollout_action(s, p, Action::Cancel)),
         ),
         ("/api/v1/refusals", &["get"], get(list_refusals)),
         ("/api/v1/bridge", &["get"], get(bridge_state)),

@@ -70,10 +70,17 @@ pub struct Config {
     /// Seconds a device is asked to wait before reconnecting after `Goodbye` for
     /// overload or shutdown.
     pub retry_after_s: u16,
-    /// The highest device protocol version spoken (1 or 2). 1 makes the gateway
-    /// behave as a version 1 gateway (no state document): for a fleet upgraded in
-    /// stages, or to test devices against one.
+    /// The highest device protocol version spoken (1 to 3). 1 makes the gateway
+    /// behave as a version 1 gateway (no state document), 2 as one without firmware
+    /// transfer: for a fleet upgraded in stages, or to test devices against one.
     pub max_protocol_version: u8,
+
+    /// The release public key (`release.pub.pem` or the 65-byte `release.pub.bin` of
+    /// `certs release-key`): an uploaded firmware image is taken only with a valid
+    /// signature by it. Unset: firmware uploads are refused.
+    pub release_key: Option<PathBuf>,
+    /// Largest firmware image taken by `POST /api/v1/firmware`, in bytes.
+    pub max_firmware_size: u64,
 
     /// Acknowledge telemetry once committed to SQLite's write-ahead log without waiting
     /// for the disk (`synchronous=NORMAL`). Survives a crash of the gateway, but a power
@@ -304,6 +311,8 @@ impl Default for Config {
             max_pending_records: 1024,
             retry_after_s: 5,
             max_protocol_version: device_client::proto::PROTOCOL_VERSION,
+            release_key: None,
+            max_firmware_size: 16 * 1024 * 1024,
             danger_ack_before_fsync: false,
             max_commit_records: 20_000,
             retention: Some(Duration::from_secs(30 * 24 * 3600)),
@@ -382,6 +391,9 @@ impl Config {
         fix(&mut self.key);
         fix(&mut self.data_dir);
         if let Some(p) = &mut self.crl {
+            fix(p);
+        }
+        if let Some(p) = &mut self.release_key {
             fix(p);
         }
         if let Some(p) = &mut self.api_token_file {

@@ -25,10 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use device_client::proto::{
-    self, Ack, Command, CommandResult, Downlink, Goodbye, GoodbyeReason, MAX_DOWNLINK_FRAME,
-    MIN_MAX_FRAME, Name, Pong, Seq, Welcome,
+    self, Ack, Blob, Command, CommandResult, Downlink, FIRMWARE_CHUNK_OVERHEAD, FirmwareCancel,
+    FirmwareChunk, FirmwareId, FirmwareOutcome, FirmwareRequest, Goodbye, GoodbyeReason,
+    MAX_CHUNK_LEN, MAX_DOWNLINK_FRAME, MIN_MAX_FRAME, Name, Pong, Seq, Welcome,
 };
 
+use crate::firmware::Image;
 use crate::inbound::{Frame, HelloFields, Inbound, Stop, Violation};
 use crate::state::Delta;
 use crate::store::{Batch, BatchDone, CommandState, Opened, OutgoingCommand, StoreError};
@@ -36,6 +38,11 @@ use crate::values;
 
 /// Commands in flight to one device at a time.
 pub(crate) const MAX_COMMANDS_IN_FLIGHT: usize = 16;
+
+/// Bytes queued for a device above which reading pauses until it reads: a device
+/// asking for firmware chunks faster than it takes them (it should keep one request
+/// outstanding) fills its own socket, not the gateway's memory.
+const OUT_HIGH_WATER: usize = 2 * MAX_DOWNLINK_FRAME;
 
 /// The settings a session obeys, shared by every session (one copy per gateway).
 #[derive(Debug, Clone)]
@@ -190,6 +197,10 @@ pub(crate) struct Fed {
     pub reported: Option<(u32, serde_json::Map<String, serde_json::Value>)>,
     /// The device asked for the desired state ([`Machine::desired_base`]).
     pub wants_desired: bool,
+    /// Firmware sent (version 3): the transfer's id and the end of the last chunk.
+    pub firmware_sent: Option<(FirmwareId, u32)>,
+    /// How firmware transfers ended on the device, as it said.
+    pub firmware_status: Vec<(FirmwareId, FirmwareOutcome)>,
 }
 
 /// A command's result to record.
@@ -240,6 +251,8 @@ struct Open {
     spare: Option<Box<Batch>>,
     /// Arrival of the oldest record not yet acked, for the ack latency metric.
     oldest_unacked: Option<Instant>,
+    /// The firmware image offered on this session, served chunk by chunk.
+    firmware: Option<(FirmwareId, Arc<Image>)>,
 }
 
 /// The gateway's side of one session.
@@ -277,11 +290,14 @@ impl Machine {
         self.open.as_ref().map(|o| o.device_key)
     }
 
-    /// Whether the driver should read: false while a full batch waits for its commit.
+    /// Whether the driver should read: false while a full batch waits for its commit,
+    /// or while the device leaves much unread.
     pub(crate) fn wants_input(&self) -> bool {
-        self.open
-            .as_ref()
-            .is_none_or(|o| o.filling.records.len() < self.rules.max_pending_records)
+        self.out.len() < OUT_HIGH_WATER
+            && self
+                .open
+                .as_ref()
+                .is_none_or(|o| o.filling.records.len() < self.rules.max_pending_records)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is due.
@@ -339,6 +355,7 @@ impl Machine {
             committing: false,
             spare: None,
             oldest_unacked: None,
+            firmware: None,
         });
         self.queue(&Downlink::Welcome(welcome));
         self.touch(now);
@@ -517,6 +534,85 @@ impl Machine {
         Ok(true)
     }
 
+    /// The session's protocol version, once open.
+    pub(crate) fn version(&self) -> Option<u8> {
+        self.open.as_ref().map(|o| o.version)
+    }
+
+    /// Whether the session speaks the firmware transfer (version 3).
+    pub(crate) fn speaks_firmware(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| o.version >= 3)
+    }
+
+    /// The firmware transfer this session serves, if any.
+    pub(crate) fn firmware_offered(&self) -> Option<FirmwareId> {
+        self.open.as_ref()?.firmware.as_ref().map(|(id, _)| *id)
+    }
+
+    /// Offers `image` as transfer `id` and serves the device's requests for it from
+    /// then on (replacing an earlier offer of this session).
+    pub(crate) fn offer_firmware(
+        &mut self,
+        id: FirmwareId,
+        image: Arc<Image>,
+    ) -> Result<(), Unsendable> {
+        if !self.speaks_firmware() {
+            return Err(Unsendable::NotOpen);
+        }
+        let offer = image.offer(id).ok_or(Unsendable::NotOpen)?;
+        self.queue_checked(&Downlink::FirmwareOffer(offer))?;
+        if let Some(open) = self.open.as_mut() {
+            open.firmware = Some((id, image));
+        }
+        Ok(())
+    }
+
+    /// Withdraws transfer `id`: the device is told to drop it.
+    pub(crate) fn cancel_firmware(&mut self, id: FirmwareId) {
+        if !self.speaks_firmware() {
+            return;
+        }
+        if let Some(open) = self.open.as_mut()
+            && open.firmware.as_ref().is_some_and(|(f, _)| *f == id)
+        {
+            open.firmware = None;
+        }
+        self.queue(&Downlink::FirmwareCancel(FirmwareCancel { id }));
+    }
+
+    /// Answers a chunk request: the bytes of the image offered on this session, as
+    /// many as asked, fit the device's frame limit and the protocol's bound; a request
+    /// for an image not offered here is answered with `FirmwareCancel`.
+    fn serve_firmware(&mut self, r: FirmwareRequest, fed: &mut Fed) {
+        let Some(open) = self.open.as_ref() else {
+            return;
+        };
+        let image = match &open.firmware {
+            Some((id, image)) if *id == r.id => image.clone(),
+            _ => {
+                self.queue(&Downlink::FirmwareCancel(FirmwareCancel { id: r.id }));
+                return;
+            }
+        };
+        let room = open
+            .peer_max_frame
+            .saturating_sub(FIRMWARE_CHUNK_OVERHEAD)
+            .min(MAX_CHUNK_LEN);
+        let data = image.chunk(r.offset, usize::from(r.len).min(room));
+        let Ok(data) = Blob::new(data) else {
+            return;
+        };
+        self.queue(&Downlink::FirmwareChunk(FirmwareChunk {
+            id: r.id,
+            offset: r.offset,
+            data,
+        }));
+        let end = r
+            .offset
+            .saturating_add(u32::try_from(data.len()).unwrap_or(0));
+        fed.firmware_sent = Some((r.id, end));
+    }
+
     /// Resets the idle deadline: something arrived.
     fn touch(&mut self, now: Now) {
         if self.open.is_some() {
@@ -581,6 +677,15 @@ impl Machine {
                 let (version, values) = fed.reported.get_or_insert_default();
                 *version = r.desired_version;
                 values.extend(values::readings_to_json(&r.values));
+            }
+            Frame::FirmwareRequest(r) => self.serve_firmware(r, fed),
+            Frame::FirmwareStatus(st) => {
+                if let Some(open) = self.open.as_mut()
+                    && open.firmware.as_ref().is_some_and(|(id, _)| *id == st.id)
+                {
+                    open.firmware = None;
+                }
+                fed.firmware_status.push((st.id, st.outcome));
             }
         }
     }

@@ -241,6 +241,9 @@ impl Session {
                 {
                     return Some(end);
                 }
+                if self.signals.take_firmware() {
+                    self.sync_firmware();
+                }
                 // Commands before `Hello` wait: the session's start sends them all.
                 if self.machine.is_open()
                     && let Some(resend) = self.signals.take_commands()
@@ -352,6 +355,9 @@ impl Session {
                 });
             }
         }
+        if fed.firmware_sent.is_some() || !fed.firmware_status.is_empty() {
+            self.firmware_fed(fed.firmware_sent, fed.firmware_status);
+        }
         for r in fed.results {
             let Some(device_key) = device_key else {
                 break;
@@ -454,6 +460,18 @@ impl Session {
             peer: self.peer.to_string(),
             reason: None,
         });
+        // Firmware: an update installed (or rolled back), an offer to make.
+        let version = self.machine.version().unwrap_or(0);
+        shared.firmware.change(&shared, |r| {
+            r.hello(
+                &self.device,
+                &h.firmware,
+                version,
+                crate::store::now_ms(),
+                |d| shared.registry.is_online(d),
+            )
+        });
+        self.sync_firmware();
         // Frames that came in the same read as Hello (never a second Hello: that is a
         // violation).
         self.fed(fed);
@@ -463,6 +481,59 @@ impl Session {
             Some(resend) => self.send_commands(resend).await,
             None => Ok(()),
         }
+    }
+
+    /// Makes the session serve what the device's rollout wants now: offers the
+    /// image, or withdraws one no longer wanted (version 3).
+    fn sync_firmware(&mut self) {
+        if !self.machine.speaks_firmware() {
+            // Offered while online: this session cannot take it.
+            if let Some(version) = self.machine.version() {
+                let shared = self.shared.clone();
+                shared.firmware.change(&shared, |r| {
+                    r.cannot_transfer(&self.device, version, crate::store::now_ms(), |d| {
+                        shared.registry.is_online(d)
+                    })
+                });
+            }
+            return;
+        }
+        let wanted = self.shared.firmware.with(|r| r.wanted(&self.device));
+        match (wanted, self.machine.firmware_offered()) {
+            (Some((id, _)), Some(cur)) if id == cur => {}
+            (Some((id, image)), _) => {
+                if let Err(why) = self.machine.offer_firmware(id, image) {
+                    warn!(%why, "firmware offer cannot be sent to this device");
+                }
+            }
+            (None, Some(cur)) => self.machine.cancel_firmware(cur),
+            (None, None) => {}
+        }
+    }
+
+    /// Chunks went out, or the device said how a transfer ended.
+    fn firmware_fed(
+        &mut self,
+        sent: Option<(u32, u32)>,
+        statuses: Vec<(u32, device_client::proto::FirmwareOutcome)>,
+    ) {
+        let shared = self.shared.clone();
+        let now = crate::store::now_ms();
+        shared.firmware.change(&shared, |r| {
+            let mut fx = crate::firmware::Effects::default();
+            if let Some((id, end)) = sent {
+                fx = r.sent(&self.device, id, end, now);
+            }
+            for (id, outcome) in statuses {
+                let more = r.status(&self.device, id, outcome, now, |d| {
+                    shared.registry.is_online(d)
+                });
+                fx.writes.extend(more.writes);
+                fx.events.extend(more.events);
+                fx.wake.extend(more.wake);
+            }
+            fx
+        });
     }
 
     /// Sends what the device lacks of its desired state (version 2), if anything.

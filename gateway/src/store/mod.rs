@@ -58,6 +58,7 @@ mod commands;
 mod devices;
 mod directory;
 mod error;
+mod firmware;
 mod fleet;
 mod records;
 mod retention;
@@ -72,6 +73,7 @@ pub use batch::{Batch, BatchDone, TrySubmit};
 pub use commands::{Cancel, CommandRecord, CommandState, OutgoingCommand, state_for};
 pub use devices::{OpenRecorded, Opened, SessionInfo};
 pub use error::{Failing, StoreError, StoreHealth};
+pub use firmware::{FirmwareKey, RolloutRow, RolloutWrite};
 pub use fleet::{Handoff, Route, slot_of};
 pub use records::{
     DeviceRecord, RefusalRecord, SinkRecord, TelemetryCursor, TelemetryQuery, TelemetryRecord,

@@ -93,6 +93,36 @@ CREATE TABLE IF NOT EXISTS groups(
     device  TEXT NOT NULL,
     PRIMARY KEY (name, device)
 ) WITHOUT ROWID;
+-- Firmware images uploaded for updates (protocol version 3, gateway/src/firmware):
+-- the bytes, and the manifest the release key signed.
+CREATE TABLE IF NOT EXISTS firmware(
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    version     TEXT NOT NULL UNIQUE,
+    sha256      BLOB NOT NULL,
+    signature   BLOB NOT NULL,
+    image       BLOB NOT NULL,
+    created_ms  INTEGER NOT NULL
+);
+-- Rollouts of an image to devices, and each device's progress in one. The transfer
+-- offset is kept in memory only: a device resumes from what it holds, not from this.
+CREATE TABLE IF NOT EXISTS rollouts(
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    firmware           INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    failure_threshold  REAL NOT NULL,
+    max_in_flight      INTEGER NOT NULL,
+    created_ms         INTEGER NOT NULL,
+    updated_ms         INTEGER NOT NULL,
+    reason             TEXT
+);
+CREATE TABLE IF NOT EXISTS rollout_devices(
+    rollout     INTEGER NOT NULL,
+    device      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT,
+    updated_ms  INTEGER NOT NULL,
+    PRIMARY KEY (rollout, device)
+) WITHOUT ROWID;
 "#;
 
 /// Prepared statements each connection keeps (more than the store has).

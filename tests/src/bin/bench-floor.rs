@@ -346,7 +346,10 @@ fn handle(
                 None
             }
             Uplink::Ping(p) => Some(Downlink::Pong(Pong { nonce: p.nonce })),
-            Uplink::CommandResult(_) | Uplink::Reported(_) => None,
+            Uplink::CommandResult(_)
+            | Uplink::Reported(_)
+            | Uplink::FirmwareRequest(_)
+            | Uplink::FirmwareStatus(_) => None,
         };
         start += frame.len;
         if let Some(reply) = reply {

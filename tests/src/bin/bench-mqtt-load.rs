@@ -539,6 +539,8 @@ impl Device {
             commands: 0,
             ring_full: self.ring_full,
             fatal: None,
+            firmware: String::new(),
+            firmware_installs: 0,
         }
     }
 }

@@ -13,13 +13,15 @@
 
 mod cases;
 mod driver;
+mod firmware;
 mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use device_client::machine::{
-    Client, CompleteError, Config, Disconnect, Event, Input, Millis, SendError, Unacked,
+    Client, CompleteError, Config, Disconnect, Event, FirmwareMsg, Input, Millis, SendError,
+    Unacked,
 };
 use device_client::proto::{
     self, Change, CommandStatus, Downlink, GoodbyeReason, Name, Reading, Seq, Uplink, Value,
@@ -77,6 +79,14 @@ struct Pair {
     ended: Vec<(End, Vec<u8>)>,
     /// `Desired` messages the device applied: (version, base, changes as text).
     desired: Vec<(u32, u32, Vec<String>)>,
+    /// Firmware messages the device got (version 3), as `Debug` text.
+    firmware: Vec<String>,
+    /// The gateway's rollouts (the driver's part: `firmware::Service`).
+    rollouts: crate::firmware::Rollouts,
+    /// The device application's firmware download.
+    fw: FwApp,
+    /// Kinds of the downlink messages the device read, in order.
+    downlink_log: Vec<&'static str>,
     /// Reports the device put on the wire: (desired version, number of values).
     reports: Vec<(u32, usize)>,
 }
@@ -127,6 +137,10 @@ impl Pair {
             sent: Vec::new(),
             ended: Vec::new(),
             desired: Vec::new(),
+            firmware: Vec::new(),
+            rollouts: crate::firmware::Rollouts::default(),
+            fw: FwApp::default(),
+            downlink_log: Vec::new(),
             reports: Vec::new(),
         }
     }
@@ -242,6 +256,15 @@ impl Pair {
         if fed.wants_desired {
             self.send_desired();
         }
+        let wall = self.now().wall_ms;
+        if let Some((id, end)) = fed.firmware_sent {
+            let fx = self.rollouts.sent(DEVICE, id, end, wall);
+            self.firmware_effects(fx);
+        }
+        for (id, outcome) in fed.firmware_status {
+            let fx = self.rollouts.status(DEVICE, id, outcome, wall, |_| true);
+            self.firmware_effects(fx);
+        }
         for r in fed.results {
             let key = self.link.as_ref().unwrap().gw.device_key().unwrap();
             let rec = self
@@ -289,7 +312,38 @@ impl Pair {
             Ok(fed) => self.fed(fed),
             Err(end) => return self.gateway_ended(end),
         }
+        let version = self.link.as_ref().and_then(|l| l.gw.version()).unwrap_or(0);
+        let fx = self
+            .rollouts
+            .hello(DEVICE, &h.firmware, version, now.wall_ms, |_| true);
+        self.firmware_effects(fx);
+        self.sync_firmware();
         self.send_commands(true);
+    }
+
+    /// What the driver does with what the rollouts ask: the device's session looks
+    /// again at what it should serve (writes and events are the service's business).
+    fn firmware_effects(&mut self, fx: crate::firmware::Effects) {
+        if fx.wake.iter().any(|d| &**d == DEVICE) {
+            self.sync_firmware();
+        }
+    }
+
+    /// As `Session::sync_firmware`: offer what the rollout wants, withdraw the rest.
+    fn sync_firmware(&mut self) {
+        let wanted = self.rollouts.wanted(DEVICE);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if !link.gw.speaks_firmware() {
+            return;
+        }
+        match (wanted, link.gw.firmware_offered()) {
+            (Some((id, _)), Some(cur)) if id == cur => {}
+            (Some((id, image)), _) => link.gw.offer_firmware(id, image).unwrap(),
+            (None, Some(cur)) => link.gw.cancel_firmware(cur),
+            (None, None) => {}
+        }
     }
 
     /// Sends the device what it lacks of its desired state, as the driver does when
@@ -418,6 +472,7 @@ impl Pair {
                 Ok(Input::NeedMore) => panic!("the gateway sends whole frames"),
                 Ok(Input::Frame { len, command }) => {
                     if let Some(c) = command {
+                        self.downlink_log.push("command");
                         self.commands.push(c.id);
                     }
                     rest = &rest[len..];
@@ -437,6 +492,16 @@ impl Pair {
                     }
                     self.desired.push((desired.version, desired.base, text));
                     self.dev.report_state(&set).unwrap();
+                    rest = &rest[len..];
+                }
+                Ok(Input::Firmware { len, firmware }) => {
+                    self.downlink_log.push(match firmware {
+                        FirmwareMsg::Offer(_) => "offer",
+                        FirmwareMsg::Chunk(_) => "chunk",
+                        FirmwareMsg::Cancel(_) => "cancel",
+                    });
+                    self.firmware.push(format!("{firmware:?}"));
+                    self.fw.handle(&mut self.dev, &firmware);
                     rest = &rest[len..];
                 }
                 Err(_) => {
@@ -616,4 +681,73 @@ fn downlinks(bytes: &[u8]) -> Vec<String> {
         rest = &rest[f.len..];
     }
     out
+}
+
+/// A device application that downloads an offered image into memory, one request at
+/// a time, resuming a transfer of the same id from what it holds; it checks the
+/// SHA-256 at the end (the signature is the `firmware` module's job, tested there).
+#[derive(Debug, Default)]
+struct FwApp {
+    /// The transfer held: id, size, SHA-256.
+    offer: Option<(u32, u32, [u8; 32])>,
+    data: Vec<u8>,
+    /// Offsets of the chunks received, in order.
+    chunks: Vec<u32>,
+    /// Statuses sent.
+    outcomes: Vec<(u32, proto::FirmwareOutcome)>,
+    /// Bytes asked for per request.
+    request_len: u16,
+    /// Stop asking after this many chunks (a device busy with something else).
+    stop_after: Option<usize>,
+}
+
+impl FwApp {
+    fn handle(&mut self, dev: &mut Dev, msg: &FirmwareMsg<'_>) {
+        let len = if self.request_len == 0 {
+            u16::MAX
+        } else {
+            self.request_len
+        };
+        match msg {
+            FirmwareMsg::Offer(o) => {
+                if self.offer.is_none_or(|(id, ..)| id != o.id) {
+                    self.offer = Some((o.id, o.size, o.sha256.0));
+                    self.data.clear();
+                }
+                dev.request_firmware(o.id, self.data.len() as u32, len);
+            }
+            FirmwareMsg::Chunk(c) => {
+                let Some((id, size, sha)) = self.offer else {
+                    return;
+                };
+                if c.id != id || c.offset as usize != self.data.len() {
+                    return;
+                }
+                self.chunks.push(c.offset);
+                self.data.extend_from_slice(&c.data);
+                if self.data.len() < size as usize {
+                    if self.stop_after != Some(self.chunks.len()) {
+                        dev.request_firmware(id, self.data.len() as u32, len);
+                    }
+                    return;
+                }
+                let mut h = device_client::firmware::ImageHasher::new();
+                h.update(&self.data);
+                let outcome = if h.finish().sha256 == sha {
+                    proto::FirmwareOutcome::Verified
+                } else {
+                    proto::FirmwareOutcome::HashMismatch
+                };
+                dev.firmware_status(id, outcome).unwrap();
+                self.outcomes.push((id, outcome));
+                self.offer = None;
+            }
+            FirmwareMsg::Cancel(id) => {
+                if self.offer.is_some_and(|(o, ..)| o == *id) {
+                    self.offer = None;
+                    self.data.clear();
+                }
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ fn reconnect(p: &mut Pair) {
 fn a_desired_setting_reaches_the_device_and_comes_back_reported() {
     let mut p = Pair::new();
     p.connect();
-    assert!(matches!(p.events[0], Event::Connected { version: 2, .. }));
+    assert!(matches!(p.events[0], Event::Connected { version: 3, .. }));
     // Right after `Welcome` the device says what it holds: nothing.
     assert_eq!(p.reports, vec![(0, 0)]);
     assert!(p.desired.is_empty(), "nothing desired yet, nothing sent");
