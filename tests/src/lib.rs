@@ -439,6 +439,21 @@ impl RawDevice {
         self.stream.flush().await
     }
 
+    /// Sends `Ping`s without reading until a write takes longer than `stall` (the
+    /// gateway stopped reading: its buffers and ours are full); how many went out.
+    pub async fn flood_pings(&mut self, stall: Duration) -> u32 {
+        let mut buf = [0u8; 16];
+        let mut sent = 0;
+        loop {
+            let n = proto::encode(&Uplink::Ping(proto::Ping { nonce: sent }), &mut buf).unwrap();
+            let frame = buf.get(..n).unwrap();
+            match tokio::time::timeout(stall, self.send_raw(frame)).await {
+                Ok(Ok(())) => sent += 1,
+                Ok(Err(_)) | Err(_) => return sent,
+            }
+        }
+    }
+
     /// Sends `Hello` and returns the `Welcome` (panics on anything else).
     pub async fn hello(&mut self, boot_id: u64) -> Welcome {
         self.hello_version(boot_id, PROTOCOL_VERSION).await

@@ -549,3 +549,31 @@ async fn tls12_devices_work_unless_tls13_only() {
     logs.wait_for(&["handshake refused", "reason=incompatible"])
         .await;
 }
+
+/// A session the gateway ends while bytes of the device wait unread in its socket is
+/// closed with a FIN, not a reset: the gateway reads and drops what is left for a
+/// moment before it closes. A reset makes the device's network stack drop what it had
+/// received and not yet read (the `Goodbye`, the last acks): under QEMU a firmware
+/// update cut this way left the device waiting for the rest of a TLS record forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_session_is_not_reset_under_the_devices_unread_bytes() {
+    let tg = TestGateway::start_with(|c| c.write_timeout = Duration::from_secs(1)).await;
+    let (mut a, _) = tg.device("linger-1", 1).await;
+    // Pings without reading the pongs: the gateway's writes stall, then its reads.
+    let sent = a.flood_pings(Duration::from_millis(300)).await;
+    assert!(sent > 100, "{sent} pings");
+    // The session ends (its write times out; another connection of the device takes
+    // over). Everything it had sent reaches the device, then the end of the stream:
+    // never a reset.
+    let (_b, _) = tg.device("linger-1", 2).await;
+    let mut pongs = 0u32;
+    loop {
+        match a.recv().await {
+            Ok(Some(Down::Pong(_))) => pongs += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => panic!("the connection was reset after {pongs} pongs: {e}"),
+        }
+    }
+    assert!(pongs > 0);
+}

@@ -726,8 +726,30 @@ impl Session {
             let _ = self.shared.store.close_session(key).await;
         }
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        // A lingering close: what the device sent meanwhile is read and dropped until
+        // it closes too (it does on `Goodbye`), for at most a second. Closing a socket
+        // with unread bytes makes the kernel send a reset instead of a FIN, and a reset
+        // makes the device's network stack drop what it had received and not yet
+        // read: the `Goodbye` and the last acks, and with them the retry-after.
+        // Bounded by time only: reading and dropping costs next to nothing.
+        let tcp = self.stream.tcp();
+        let linger = async {
+            let mut scratch = [0u8; 4096];
+            while tcp.readable().await.is_ok() {
+                match tcp.try_read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = timeout(LINGER, linger).await;
     }
 }
+
+/// How long a closing session waits for the device to close its side.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Live events for the records a commit stored (not for duplicates).
 fn publish_telemetry(shared: &Shared, device: &Arc<str>, done: &BatchDone) {
