@@ -357,15 +357,17 @@ impl PkiDir {
     /// `DIR/release/release.key.pem`: the firmware release key (in a 0700 directory of
     /// its own, to move offline as the CA's).
     pub fn release_key_path(&self) -> PathBuf {
-        self.root.join("release").join("release.key.pem")
+        self.root
+            .join(device_client::layout::RELEASE_PRIVATE_DIR)
+            .join(device_client::layout::RELEASE_KEY_FILE)
     }
 
     /// `DIR/release.pub.pem` and `DIR/release.pub.bin` (65 bytes, SEC1): the release
     /// public key for the gateway and for firmware.
     pub fn release_public_paths(&self) -> (PathBuf, PathBuf) {
         (
-            self.root.join("release.pub.pem"),
-            self.root.join("release.pub.bin"),
+            self.root.join(device_client::layout::RELEASE_PUB_PEM),
+            self.root.join(device_client::layout::RELEASE_PUB_BIN),
         )
     }
 

@@ -9,6 +9,9 @@
 //!  DIR/crl.pem
 //!  DIR/devices/ID/cert.pem, key.pem     PEM, for std devices (simulator, tokio driver)
 //!  DIR/devices/ID/cert.der, key.der     DER (SEC1 key), for firmware
+//!  DIR/release/release.key.pem   the firmware release key (only `certs` reads it)
+//!  DIR/release.pub.pem, release.pub.bin  its public half: PEM for the gateway,
+//!                                65 bytes SEC1 for firmware
 //! ```
 
 /// `DIR/ca.pem`.
@@ -33,6 +36,14 @@ pub const DEVICE_CERT_DER: &str = "cert.der";
 pub const DEVICE_KEY_PEM: &str = "key.pem";
 /// `DIR/devices/<id>/key.der` (SEC1).
 pub const DEVICE_KEY_DER: &str = "key.der";
+/// `DIR/release/`: the firmware release key's private half.
+pub const RELEASE_PRIVATE_DIR: &str = "release";
+/// `DIR/release/release.key.pem`.
+pub const RELEASE_KEY_FILE: &str = "release.key.pem";
+/// `DIR/release.pub.pem`: the release public key, PEM (the gateway's `release_key`).
+pub const RELEASE_PUB_PEM: &str = "release.pub.pem";
+/// `DIR/release.pub.bin`: the release public key, 65 bytes of SEC1 (for firmware).
+pub const RELEASE_PUB_BIN: &str = "release.pub.bin";
 
 /// How wide the counter of bulk-issued device ids is (`certs devices --prefix P
 /// --start FIRST --count COUNT` issues `P` + the counter zero-padded to this many

@@ -8,10 +8,13 @@
 //!   $DEVICE_CERTS_DIR/ca.pem                        the CA: trust anchor for the gateway
 //!   $DEVICE_CERTS_DIR/devices/$DEVICE_ID/cert.der   the device certificate
 //!   $DEVICE_CERTS_DIR/devices/$DEVICE_ID/key.der    its P-256 key, SEC1 DER
+//!   $DEVICE_CERTS_DIR/release.pub.bin              the firmware release key (public,
+//!                                                   65 bytes; `certs release-key`)
 //! ```
 //!
-//! and writes `ca.der`, `cert.der`, `key.der` and a per-build random `seed.bin` (for the
-//! emulator-only RNG) to `OUT_DIR`, where `src/identity.rs` includes them.
+//! and writes `ca.der`, `cert.der`, `key.der`, `release.pub.bin` and a per-build random
+//! `seed.bin` (for the emulator-only RNG) to `OUT_DIR`, where `src/identity.rs` includes
+//! them.
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::{env, fs, process};
@@ -30,6 +33,7 @@ fn main() {
             "set DEVICE_CERTS_DIR to a directory made by the certs tool and DEVICE_ID to a \
              device in it, e.g.\n  cargo run -p certs -- init --dir certs\n  \
              cargo run -p certs -- device --dir certs sensor-01\n  \
+             cargo run -p certs -- release-key --dir certs\n  \
              DEVICE_CERTS_DIR=$PWD/certs DEVICE_ID=sensor-01 cargo build --release",
         );
     };
@@ -37,7 +41,9 @@ fn main() {
     let Some(id) = id.to_str().map(str::to_owned) else {
         fail("DEVICE_ID is not UTF-8");
     };
-    use device_client::layout::{CA_CERT_FILE, DEVICE_CERT_DER, DEVICE_KEY_DER, DEVICES_DIR};
+    use device_client::layout::{
+        CA_CERT_FILE, DEVICE_CERT_DER, DEVICE_KEY_DER, DEVICES_DIR, RELEASE_PUB_BIN,
+    };
     let device = dir.join(DEVICES_DIR).join(&id);
 
     let ca_pem = read(&dir.join(CA_CERT_FILE));
@@ -50,6 +56,15 @@ fn main() {
     fs::write(out.join("ca.der"), ca_der).expect("write ca.der");
     fs::write(out.join("cert.der"), read(&device.join(DEVICE_CERT_DER))).expect("write cert.der");
     fs::write(out.join("key.der"), read(&device.join(DEVICE_KEY_DER))).expect("write key.der");
+    let release = read(&dir.join(RELEASE_PUB_BIN));
+    if release.len() != 65 {
+        fail(&format!(
+            "{}: {} bytes, not the 65 of a release public key (certs release-key --dir DIR)",
+            dir.join(RELEASE_PUB_BIN).display(),
+            release.len()
+        ));
+    }
+    fs::write(out.join("release.pub.bin"), release).expect("write release.pub.bin");
     println!("cargo:rustc-env=DEVICE_ID={id}");
 
     // A fresh seed per build, for the emulator-only RNG (src/rng.rs).

@@ -8,3 +8,5 @@ pub static CERT_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cert.der"
 pub static KEY_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/key.der"));
 /// The CA certificate, DER: the gateway's certificate must chain to it.
 pub static CA_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ca.der"));
+/// The firmware release key (65 bytes, SEC1): an update must be signed by it.
+pub static RELEASE_KEY: &[u8; 65] = include_bytes!(concat!(env!("OUT_DIR"), "/release.pub.bin"));

@@ -6,7 +6,10 @@
 //!       ─► DeviceProvider (cert + SoftwareKey from key.der, CA: gateway verification)
 //!       ─► TlsConnector over UartLink ─► TlsConnector::run(client, clock, app, rx, tx)
 //!                                        (device_client::driver::run, unchanged)
-//!  app: a reading every `interval` ms; commands `echo`, `set_interval {ms}`, `exit`
+//!  app: a reading every `interval` ms; commands `echo`, `set_interval {ms}`, `exit`;
+//!       the desired `interval_ms`; firmware updates (protocol version 3) through
+//!       firmware::Updater into an emulated flash partition (dfu.rs), checked against
+//!       the release key baked in by build.rs
 //! ```
 //!
 //! It reports through semihosting (QEMU's standard output) and ends QEMU with status 0
@@ -19,6 +22,7 @@
 #![no_main]
 
 mod clock;
+mod dfu;
 mod identity;
 mod log;
 mod rng;
@@ -33,7 +37,10 @@ use device_client::driver::embedded_tls::{
     ConnectError, DeviceProvider, SoftwareKey, TlsConnector, embedded_tls::TlsClock,
 };
 use device_client::driver::{App, Clock};
-use device_client::machine::{Client, CompleteError, Config, Event, Millis, SendError};
+use device_client::firmware::{Update, Updater};
+use device_client::machine::{
+    Client, CompleteError, Config, Event, FirmwareMsg, Millis, SendError,
+};
 use device_client::proto::{Change, Command, CommandStatus, Desired, Name, Reading, Value, find};
 
 use clock::SysTickClock;
@@ -126,7 +133,7 @@ fn main() -> ! {
     )
     .with_handshake_timeout(5_000)
     .on_error(&hook);
-    let mut app = Firmware::new();
+    let mut app = Firmware::new(dfu::Dfu::take());
     say!("firmware: stack before run ", stack::peak(), " B");
     // The first handshake's time: from here to "connected (session 1) at".
     say!("firmware: dialling at ", clock.now(), " ms");
@@ -157,14 +164,25 @@ struct Firmware {
     interval_set: bool,
     /// The desired state's version last applied (protocol version 2; 0: none).
     desired_applied: u32,
+    /// Firmware updates (protocol version 3) into the emulated update partition.
+    updater: Updater<'static, 4>,
+    dfu: dfu::Dfu,
+    /// An image was verified (and would be marked for the bootloader), and one was
+    /// refused.
+    image_verified: bool,
+    image_refused: bool,
     stack_reported: bool,
     /// The `exit` command arrived: leave once its result is sent, with this outcome.
     exit: Option<bool>,
 }
 
 impl Firmware {
-    fn new() -> Self {
+    fn new(dfu: dfu::Dfu) -> Self {
         Self {
+            updater: Updater::new(identity::RELEASE_KEY).with_max_size(dfu::CAPACITY as u32),
+            dfu,
+            image_verified: false,
+            image_refused: false,
             interval_ms: DEFAULT_INTERVAL_MS,
             next: 0,
             sent: 0,
@@ -256,6 +274,14 @@ impl App for Firmware {
                         Name::from_static("desired_version"),
                         Value::U64(self.desired_applied.into()),
                     ),
+                    Reading::new(
+                        Name::from_static("image_verified"),
+                        Value::Bool(self.image_verified),
+                    ),
+                    Reading::new(
+                        Name::from_static("image_refused"),
+                        Value::Bool(self.image_refused),
+                    ),
                 ];
                 say!(
                     "firmware: exit asked: connects ",
@@ -322,6 +348,43 @@ impl App for Firmware {
         let value = Reading::new(Name::from_static("interval_ms"), Value::U64(interval));
         if let Err(e) = client.report_state(&[value]) {
             say!("firmware: report not queued: ", complete_error_str(e));
+        }
+    }
+
+    /// A firmware update: the updater writes it to the partition and checks it; a
+    /// verified image would be marked for the bootloader and booted into (here the
+    /// test ends the emulator instead).
+    fn on_firmware<const R: usize, const O: usize>(
+        &mut self,
+        _now: Millis,
+        client: &mut Client<R, O>,
+        msg: &FirmwareMsg<'_>,
+    ) {
+        if let FirmwareMsg::Offer(o) = msg
+            && let Some((id, received, _)) = self.updater.progress()
+            && id == o.id
+            && received > 0
+        {
+            say!("firmware: image resumed at ", received, " B");
+        }
+        match self.updater.handle(client, &mut self.dfu, msg) {
+            // One line per 8 KiB.
+            Update::Progress { received, size, .. }
+                if received % 8192 < 512 || received == size =>
+            {
+                say!("firmware: image ", received, " of ", size, " B");
+            }
+            Update::Verified { version, .. } => {
+                self.image_verified = true;
+                say!("firmware: image ", version.as_str(), " verified");
+            }
+            Update::Failed { outcome, .. } => {
+                self.image_refused = true;
+                say!("firmware: image refused: ", outcome.as_str());
+            }
+            Update::Declined { .. } => say!("firmware: image declined"),
+            Update::Cancelled { .. } => say!("firmware: image withdrawn"),
+            _ => {}
         }
     }
 
