@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use device_client::machine::{Client, Config, Disconnect, Input, Millis, SendError, Unacked};
-use device_client::proto::{self, Downlink, MAX_DOWNLINK_FRAME, Name, Reading, Value, Welcome};
+use device_client::proto::{
+    self, Downlink, MAX_DOWNLINK_FRAME, Name, Reading, Uplink, Value, Welcome,
+};
 
 type Dev = Client<1024, 256>;
 
@@ -175,4 +177,41 @@ fn a_dropped_report_still_leaves_the_owed_report_to_send() {
         proto::decode_uplink(&buf[2..n]).unwrap(),
         proto::Uplink::Telemetry(_)
     ));
+}
+
+/// PROTOCOL.md §8.4: a device that keeps sending but hears nothing back (no ack, no
+/// pong: the link died without a close, or the gateway's bytes were lost to a reset)
+/// pings and, still hearing nothing, gives the connection up. A ping only when
+/// nothing was *sent* for a heartbeat would never go out from a device that sends
+/// every second, and it would wait on a dead link forever.
+#[test]
+fn a_device_that_sends_steadily_but_hears_nothing_finds_the_link_dead() {
+    let mut dev = device();
+    hello_sent(&mut dev, 0);
+    let w = welcome(1024);
+    assert!(dev.handle_input(0, &w).is_ok());
+    let mut buf = [0u8; 512];
+    let mut pinged = false;
+    let mut dead_at = None;
+    // A record a second, for up to 30 s (three heartbeats of 10 s; the ring holds
+    // them all); the gateway says nothing after `Welcome`.
+    for t in (1_000..=30_000).step_by(1_000) {
+        if let Err(reason) = dev.handle_timeout(t) {
+            dead_at = Some((t, reason));
+            break;
+        }
+        send_one(&mut dev).unwrap();
+        while let Some(n) = dev.poll_transmit(t, &mut buf) {
+            if let Ok(Uplink::Ping(_)) = proto::decode_uplink(&buf[2..n]) {
+                pinged = true;
+            }
+        }
+    }
+    assert!(pinged, "a ping went out");
+    let (t, reason) = dead_at.expect("the link was found dead");
+    assert_eq!(reason, Disconnect::DeadPeer);
+    assert!(
+        t <= 20_000,
+        "within two heartbeats of the last frame received: {t}"
+    );
 }

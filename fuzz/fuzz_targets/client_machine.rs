@@ -1202,7 +1202,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
                 let mut ping = None;
                 if sent.is_none()
                     && s.ping.is_none()
-                    && now >= s.last_tx.saturating_add(s.heartbeat_ms)
+                    && now >= s.last_tx.min(s.last_rx).saturating_add(s.heartbeat_ms)
                 {
                     self.m.nonce = self.m.nonce.wrapping_add(1);
                     let frame = frame_of(&Uplink::Ping(Ping {
@@ -1375,7 +1375,7 @@ impl<const RING: usize, const OUTBOX: usize> Harness<'_, RING, OUTBOX> {
             MLink::Hello { deadline, .. } => Some(deadline),
             MLink::Open(s) => Some(match s.ping {
                 Some((_, sent)) => sent.max(s.last_rx).saturating_add(s.heartbeat_ms),
-                None => s.last_tx.saturating_add(s.heartbeat_ms),
+                None => s.last_tx.min(s.last_rx).saturating_add(s.heartbeat_ms),
             }),
         };
         assert_eq!(c.poll_timeout(), timeout, "poll_timeout");

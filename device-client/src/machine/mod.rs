@@ -951,8 +951,10 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
                         None => break,
                     }
                 }
-                // Then a heartbeat if the line was quiet.
-                if s.ping.is_none() && now >= s.last_tx.saturating_add(s.heartbeat_ms) {
+                // Then a heartbeat if the line was quiet either way: nothing sent (the
+                // gateway must hear from us) or nothing received (a device that sends
+                // steadily must still find out that nobody answers any more).
+                if s.ping.is_none() && now >= ping_due(s) {
                     self.nonce = self.nonce.wrapping_add(1);
                     let n = proto::encode(&Uplink::Ping(Ping { nonce: self.nonce }), buf).ok()?;
                     s.ping = Some((self.nonce, now));
@@ -973,7 +975,7 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
             Link::Hello { deadline, .. } => Some(deadline),
             Link::Open(s) => Some(match s.ping {
                 Some((_, sent)) => sent.max(s.last_rx).saturating_add(s.heartbeat_ms),
-                None => s.last_tx.saturating_add(s.heartbeat_ms),
+                None => ping_due(&s),
             }),
         }
     }
@@ -1036,6 +1038,12 @@ impl<const RING: usize, const OUTBOX: usize> Client<RING, OUTBOX> {
         let span = u32::try_from(base - half).unwrap_or(u32::MAX - 1) + 1;
         half + Millis::from((x as u32) % span)
     }
+}
+
+/// When a session's next `Ping` is due: a heartbeat after the last frame sent or the
+/// last received, whichever is older (PROTOCOL.md §8.4).
+fn ping_due(s: &Session) -> Millis {
+    s.last_tx.min(s.last_rx).saturating_add(s.heartbeat_ms)
 }
 
 /// The variant index of `Uplink::Reported`, the first byte of its body.
