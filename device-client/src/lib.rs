@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  application ──send_telemetry / complete_command / report_state──► machine::Client
-//!              ◄── events, commands, desired settings (App::on_desired, protocol v2)
+//!              ◄── events, commands, desired settings (App::on_desired, protocol v2),
+//!                  firmware offers and chunks (App::on_firmware, protocol v3)
 //!  driver::run(client, connector, clock, app, rx, tx)      the only code that awaits
 //!    ├─ driver::tokio         tokio-rustls connector, clock          (feature tokio)
 //!    └─ driver::embedded_tls  embedded-tls provider + connector      (feature embedded-tls)
@@ -12,7 +13,8 @@
 //!  proto    messages, framing, limits: the one codec (the gateway uses it too)
 //!  sim      simulated devices on tokio                               (feature sim)
 //!  firmware signed images: SHA-256 as it arrives, the release key's
-//!           signature over the manifest                              (feature firmware)
+//!           signature over the manifest; Updater: an offered image into
+//!           an embedded-storage NorFlash partition, checked, resumable (feature firmware)
 //! ```
 //!
 //! The crate's README has the details, the buffer sizes and the footprint.

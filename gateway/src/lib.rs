@@ -443,6 +443,8 @@ impl Gateway {
             let _ = c.await;
         }
         tasks.housekeeping.abort();
+        // Rollout progress the sessions reported last.
+        self.shared.firmware.flush().await;
         self.shared.save_refusals().await;
         tasks.writer.stop(&self.shared.store).await;
         info!("gateway stopped");

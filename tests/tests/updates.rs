@@ -537,3 +537,88 @@ async fn a_thousand_devices_take_a_rollout_that_stops_itself_at_its_threshold() 
     let (_, dev) = api.get("/api/v1/devices/sim-0000").await;
     assert_eq!(dev["firmware"], json!(by_id["sim-0000"].firmware), "{dev}");
 }
+
+/// Rollouts survive a restart of the gateway: the store keeps each rollout and each
+/// device's state, and the restarted gateway offers the image again, serves it, and
+/// counts the device installed when it comes back with the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_a_restart_of_the_gateway() {
+    let release = Release::new();
+    let pki = e2e::Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = pki.config(data.path());
+    config.release_key = Some(release.pub_pem.clone());
+    let gw = gateway::Gateway::start(config.clone()).await.unwrap();
+    let api = ApiClient::new(&gw);
+    let (image, sig) = release.image("fw-2.0", 3_000);
+    assert_eq!(api.upload_firmware(&image, &sig).await.0, 201);
+    let (status, r) = api
+        .send(
+            Method::POST,
+            "/api/v1/rollouts",
+            json!({"firmware": "fw-2.0", "devices": ["keep-1", "keep-2"], "max_in_flight": 1}),
+        )
+        .await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["id"].as_i64().unwrap();
+    // keep-1 takes part of the image; then the gateway stops.
+    let cert = pki.device("keep-1");
+    let mut dev = RawDevice::connect(gw.local_addr(), &pki.ca, Some(&cert))
+        .await
+        .unwrap();
+    dev.hello_as(1, 3, "fw-1.0", 1024).await;
+    let Down::FirmwareOffer { id, .. } = next_firmware(&mut dev).await else {
+        panic!("expected an offer")
+    };
+    let (_, first) = request(&mut dev, id, 0, 1_000).await;
+    eventually("keep-1 downloading", || async {
+        (rollout_device(&api, rid, "keep-1").await["state"] == json!("downloading")).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+    drop(dev);
+
+    let gw = gateway::Gateway::start(config).await.unwrap();
+    let api = ApiClient::new(&gw);
+    let (_, r) = api.get(&format!("/api/v1/rollouts/{rid}")).await;
+    assert_eq!(r["state"], json!("running"), "{r}");
+    assert_eq!(r["firmware"]["version"], json!("fw-2.0"));
+    assert_eq!(
+        rollout_device(&api, rid, "keep-1").await["state"],
+        json!("downloading")
+    );
+    assert_eq!(
+        rollout_device(&api, rid, "keep-2").await["state"],
+        json!("pending")
+    );
+    // keep-1 comes back: offered again under the same id, it resumes and finishes.
+    let mut dev = RawDevice::connect(gw.local_addr(), &pki.ca, Some(&cert))
+        .await
+        .unwrap();
+    dev.hello_as(1, 3, "fw-1.0", 1024).await;
+    let Down::FirmwareOffer { id: again, .. } = next_firmware(&mut dev).await else {
+        panic!("expected the offer again")
+    };
+    assert_eq!(again, id);
+    let mut got = first;
+    while got.len() < image.len() {
+        let (_, data) = request(&mut dev, id, got.len() as u32, 1_000).await;
+        got.extend_from_slice(&data);
+    }
+    assert_eq!(got, image);
+    dev.send(&Uplink::FirmwareStatus(FirmwareStatus {
+        id,
+        outcome: FirmwareOutcome::Verified,
+    }))
+    .await
+    .unwrap();
+    drop(dev);
+    let mut dev = RawDevice::connect(gw.local_addr(), &pki.ca, Some(&cert))
+        .await
+        .unwrap();
+    dev.hello_as(2, 3, "fw-2.0", 1024).await;
+    eventually("keep-1 installed", || async {
+        (rollout_device(&api, rid, "keep-1").await["state"] == json!("installed")).then_some(())
+    })
+    .await;
+}

@@ -28,7 +28,15 @@ pub struct Service {
     /// The key uploads must be signed by (`release_key`); `None`: uploads refused.
     pub release_key: Option<upload::ReleaseKey>,
     rollouts: Mutex<Rollouts>,
-    persist: mpsc::UnboundedSender<Vec<RolloutWrite>>,
+    persist: mpsc::UnboundedSender<Persist>,
+}
+
+/// What the writing task does next.
+enum Persist {
+    /// Store these changes.
+    Writes(Vec<RolloutWrite>),
+    /// Say when everything before this is stored.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Service {
@@ -48,17 +56,28 @@ impl Service {
             }
         }
         let rollouts = Rollouts::load(rows, |id| images.get(&id).cloned().flatten());
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<RolloutWrite>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Persist>();
         let store = store.clone();
         tokio::spawn(async move {
             // One writer: changes reach the store in the order they happened, those
             // that queue up meanwhile in one commit.
-            while let Some(mut writes) = rx.recv().await {
-                while let Ok(more) = rx.try_recv() {
-                    writes.extend(more);
+            let mut flushed = Vec::new();
+            while let Some(first) = rx.recv().await {
+                let mut writes = Vec::new();
+                let mut next = Some(first);
+                while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+                    match msg {
+                        Persist::Writes(w) => writes.extend(w),
+                        Persist::Flush(done) => flushed.push(done),
+                    }
                 }
-                if let Err(e) = store.save_rollout_changes(writes).await {
+                if !writes.is_empty()
+                    && let Err(e) = store.save_rollout_changes(writes).await
+                {
                     warn!(error = %e, "storing rollout progress failed");
+                }
+                for done in flushed.drain(..) {
+                    let _ = done.send(());
                 }
             }
         });
@@ -80,11 +99,20 @@ impl Service {
         self.apply(shared, fx);
     }
 
+    /// Waits until every change made so far is stored (the gateway's shutdown, before
+    /// the store closes).
+    pub async fn flush(&self) {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        if self.persist.send(Persist::Flush(done)).is_ok() {
+            let _ = stored.await;
+        }
+    }
+
     /// Persists, publishes and wakes what `fx` says.
     pub fn apply(&self, shared: &Shared, fx: Effects) {
         if !fx.writes.is_empty() {
             // The receiver lives as long as the runtime: a send fails only at exit.
-            let _ = self.persist.send(fx.writes);
+            let _ = self.persist.send(Persist::Writes(fx.writes));
         }
         for e in fx.events {
             shared.publish(|| e);
