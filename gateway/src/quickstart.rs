@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  ./quickstart/
-//!    certs/   ca.pem, gateway.pem, crl.pem, devices/sim-0000 …   (made if absent)
+//!    certs/   ca.pem, gateway.pem, crl.pem, devices/sim-0000 …,
+//!             release.pub.pem + release/ (the firmware release key)  (made if absent)
 //!    data/    gateway.sqlite, api-token
 //!  gateway  devices on 127.0.0.1:7443, API + dashboard on 127.0.0.1:8080
 //!  device_client::sim  N devices, one record per device per second
@@ -68,6 +69,9 @@ pub fn prepare(
         })
         .map_err(err)?;
     }
+    if !pki.release_key_path().exists() {
+        pki.create_release_key().map_err(err)?;
+    }
     let ca = pki.load_ca().map_err(err)?;
     let ids = certs::dir::sequential_ids(PREFIX, 0, opts.devices as u64)?;
     pki.issue_devices(&ca, &ids, Validity::days(825), Existing::Skip, progress)
@@ -79,6 +83,9 @@ pub fn prepare(
         key: pki.gateway_key_path(),
         crl: Some(pki.crl_path()),
         data_dir: opts.dir.join("data"),
+        // Firmware images signed with the quickstart's release key are taken
+        // (`certs sign-firmware --dir quickstart/certs ...`).
+        release_key: Some(pki.release_public_paths().0),
         ..Config::default()
     })
 }
@@ -96,6 +103,10 @@ pub fn simulation(opts: &Options, gateway: std::net::SocketAddr) -> SimConfig {
     );
     sim.rate = opts.rate;
     sim.duration = None;
+    // The devices check offered images against the release key, as firmware does.
+    sim.release_key = std::fs::read(PkiDir::new(opts.dir.join("certs")).release_public_paths().1)
+        .ok()
+        .and_then(|b| b.try_into().ok());
     sim.drain_timeout = Duration::from_secs(5);
     sim
 }
