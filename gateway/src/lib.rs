@@ -516,6 +516,11 @@ async fn housekeeping(shared: Arc<Shared>) {
         }
         if n.is_multiple_of(5) {
             shared.save_refusals().await;
+            // Rollout devices past their deadline fail and free their slots.
+            let now = store::now_ms();
+            shared
+                .firmware
+                .change(&shared, |r| r.expire(now, |d| shared.registry.is_online(d)));
         }
         if n.is_multiple_of(60) {
             shared.check_crl();

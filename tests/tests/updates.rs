@@ -318,11 +318,25 @@ async fn a_refused_image_is_reported_and_stops_the_rollout_at_its_threshold() {
             Method::POST,
             "/api/v1/rollouts",
             json!({"firmware": "fw-2.0", "devices": ["dev-a", "dev-b", "dev-c"],
-                   "failure_threshold": 0.0, "max_in_flight": 1}),
+                   "failure_threshold": 0.0, "max_in_flight": 1, "device_timeout_s": 600}),
         )
         .await;
     assert_eq!(status, 201, "{r}");
+    assert_eq!(r["device_timeout_s"], json!(600));
     let rid = r["id"].as_i64().unwrap();
+    // Settings out of range are refused with the reason.
+    for bad in [
+        json!({"firmware": "fw-2.0", "devices": ["x"], "device_timeout_s": 0}),
+        json!({"firmware": "fw-2.0", "devices": ["x"], "max_in_flight": 0}),
+        json!({"firmware": "fw-2.0", "devices": ["x"], "failure_threshold": 1.5}),
+        json!({"firmware": "fw-2.0"}),
+    ] {
+        let (status, body) = api.send(Method::POST, "/api/v1/rollouts", bad).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (400, json!("invalid_rollout"))
+        );
+    }
     // A device in an unfinished rollout cannot join another.
     let (status, body) = api
         .send(

@@ -130,6 +130,8 @@ pub(super) struct RolloutBody {
     failure_threshold: Option<f64>,
     /// Devices updating at once.
     max_in_flight: Option<u32>,
+    /// Seconds a device may go without progress before it counts as failed.
+    device_timeout_s: Option<u32>,
 }
 
 /// Default share of failed devices that stops a rollout.
@@ -154,6 +156,12 @@ pub(super) async fn post_rollout(
     let max_in_flight = body.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
     if max_in_flight == 0 {
         return Err(invalid_rollout("max_in_flight must be at least 1"));
+    }
+    let device_timeout_s = body
+        .device_timeout_s
+        .unwrap_or(crate::firmware::Settings::DEFAULT_DEVICE_TIMEOUT_S);
+    if device_timeout_s == 0 {
+        return Err(invalid_rollout("device_timeout_s must be at least 1"));
     }
     let mut devices = match (body.devices, body.group) {
         (Some(d), None) => d,
@@ -197,20 +205,24 @@ pub(super) async fn post_rollout(
         return Err(rollout_error(RolloutError::Busy(busy)));
     }
     let (id, now) = store
-        .create_rollout(image.id, devices.clone(), threshold, max_in_flight)
+        .create_rollout(
+            image.id,
+            devices.clone(),
+            threshold,
+            max_in_flight,
+            device_timeout_s,
+        )
         .await
         .map_err(store_error)?;
     let image = Arc::new(image);
     shared.firmware.change(&shared, |r| {
-        r.create(
-            id,
-            image,
-            &devices,
-            threshold,
-            max_in_flight as usize,
-            now,
-            |d| shared.registry.is_online(d),
-        )
+        let settings = crate::firmware::Settings {
+            device_timeout_s,
+            ..crate::firmware::Settings::new(threshold, max_in_flight as usize)
+        };
+        r.create(id, image, &devices, settings, now, |d| {
+            shared.registry.is_online(d)
+        })
     });
     let view = shared.firmware.with(|r| r.view(id, true));
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 pub use image::Image;
-pub use rollout::{Effects, Rollouts};
+pub use rollout::{Effects, Rollouts, Settings};
 
 use crate::Shared;
 use crate::store::{RolloutWrite, Store};

@@ -165,6 +165,36 @@ impl ImageInfo {
     }
 }
 
+/// How a rollout proceeds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// It stops when more than this share of its devices failed.
+    pub failure_threshold: f64,
+    /// Devices offered, downloading or verified (restarting) at once.
+    pub max_in_flight: usize,
+    /// A device that makes no progress for this long (no chunk asked for, no status,
+    /// no restart with the image) counts as failed, and frees its slot.
+    pub device_timeout_s: u32,
+}
+
+impl Settings {
+    /// The default deadline of a device: an hour without progress.
+    pub const DEFAULT_DEVICE_TIMEOUT_S: u32 = 3600;
+
+    /// A threshold and a number at once, with the default deadline.
+    pub fn new(failure_threshold: f64, max_in_flight: usize) -> Self {
+        Self {
+            failure_threshold,
+            max_in_flight,
+            device_timeout_s: Self::DEFAULT_DEVICE_TIMEOUT_S,
+        }
+    }
+
+    fn timeout_ms(&self) -> i64 {
+        i64::from(self.device_timeout_s) * 1000
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     state: DeviceState,
@@ -172,6 +202,8 @@ struct Entry {
     received: u32,
     reason: Option<String>,
     updated_ms: i64,
+    /// Its last sign of life in this rollout: a state change or a chunk sent.
+    progress_ms: i64,
 }
 
 #[derive(Debug)]
@@ -181,8 +213,7 @@ struct Rollout {
     /// The bytes, while devices may still ask for them.
     image: Option<Arc<Image>>,
     state: RolloutState,
-    failure_threshold: f64,
-    max_in_flight: usize,
+    settings: Settings,
     created_ms: i64,
     updated_ms: i64,
     reason: Option<String>,
@@ -204,7 +235,7 @@ impl Rollout {
     /// Whether more than the threshold's share of its devices failed (0: any failure
     /// stops it; 1: none does).
     fn over_threshold(&self, failed: usize) -> bool {
-        failed as f64 > self.failure_threshold * self.devices.len() as f64
+        failed as f64 > self.settings.failure_threshold * self.devices.len() as f64
     }
 
     /// The transfer id devices see: the rollout's id (ids stay far below 2³²).
@@ -264,6 +295,8 @@ pub struct RolloutView {
     pub failure_threshold: f64,
     /// Devices taking the image at once.
     pub max_in_flight: usize,
+    /// Seconds a device may go without progress before it counts as failed.
+    pub device_timeout_s: u32,
     /// When it was made, ms since the epoch.
     pub created_ms: i64,
     /// When its state last changed.
@@ -322,6 +355,7 @@ impl Rollouts {
                             received: 0,
                             reason,
                             updated_ms,
+                            progress_ms: updated_ms,
                         },
                     ))
                 })
@@ -339,8 +373,11 @@ impl Rollouts {
                     info,
                     image: if keep_image { img } else { None },
                     state,
-                    failure_threshold: row.failure_threshold,
-                    max_in_flight: row.max_in_flight as usize,
+                    settings: Settings {
+                        failure_threshold: row.failure_threshold,
+                        max_in_flight: row.max_in_flight as usize,
+                        device_timeout_s: row.device_timeout_s,
+                    },
                     created_ms: row.created_ms,
                     updated_ms: row.updated_ms,
                     reason: row.reason,
@@ -362,14 +399,12 @@ impl Rollouts {
 
     /// Adds a rollout the store recorded (every device pending), and offers the image
     /// to the first online devices.
-    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &mut self,
         id: i64,
         image: Arc<Image>,
         devices: &[String],
-        failure_threshold: f64,
-        max_in_flight: usize,
+        settings: Settings,
         now_ms: i64,
         online: impl Fn(&str) -> bool,
     ) -> Effects {
@@ -383,6 +418,7 @@ impl Rollouts {
                         received: 0,
                         reason: None,
                         updated_ms: now_ms,
+                        progress_ms: now_ms,
                     },
                 )
             })
@@ -397,8 +433,10 @@ impl Rollouts {
                 info: ImageInfo::of(&image),
                 image: Some(image),
                 state: RolloutState::Running,
-                failure_threshold,
-                max_in_flight: max_in_flight.max(1),
+                settings: Settings {
+                    max_in_flight: settings.max_in_flight.max(1),
+                    ..settings
+                },
                 created_ms: now_ms,
                 updated_ms: now_ms,
                 reason: None,
@@ -450,7 +488,7 @@ impl Rollouts {
             )),
             _ if version < 3 => Some((DeviceState::Failed, Some(too_old(version)))),
             DeviceState::Pending
-                if r.state == RolloutState::Running && r.in_flight() < r.max_in_flight =>
+                if r.state == RolloutState::Running && r.in_flight() < r.settings.max_in_flight =>
             {
                 Some((DeviceState::Offered, None))
             }
@@ -495,6 +533,47 @@ impl Rollouts {
         fx
     }
 
+    /// Devices that made no progress within their rollout's deadline fail: one offered
+    /// or downloading that stopped asking, one verified that never came back with the
+    /// image. Their slots go to the next devices.
+    pub fn expire(&mut self, now_ms: i64, online: impl Fn(&str) -> bool) -> Effects {
+        let mut fx = Effects::default();
+        let late: Vec<(i64, Arc<str>, DeviceState, u32)> = self
+            .rollouts
+            .values()
+            .flat_map(|r| {
+                r.devices
+                    .iter()
+                    .filter(|(_, e)| {
+                        e.state.in_flight()
+                            && now_ms.saturating_sub(e.progress_ms) > r.settings.timeout_ms()
+                    })
+                    .map(|(d, e)| (r.id, d.clone(), e.state, r.settings.device_timeout_s))
+            })
+            .collect();
+        for (id, device, state, timeout_s) in &late {
+            let reason = if *state == DeviceState::Verified {
+                format!("did not come back with the image within {timeout_s} s")
+            } else {
+                format!("no progress for {timeout_s} s")
+            };
+            self.set(
+                *id,
+                device,
+                DeviceState::Failed,
+                Some(reason),
+                now_ms,
+                &mut fx,
+            );
+        }
+        let mut ids: Vec<i64> = late.iter().map(|(id, ..)| *id).collect();
+        ids.dedup();
+        for id in ids {
+            self.settle(id, now_ms, &online, &mut fx);
+        }
+        fx
+    }
+
     /// What a device's session should be serving now: transfer id and image, if any.
     pub fn wanted(&self, device: &str) -> Option<(u32, Arc<Image>)> {
         let id = self.active.get(device)?;
@@ -520,6 +599,7 @@ impl Rollouts {
             return fx;
         };
         e.received = e.received.max(end);
+        e.progress_ms = now_ms;
         if e.state == DeviceState::Offered {
             self.set(id, device, DeviceState::Downloading, None, now_ms, &mut fx);
         }
@@ -638,8 +718,9 @@ impl Rollouts {
             firmware: r.info.clone(),
             state: r.state,
             reason: r.reason.clone(),
-            failure_threshold: r.failure_threshold,
-            max_in_flight: r.max_in_flight,
+            failure_threshold: r.settings.failure_threshold,
+            max_in_flight: r.settings.max_in_flight,
+            device_timeout_s: r.settings.device_timeout_s,
             created_ms: r.created_ms,
             updated_ms: r.updated_ms,
             counts,
@@ -714,6 +795,7 @@ impl Rollouts {
             e.state = state;
             e.reason.clone_from(&reason);
             e.updated_ms = now_ms;
+            e.progress_ms = now_ms;
         }
         if state.is_final() {
             self.active.remove(device);
@@ -774,7 +856,7 @@ impl Rollouts {
             let reason = format!(
                 "{failed} of {} devices failed, more than the threshold of {}%",
                 r.devices.len(),
-                r.failure_threshold * 100.0
+                r.settings.failure_threshold * 100.0
             );
             self.end(id, RolloutState::Stopped, Some(reason), now_ms, fx);
             return;
@@ -833,7 +915,7 @@ impl Rollouts {
         if r.state != RolloutState::Running {
             return;
         }
-        let room = r.max_in_flight.saturating_sub(r.in_flight());
+        let room = r.settings.max_in_flight.saturating_sub(r.in_flight());
         if room == 0 {
             return;
         }
@@ -882,7 +964,7 @@ mod tests {
     #[test]
     fn slots_limit_offers_and_free_up_as_devices_finish() {
         let mut r = Rollouts::default();
-        let fx = r.create(5, image(), &names(5), 0.5, 2, 0, |_| true);
+        let fx = r.create(5, image(), &names(5), Settings::new(0.5, 2), 0, |_| true);
         assert_eq!(fx.wake.len(), 2, "two slots: two offers");
         assert!(r.wanted("d000").is_some() && r.wanted("d002").is_none());
         assert!(r.busy(&names(1)) == vec!["d000".to_string()]);
@@ -903,7 +985,7 @@ mod tests {
     fn a_restart_with_the_old_version_fails_and_the_threshold_stops_the_rollout() {
         let mut r = Rollouts::default();
         // 4 devices, 25 %: the second failure stops it.
-        r.create(5, image(), &names(4), 0.25, 2, 0, |_| true);
+        r.create(5, image(), &names(4), Settings::new(0.25, 2), 0, |_| true);
         r.status("d000", 5, FirmwareOutcome::Verified, 1, |_| true);
         r.hello("d000", "fw-1", 3, 2, |_| true);
         assert_eq!(state(&r, "d000"), DeviceState::Failed);
@@ -925,7 +1007,9 @@ mod tests {
     #[test]
     fn offline_devices_wait_and_old_protocol_versions_fail() {
         let mut r = Rollouts::default();
-        let fx = r.create(5, image(), &names(3), 1.0, 10, 0, |d| d == "d001");
+        let fx = r.create(5, image(), &names(3), Settings::new(1.0, 10), 0, |d| {
+            d == "d001"
+        });
         assert_eq!(fx.wake, vec![Arc::<str>::from("d001")]);
         // d000 connects: it gets the offer at its Hello.
         r.hello("d000", "fw-1", 3, 1, |d| d != "d002");
@@ -945,7 +1029,7 @@ mod tests {
         // Online in a version 2 session when the rollout began: offered, and its
         // session cannot send the offer.
         let mut r2 = Rollouts::default();
-        r2.create(6, image(), &names(1), 1.0, 1, 0, |_| true);
+        r2.create(6, image(), &names(1), Settings::new(1.0, 1), 0, |_| true);
         r2.cannot_transfer("d000", 2, 1, |_| true);
         assert_eq!(r2.view(6, false).unwrap().counts["failed"], 1);
         // One already running the image is installed at once.
@@ -954,9 +1038,42 @@ mod tests {
     }
 
     #[test]
+    fn a_device_without_progress_fails_at_its_deadline_and_frees_its_slot() {
+        let mut r = Rollouts::default();
+        let settings = Settings {
+            device_timeout_s: 10,
+            ..Settings::new(1.0, 1)
+        };
+        r.create(5, image(), &names(3), settings, 0, |_| true);
+        assert_eq!(state(&r, "d000"), DeviceState::Offered);
+        // Chunks keep it alive.
+        r.sent("d000", 5, 100, 8_000);
+        assert!(r.expire(15_000, |_| true).wake.is_empty());
+        // Then nothing for more than 10 s: failed, and d001 gets the slot.
+        let fx = r.expire(18_001, |_| true);
+        assert_eq!(state(&r, "d000"), DeviceState::Failed);
+        assert_eq!(fx.wake.last().map(|d| &**d), Some("d001"));
+        let p = r.view(5, true).unwrap().devices.unwrap();
+        assert_eq!(p[0].reason.as_deref(), Some("no progress for 10 s"));
+        // A verified device that never comes back with the image fails too.
+        r.status("d001", 5, FirmwareOutcome::Verified, 19_000, |_| true);
+        r.expire(29_001, |_| true);
+        let p = r.view(5, true).unwrap().devices.unwrap();
+        assert_eq!(p[1].state, DeviceState::Failed);
+        assert!(
+            p[1].reason
+                .as_deref()
+                .unwrap()
+                .contains("did not come back")
+        );
+        assert_eq!(state(&r, "d002"), DeviceState::Offered);
+        assert_eq!(r.view(5, false).unwrap().device_timeout_s, 10);
+    }
+
+    #[test]
     fn a_status_that_crossed_the_cancel_still_counts() {
         let mut r = Rollouts::default();
-        r.create(5, image(), &names(3), 1.0, 3, 0, |_| true);
+        r.create(5, image(), &names(3), Settings::new(1.0, 3), 0, |_| true);
         r.cancel(5, 1).unwrap();
         // d000 had verified, d001 had failed, before the cancel reached them.
         r.status("d000", 5, FirmwareOutcome::Verified, 2, |_| true);
@@ -976,7 +1093,7 @@ mod tests {
     #[test]
     fn pause_stops_new_offers_and_cancel_withdraws_transfers() {
         let mut r = Rollouts::default();
-        r.create(5, image(), &names(3), 1.0, 1, 0, |_| true);
+        r.create(5, image(), &names(3), Settings::new(1.0, 1), 0, |_| true);
         r.set_paused(5, true, 1, |_| true).unwrap();
         r.status("d000", 5, FirmwareOutcome::Declined, 2, |_| true);
         assert_eq!(r.view(5, false).unwrap().counts["offered"], 0, "paused");
@@ -993,7 +1110,7 @@ mod tests {
     #[test]
     fn completes_when_every_device_is_done_and_reloads_from_rows() {
         let mut r = Rollouts::default();
-        let fx = r.create(5, image(), &names(2), 1.0, 5, 0, |_| true);
+        let fx = r.create(5, image(), &names(2), Settings::new(1.0, 5), 0, |_| true);
         let mut writes = fx.writes;
         for d in ["d000", "d001"] {
             writes.extend(
@@ -1021,6 +1138,7 @@ mod tests {
             state: "running".into(),
             failure_threshold: 0.5,
             max_in_flight: 2,
+            device_timeout_s: 60,
             created_ms: 0,
             updated_ms: 0,
             reason: None,

@@ -37,6 +37,8 @@ pub struct RolloutRow {
     pub failure_threshold: f64,
     /// Devices taking the image at once.
     pub max_in_flight: u32,
+    /// Seconds a device may go without progress before it counts as failed.
+    pub device_timeout_s: u32,
     /// When it was made.
     pub created_ms: i64,
     /// When its state last changed.
@@ -178,13 +180,21 @@ impl Store {
         devices: Vec<String>,
         failure_threshold: f64,
         max_in_flight: u32,
+        device_timeout_s: u32,
     ) -> Result<(i64, i64), StoreError> {
         let now = now_ms();
         self.write(move |c| {
             c.execute(
                 "INSERT INTO rollouts(firmware, state, failure_threshold, max_in_flight,
-                     created_ms, updated_ms) VALUES (?1, 'running', ?2, ?3, ?4, ?4)",
-                params![firmware, failure_threshold, max_in_flight, now],
+                     device_timeout_s, created_ms, updated_ms)
+                 VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?5)",
+                params![
+                    firmware,
+                    failure_threshold,
+                    max_in_flight,
+                    device_timeout_s,
+                    now
+                ],
             )?;
             let id = c.last_insert_rowid();
             let mut stmt = c.prepare_cached(
@@ -241,7 +251,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT id, firmware, state, failure_threshold, max_in_flight, created_ms,
-                        updated_ms, reason FROM rollouts ORDER BY id",
+                        updated_ms, reason, device_timeout_s FROM rollouts ORDER BY id",
             )?;
             let mut rows = stmt
                 .query_map([], |r| {
@@ -254,6 +264,7 @@ impl Store {
                         created_ms: r.get(5)?,
                         updated_ms: r.get(6)?,
                         reason: r.get(7)?,
+                        device_timeout_s: r.get(8)?,
                         devices: Vec::new(),
                     })
                 })?

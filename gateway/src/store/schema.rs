@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS rollouts(
     state              TEXT NOT NULL,
     failure_threshold  REAL NOT NULL,
     max_in_flight      INTEGER NOT NULL,
+    device_timeout_s   INTEGER NOT NULL DEFAULT 3600,
     created_ms         INTEGER NOT NULL,
     updated_ms         INTEGER NOT NULL,
     reason             TEXT
@@ -149,6 +150,7 @@ pub(super) fn open_writer_connection(
     migrate_unique_key(&conn)?;
     migrate_to_chunks(&conn)?;
     migrate_fleet_columns(&conn)?;
+    migrate_rollout_timeout(&conn)?;
     // A previous run may have died with sessions open: nobody is online at start.
     conn.execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
     Ok(conn)
@@ -236,6 +238,22 @@ fn migrate_fleet_columns(conn: &Connection) -> Result<(), StoreError> {
            WHERE owner IS NOT NULL;
          CREATE INDEX IF NOT EXISTS commands_fleet ON commands(fleet) WHERE fleet IS NOT NULL;",
     )?;
+    Ok(())
+}
+
+/// Rollouts made before devices had a deadline get the default one.
+fn migrate_rollout_timeout(conn: &Connection) -> Result<(), StoreError> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('rollouts') WHERE name = 'device_timeout_s'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute(
+            "ALTER TABLE rollouts ADD COLUMN device_timeout_s INTEGER NOT NULL DEFAULT 3600",
+            [],
+        )?;
+    }
     Ok(())
 }
 
@@ -389,5 +407,32 @@ fn migrate_step(conn: &Connection) -> Result<usize, StoreError> {
             let _ = conn.execute_batch("ROLLBACK");
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+    use super::*;
+
+    /// A store whose rollouts were made before devices had a deadline opens, and its
+    /// rollouts get the default one.
+    #[test]
+    fn rollouts_without_a_device_deadline_get_the_default() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE rollouts(id INTEGER PRIMARY KEY AUTOINCREMENT, firmware INTEGER NOT NULL,
+                 state TEXT NOT NULL, failure_threshold REAL NOT NULL,
+                 max_in_flight INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+                 updated_ms INTEGER NOT NULL, reason TEXT);
+             INSERT INTO rollouts VALUES (1, 1, 'running', 0.1, 50, 0, 0, NULL);",
+        )
+        .unwrap();
+        migrate_rollout_timeout(&conn).unwrap();
+        migrate_rollout_timeout(&conn).unwrap(); // twice: nothing more to do
+        let t: i64 = conn
+            .query_row("SELECT device_timeout_s FROM rollouts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(t, 3600);
     }
 }

@@ -31,8 +31,7 @@ impl Pair {
             ROLLOUT,
             img,
             &[DEVICE.to_string()],
-            1.0,
-            1,
+            crate::firmware::Settings::new(1.0, 1),
             self.now().wall_ms,
             |_| self.link.is_some(),
         );
@@ -86,9 +85,14 @@ fn a_transfer_cut_by_a_reconnect_resumes_from_the_device_offset() {
     // The link breaks after the device's third request is on the wire (the gateway
     // never reads the rest).
     let img = image(4_000);
-    let fx = p
-        .rollouts
-        .create(ROLLOUT, img.clone(), &[DEVICE.into()], 1.0, 1, 0, |_| true);
+    let fx = p.rollouts.create(
+        ROLLOUT,
+        img.clone(),
+        &[DEVICE.into()],
+        crate::firmware::Settings::new(1.0, 1),
+        0,
+        |_| true,
+    );
     p.firmware_effects(fx);
     let request = 12; // FirmwareRequest frames are 9 to 12 bytes
     p.pump_limited(request * 3);
@@ -117,9 +121,14 @@ fn a_transfer_never_holds_up_acks_or_commands() {
     let mut p = Pair::new();
     p.connect();
     p.fw.request_len = 64; // many small chunks
-    let fx = p
-        .rollouts
-        .create(ROLLOUT, image(3_000), &[DEVICE.into()], 1.0, 1, 0, |_| true);
+    let fx = p.rollouts.create(
+        ROLLOUT,
+        image(3_000),
+        &[DEVICE.into()],
+        crate::firmware::Settings::new(1.0, 1),
+        0,
+        |_| true,
+    );
     p.firmware_effects(fx);
     // Before any byte moves: telemetry and a command wait beside the transfer.
     p.send(3);
@@ -151,9 +160,14 @@ fn a_cancel_withdraws_the_transfer() {
     p.connect();
     // The device takes three chunks, then is busy elsewhere.
     p.fw.stop_after = Some(3);
-    let fx = p
-        .rollouts
-        .create(ROLLOUT, image(4_000), &[DEVICE.into()], 1.0, 1, 0, |_| true);
+    let fx = p.rollouts.create(
+        ROLLOUT,
+        image(4_000),
+        &[DEVICE.into()],
+        crate::firmware::Settings::new(1.0, 1),
+        0,
+        |_| true,
+    );
     p.firmware_effects(fx);
     p.pump();
     assert_eq!(p.fw.chunks.len(), 3);
@@ -178,8 +192,14 @@ fn a_version_2_device_is_not_offered_firmware() {
     let mut p = Pair::new().gateway_version(2);
     p.connect();
     assert!(matches!(p.events[0], Event::Connected { version: 2, .. }));
-    p.rollouts
-        .create(ROLLOUT, image(100), &[DEVICE.into()], 1.0, 1, 0, |_| false);
+    p.rollouts.create(
+        ROLLOUT,
+        image(100),
+        &[DEVICE.into()],
+        crate::firmware::Settings::new(1.0, 1),
+        0,
+        |_| false,
+    );
     // Its next session says which version it speaks.
     p.dev.handle_closed(p.t);
     p.device_closed();
