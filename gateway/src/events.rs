@@ -210,6 +210,8 @@ pub struct Metrics {
     pub api_connections_refused: AtomicU64,
     /// `CommandResult`s for commands not in flight on their session (ignored).
     pub command_results_ignored: AtomicU64,
+    /// Firmware image bytes sent in chunks (protocol version 3).
+    pub firmware_bytes_sent: AtomicU64,
     /// Time from a record's arrival to its ack being queued.
     pub ack_latency: Histogram,
     /// Time from a batch's submission to its commit.
@@ -234,6 +236,7 @@ impl Default for Metrics {
             api_connections: AtomicI64::new(0),
             api_connections_refused: AtomicU64::new(0),
             command_results_ignored: AtomicU64::new(0),
+            firmware_bytes_sent: AtomicU64::new(0),
             ack_latency: Histogram::new(LATENCY_BUCKETS),
             commit_latency: Histogram::new(LATENCY_BUCKETS),
         }

@@ -272,6 +272,12 @@ async fn a_spec_device_fetches_an_image_across_a_reconnect_and_installs_it() {
         (rollout_device(&api, rid, "dev-fw").await["state"] == json!("verified")).then_some(())
     })
     .await;
+    // /metrics: the bytes served (the whole image, the resumed part once), and the
+    // rollout's devices by state.
+    let sent = e2e::metric(&tg.gw, "gateway_firmware_bytes_sent_total").await;
+    assert_eq!(sent, Some(40_000.0));
+    let verified = e2e::metric(&tg.gw, "gateway_rollout_devices{state=\"verified\"}").await;
+    assert_eq!(verified, Some(1.0));
     // A request for a transfer the gateway does not offer this device: a cancel.
     dev.send(&Uplink::FirmwareRequest(FirmwareRequest {
         id: 999,

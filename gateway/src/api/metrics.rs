@@ -31,6 +31,7 @@ pub(super) async fn handler(State(super::ApiState(api)): State<ApiState>) -> Res
         .await
         .unwrap_or_default();
     let mut body = render(&api.gw, &counts);
+    rollout_metrics(&mut body, &api.gw);
     if expiring.len() == EXPIRY_WINDOWS.len() {
         let _ = writeln!(
             body,
@@ -78,7 +79,12 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
         m.sessions.load(Ordering::Relaxed).to_string(),
     );
     // The plain counters, one row each.
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 8] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+        (
+            "gateway_firmware_bytes_sent_total",
+            "Firmware image bytes sent to devices in chunks (protocol version 3).",
+            &m.firmware_bytes_sent,
+        ),
         (
             "gateway_handshakes_ok_total",
             "TLS handshakes completed.",
@@ -123,6 +129,7 @@ fn render(gw: &crate::Gateway, commands: &[(CommandState, u64)]) -> String {
     for (name, help, value) in counters {
         metric(name, "counter", help, load(value));
     }
+
     metric(
         "gateway_handshakes_in_progress",
         "gauge",
@@ -370,6 +377,29 @@ async fn sink_backlog(out: &mut String, sink: &str, who: &str, store: &crate::St
 fn samples(out: &mut String, rows: &[(&str, &str, &str, String)]) {
     for (name, kind, help, value) in rows {
         sample(out, name, kind, help, value);
+    }
+}
+
+/// Devices of the firmware rollouts still under way (running or paused), by state.
+fn rollout_metrics(out: &mut String, gw: &crate::Gateway) {
+    let mut by_state = std::collections::BTreeMap::<&str, usize>::new();
+    for r in gw.shared().firmware.with(|r| r.list()) {
+        if r.state.is_final() {
+            continue;
+        }
+        for (state, n) in r.counts {
+            if state != "total" {
+                *by_state.entry(state).or_default() += n;
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP gateway_rollout_devices Devices of the firmware rollouts under way \
+         (running or paused), by state.\n# TYPE gateway_rollout_devices gauge"
+    );
+    for (state, n) in by_state {
+        let _ = writeln!(out, "gateway_rollout_devices{{state=\"{state}\"}} {n}");
     }
 }
 

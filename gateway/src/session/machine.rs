@@ -199,6 +199,8 @@ pub(crate) struct Fed {
     pub wants_desired: bool,
     /// Firmware sent (version 3): the transfer's id and the end of the last chunk.
     pub firmware_sent: Option<(FirmwareId, u32)>,
+    /// Image bytes those chunks carried.
+    pub firmware_bytes: usize,
     /// How firmware transfers ended on the device, as it said.
     pub firmware_status: Vec<(FirmwareId, FirmwareOutcome)>,
 }
@@ -611,6 +613,7 @@ impl Machine {
             .offset
             .saturating_add(u32::try_from(data.len()).unwrap_or(0));
         fed.firmware_sent = Some((r.id, end));
+        fed.firmware_bytes += data.len();
     }
 
     /// Resets the idle deadline: something arrived.

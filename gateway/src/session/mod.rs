@@ -355,6 +355,10 @@ impl Session {
                 });
             }
         }
+        if fed.firmware_bytes > 0 {
+            m.firmware_bytes_sent
+                .fetch_add(fed.firmware_bytes as u64, Ordering::Relaxed);
+        }
         if fed.firmware_sent.is_some() || !fed.firmware_status.is_empty() {
             self.firmware_fed(fed.firmware_sent, fed.firmware_status);
         }
