@@ -231,6 +231,11 @@ async fn a_spec_device_fetches_an_image_across_a_reconnect_and_installs_it() {
         rollout_device(&api, rid, "dev-fw").await["state"],
         json!("downloading")
     );
+    // The device's own record says so too.
+    let (_, d) = api.get("/api/v1/devices/dev-fw").await;
+    assert_eq!(d["firmware_update"]["rollout"], json!(rid), "{d}");
+    assert_eq!(d["firmware_update"]["state"], json!("downloading"));
+    assert_eq!(d["firmware_update"]["received"], json!(10_090));
     // The link breaks; the device comes back (same boot) and is offered the same
     // transfer again; it asks from what it holds.
     drop(dev);

@@ -48,7 +48,23 @@ pub(super) async fn get_device(
         return r.into_response();
     }
     match api.gw.device(&id).await {
-        Ok(Some(d)) => axum::Json(d).into_response(),
+        Ok(Some(d)) => {
+            // The firmware update under way, if the device is in one.
+            let update = api.gw.shared().firmware.with(|r| r.device(&id));
+            let mut body = serde_json::to_value(d).unwrap_or(Json::Null);
+            if let (Some((rollout, p)), Some(obj)) = (update, body.as_object_mut()) {
+                obj.insert(
+                    "firmware_update".into(),
+                    json!({
+                        "rollout": rollout,
+                        "state": p.state,
+                        "received": p.received,
+                        "reason": p.reason,
+                    }),
+                );
+            }
+            axum::Json(body).into_response()
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "no_device",

@@ -765,6 +765,23 @@ impl Rollouts {
         Ok(r)
     }
 
+    /// The device's progress in its unfinished rollout, if it is in one: the rollout's
+    /// id and the progress.
+    pub fn device(&self, device: &str) -> Option<(i64, DeviceProgress)> {
+        let id = *self.active.get(device)?;
+        let e = self.rollouts.get(&id)?.devices.get(device)?;
+        Some((
+            id,
+            DeviceProgress {
+                device: device.to_owned(),
+                state: e.state,
+                received: e.received,
+                reason: e.reason.clone(),
+                updated_ms: e.updated_ms,
+            },
+        ))
+    }
+
     /// The rollout of `device`'s transfer `wire_id`, if that is its unfinished one.
     fn transfer(&self, device: &str, wire_id: u32) -> Option<i64> {
         let id = *self.active.get(device)?;
