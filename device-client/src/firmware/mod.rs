@@ -34,6 +34,41 @@ pub mod updater;
 
 pub use updater::{Checkpoint, Decline, ReadError, Update, Updater, Version, hash_flash};
 
+/// A release public key file that is not one (feature `release-key-file`).
+#[cfg(feature = "release-key-file")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseKeyError {
+    /// PEM, but not of a P-256 public key.
+    #[error("not a P-256 public key in PEM")]
+    BadPem,
+    /// Not PEM, and not the 65 bytes of an uncompressed P-256 point.
+    #[error(
+        "not a P-256 public key: expected 65 bytes of SEC1 (release.pub.bin) or PEM \
+         (release.pub.pem), got {0} bytes"
+    )]
+    BadBytes(usize),
+}
+
+/// Parses a release public key as `certs release-key` writes it: `release.pub.pem`
+/// (SPKI PEM) or `release.pub.bin` (65 bytes, uncompressed SEC1). The one reader of
+/// both the simulator and the gateway.
+#[cfg(feature = "release-key-file")]
+pub fn parse_release_key(bytes: &[u8]) -> Result<[u8; RELEASE_KEY_LEN], ReleaseKeyError> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::pkcs8::DecodePublicKey;
+    let key = if bytes.starts_with(b"-----BEGIN") {
+        let pem = core::str::from_utf8(bytes).map_err(|_| ReleaseKeyError::BadPem)?;
+        p256::PublicKey::from_public_key_pem(pem).map_err(|_| ReleaseKeyError::BadPem)?
+    } else {
+        p256::PublicKey::from_sec1_bytes(bytes)
+            .map_err(|_| ReleaseKeyError::BadBytes(bytes.len()))?
+    };
+    key.to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .map_err(|_| ReleaseKeyError::BadBytes(bytes.len()))
+}
+
 /// Domain separation: these bytes start every signed manifest, so a release key's
 /// signature over a manifest can never be taken for one over anything else.
 pub const MANIFEST_MAGIC: &[u8] = b"iot-gateway firmware\0";

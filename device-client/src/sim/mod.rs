@@ -750,30 +750,12 @@ fn ms(d: Duration) -> u64 {
 /// `release.pub.bin` or the PEM of `release.pub.pem`, as `certs release-key` writes
 /// them.
 pub fn load_release_key(path: &Path) -> Result<[u8; RELEASE_KEY_LEN], SimError> {
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
-    use p256::pkcs8::DecodePublicKey;
     let fail = |reason: String| SimError::Pem {
         path: path.to_path_buf(),
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let key = if bytes.starts_with(b"-----BEGIN") {
-        let pem = core::str::from_utf8(&bytes).map_err(|e| fail(e.to_string()))?;
-        p256::PublicKey::from_public_key_pem(pem)
-            .map_err(|e| fail(std::format!("not a P-256 public key in PEM: {e}")))?
-    } else {
-        p256::PublicKey::from_sec1_bytes(&bytes).map_err(|_| {
-            fail(std::format!(
-                "not a P-256 public key: expected 65 bytes SEC1 (release.pub.bin) or PEM (release.pub.pem), got {} bytes",
-                bytes.len()
-            ))
-        })?
-    };
-    let point = key.to_encoded_point(false);
-    point
-        .as_bytes()
-        .try_into()
-        .map_err(|_| fail("not an uncompressed point".into()))
+    crate::firmware::parse_release_key(&bytes).map_err(|e| fail(e.to_string()))
 }
 
 impl core::fmt::Debug for Simulator {

@@ -19,19 +19,7 @@ pub fn read_release_key(path: &Path) -> Result<ReleaseKey, String> {
 
 /// Parses a release public key: SPKI PEM, or the 65 raw bytes.
 pub fn parse_release_key(bytes: &[u8]) -> Result<ReleaseKey, String> {
-    use p256::pkcs8::DecodePublicKey;
-    let key = match std::str::from_utf8(bytes) {
-        Ok(text) if text.contains("-----BEGIN") => p256::PublicKey::from_public_key_pem(text)
-            .map_err(|e| format!("not a P-256 public key in PEM: {e}"))?,
-        _ => p256::PublicKey::from_sec1_bytes(bytes).map_err(|_| {
-            "neither a PEM public key nor 65 bytes of an uncompressed P-256 point".to_string()
-        })?,
-    };
-    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key, false);
-    point
-        .as_bytes()
-        .try_into()
-        .map_err(|_| "not an uncompressed P-256 point".to_string())
+    device_client::firmware::parse_release_key(bytes).map_err(|e| e.to_string())
 }
 
 /// What `certs sign-firmware` writes beside an image.
